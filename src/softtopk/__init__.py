@@ -1,0 +1,13 @@
+"""softtopk: differentiable top-k operators, exact to their papers, in linear time.
+
+>>> import torch, softtopk
+>>> softtopk.topk_mask(torch.tensor([3.0, 1.0, 2.0]), 2, temperature=0.01)
+tensor([1., 0., 1.])
+"""
+
+from . import nn, registry
+from .ops import topk_mag, topk_mask
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "nn", "registry", "topk_mag", "topk_mask"]

@@ -1,0 +1,150 @@
+"""Argument validation and the one helper that turns any-rank input into rows.
+
+Every public operator validates its arguments here, so that all of them raise the
+same errors: a ``TypeError`` for a wrong type, a ``ValueError`` for a wrong value,
+each naming the argument and the value received. Nothing here uses ``assert``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def is_tracing() -> bool:
+    """True under torch.compile / torch.func transforms, where host syncs are not allowed."""
+    if torch.compiler.is_compiling():
+        return True
+    functorch = getattr(torch._C, "_functorch", None)
+    level = getattr(functorch, "maybe_current_level", None)
+    return level is not None and level() is not None
+
+
+def check_tensor(x: object, name: str = "x") -> Tensor:
+    """Checks that ``x`` is a floating tensor with at least one dimension."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}"
+        )
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a 0-dim tensor")
+    return x
+
+
+def check_dim(dim: object, ndim: int) -> int:
+    """Returns ``dim`` as a non-negative index into a tensor of rank ``ndim``."""
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__} {dim!r}")
+    dim = int(dim)
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"dim must be in [{-ndim}, {ndim - 1}] for a {ndim}-d input, got {dim}")
+    return dim % ndim
+
+
+def check_positive(value: object, name: str) -> float:
+    """Checks a strictly positive, finite Python number (e.g. a temperature)."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.requires_grad:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return value
+
+
+def check_p(p: object) -> float:
+    """Checks the exponent of the sparse p-norm regulariser, p in (1, 2]."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"p must be a number in (1, 2], got {type(p).__name__} {p!r}")
+    p = float(p)
+    if not 1.0 < p <= 2.0:
+        raise ValueError(f"p must be in (1, 2], got {p!r}")
+    return p
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    """Checks that ``value`` is one of the strings in ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the solvers accumulate in: float64 stays, everything else uses float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def to_rows(x: Tensor, dim: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """Moves ``dim`` last and flattens the rest: returns rows ``(B, n)`` and the inverse map.
+
+    The inverse map takes a ``(B, n)`` tensor (or ``(B, m)`` for another row length m)
+    and restores the batch shape and the position of ``dim``.
+    """
+    moved = x.movedim(dim, -1)
+    batch_shape = moved.shape[:-1]
+    rows = moved.reshape(-1, moved.shape[-1])
+
+    def restore(y: Tensor) -> Tensor:
+        return y.reshape(*batch_shape, y.shape[-1]).movedim(-1, dim)
+
+    return rows, restore
+
+
+def prepare_k(k: object, x: Tensor, dim: int, rows: int, dtype: torch.dtype) -> Tensor:
+    """Validates ``k`` and returns it as a ``(rows,)`` tensor of ``dtype`` on ``x.device``.
+
+    ``k`` is a real number in [0, n], or a tensor of per-row budgets whose shape is the
+    batch shape of ``x`` (``x.shape`` without ``dim``), or ``x.shape`` with size 1 at
+    ``dim``, or anything that broadcasts to the batch shape. Gradients flow to a
+    floating ``k`` tensor.
+    """
+    n = x.shape[dim]
+    if isinstance(k, Tensor):
+        if k.dtype == torch.bool or k.is_complex():
+            raise TypeError(f"k must be a real number or a real tensor, got a tensor of {k.dtype}")
+        batch_shape = x.shape[:dim] + x.shape[dim + 1 :]
+        if k.dim() == x.dim() and k.dim() > 0 and k.shape[dim] == 1:
+            k = k.squeeze(dim)
+        try:
+            kb = torch.broadcast_to(k, batch_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"k must be a number or a tensor broadcastable to the batch shape "
+                f"{tuple(batch_shape)} of x (x.shape without dim={dim}); got shape {tuple(k.shape)}"
+            ) from None
+        kvec = kb.reshape(rows).to(device=x.device, dtype=dtype)
+        if not is_tracing() and kvec.numel() > 0:
+            lo, hi = torch.aminmax(kvec.detach())
+            if not (bool(lo >= 0) and bool(hi <= n)):
+                raise ValueError(
+                    f"k must lie in [0, n] = [0, {n}] along dim={dim}; got values in "
+                    f"[{lo.item()}, {hi.item()}]"
+                )
+        return kvec
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+        raise TypeError(f"k must be a real number or a tensor, got {type(k).__name__} {k!r}")
+    kf = float(k)
+    if not 0.0 <= kf <= n:
+        raise ValueError(f"k must lie in [0, n] = [0, {n}] along dim={dim}, got {k!r}")
+    return torch.full((rows,), kf, dtype=dtype, device=x.device)
+
+
+def scatter_rows(like: Tensor, idx: Tensor, src: Tensor) -> Tensor:
+    """Zeros shaped like ``like`` with ``src`` scattered along the last dim at ``idx``.
+
+    In place in eager mode; out of place under torch.func transforms, which have no
+    batching rule for the in-place form.
+    """
+    zeros = torch.zeros_like(like)
+    if is_tracing():
+        return zeros.scatter(-1, idx, src)
+    return zeros.scatter_(-1, idx, src)

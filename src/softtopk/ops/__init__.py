@@ -1,0 +1,6 @@
+"""Soft top-k operators, one file per family; ``topk_mask`` dispatches on ``method``."""
+
+from ._magnitude import topk_mag
+from ._mask import METHODS, topk_mask
+
+__all__ = ["METHODS", "topk_mag", "topk_mask"]

@@ -1,0 +1,60 @@
+"""The hard top-k mask, for comparison: what every soft operator tends to as t -> 0."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._checks import is_tracing, scatter_rows
+
+
+def _hard_rows(x: Tensor, k: Tensor) -> Tensor:
+    n = x.shape[-1]
+    if x.numel() == 0:
+        return torch.zeros_like(x)
+    K = n if is_tracing() else max(1, min(n, math.ceil(float(k.amax().item()))))
+    vals, idx = torch.topk(x, K, dim=-1)
+    # The j-th largest gets clip(k - j, 0, 1): 1 for j < floor(k), frac(k) next, then 0.
+    rank = torch.arange(K, device=x.device, dtype=x.dtype)
+    weight = (k.unsqueeze(-1) - rank).clamp(0.0, 1.0)
+    weight = torch.where(vals > -math.inf, weight, 0.0)
+    y = scatter_rows(x, idx, weight)
+    nan = torch.isnan(vals[:, :1])
+    return torch.where(nan, math.nan, y)
+
+
+class _HardMask(torch.autograd.Function):
+    """Hard mask whose derivative is the true one almost everywhere: zero."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, k: Tensor) -> Tensor:  # type: ignore[override]
+        return _hard_rows(x, k)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return torch.zeros_like(grad_y), None
+
+
+def hard_mask(x: Tensor, k: Tensor, **unused: Any) -> Tensor:
+    r"""The torch.topk mask on rows (B, n), extended to real k.
+
+    .. math::
+
+        y_{\sigma(j)} = \operatorname{clip}(k - j + 1, 0, 1),\qquad
+        x_{\sigma(1)} \ge x_{\sigma(2)} \ge \dots
+
+    so an integer k gives the usual k-hot mask and a real k gives the fractional
+    (k+1)-th entry that the soft masks converge to. Ties are broken by ``torch.topk``.
+    Entries equal to -inf are never selected. The gradient is zero (the derivative of a
+    piecewise-constant map almost everywhere).
+    """
+    return _HardMask.apply(x, k)

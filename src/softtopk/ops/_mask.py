@@ -1,0 +1,126 @@
+"""``topk_mask``: one entry point for every soft top-k mask, chosen by ``method``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._checks import (
+    check_choice,
+    check_dim,
+    check_p,
+    check_positive,
+    check_tensor,
+    compute_dtype,
+    prepare_k,
+    to_rows,
+)
+from ._entropic import entropic_mask
+from ._hard import hard_mask
+from ._lapsum import lapsum_mask
+from ._sparse import sparse_mask
+
+
+class Method(NamedTuple):
+    """A mask method: its row function and the solvers it accepts."""
+
+    rows: Callable[..., Tensor]
+    solvers: tuple[str, ...]
+    uses_p: bool = False
+
+
+#: Row functions take (x (B, n), k (B,), *, temperature, [p], solver) in the compute dtype.
+METHODS: dict[str, Method] = {
+    "sparse": Method(sparse_mask, ("auto", "newton", "sort"), uses_p=True),
+    "entropic": Method(entropic_mask, ("auto", "newton")),
+    "lapsum": Method(lapsum_mask, ("auto", "newton", "sort")),
+    "hard": Method(hard_mask, ("auto",)),
+}
+
+
+def topk_mask(
+    x: Tensor,
+    k: float | Tensor,
+    *,
+    dim: int = -1,
+    method: str = "sparse",
+    temperature: float = 0.1,
+    p: float = 2.0,
+    solver: str = "auto",
+) -> Tensor:
+    r"""Soft top-k mask: a differentiable relaxation of the k-hot mask of the largest entries.
+
+    Every method returns y in [0, 1]^n along ``dim`` with sum(y) = k and tends to the
+    ``torch.topk`` mask as the temperature goes to 0 (when x_(k) > x_(k+1)). The methods
+    of the threshold family share one form and one backward:
+
+    .. math::
+
+        y_i = G\Big(\frac{x_i - \tau}{t}\Big),\qquad \sum_i y_i = k,\qquad
+        \frac{\partial y}{\partial x} = \operatorname{diag}(g) - \frac{g g^\top}{\sum_j g_j}
+
+    with g_i = G'((x_i - tau)/t)/t, tau found per row without sorting it.
+
+    ============  ==========================================  =================  ===========
+    method        G(z)                                        temperature is     sparse
+    ============  ==========================================  =================  ===========
+    ``sparse``    clip(max(z, 0)^(1/(p-1)), 0, 1)             Sander's l         yes
+    ``entropic``  logistic 1/(1+e^{-z})                       SOFT's eps C_max/2  no
+    ``lapsum``    Laplace CDF                                 LapSum's alpha     no
+    ``hard``      the torch.topk mask (zero gradient)         unused             yes
+    ============  ==========================================  =================  ===========
+
+    Args:
+        x: scores of any shape with a floating dtype (float16, bfloat16, float32, float64).
+            Entries equal to -inf are padding: they get 0 and no gradient, and a row with
+            fewer than k entries above -inf gets 1 on each of them. A row containing NaN
+            gives NaN in that row only.
+        k: the budget, a real number in [0, n] (n = x.shape[dim]) or a tensor of per-row
+            budgets with the batch shape of x (x.shape without dim; size 1 at dim is also
+            accepted). A floating k tensor that requires grad receives dy/dk = g/sum(g).
+        dim: the dimension to select along.
+        method: ``"sparse"``, ``"entropic"``, ``"lapsum"`` or ``"hard"``.
+        temperature: t > 0, in the units of x. Smaller is closer to the hard mask.
+        p: exponent of the sparse p-norm regulariser, in (1, 2]; only for ``"sparse"``.
+            p = 2 is piecewise linear; p = 4/3 gives a C^1 mask.
+        solver: ``"auto"`` (a selection of the few candidates for sparse links, else a
+            safeguarded Newton iteration on whole rows; both exact), ``"newton"`` (always
+            whole rows), or ``"sort"`` (the O(n log n) sort + closed form route of the
+            papers; p = 2 and lapsum), kept for reproduction and cross-checks.
+
+    Returns:
+        Tensor with the shape and dtype of x.
+
+    Example:
+        >>> import torch, softtopk
+        >>> x = torch.tensor([[-5.0, -2.0, 3.0, 1.0], [0.0, 0.0, -5.0, 5.0]])
+        >>> softtopk.topk_mask(x, 2, temperature=0.01)
+        tensor([[0.0000, 0.0000, 1.0000, 1.0000],
+                [0.5000, 0.5000, 0.0000, 1.0000]])
+
+    References:
+        Sander et al. 2023 (sparse), Xie et al. 2020 (SOFT, entropic), Struski et al. 2025
+        (LapSum); see each method's module for the details.
+    """
+    x = check_tensor(x)
+    d = check_dim(dim, x.dim())
+    method = check_choice(method, "method", tuple(METHODS))
+    spec = METHODS[method]
+    t = check_positive(temperature, "temperature")
+    p = check_p(p)
+    if p != 2.0 and not spec.uses_p:
+        raise ValueError(f"p applies to method='sparse' only, got p={p!r} with method={method!r}")
+    solver = check_choice(solver, "solver", spec.solvers)
+    if solver == "sort" and method == "sparse" and p != 2.0:
+        raise ValueError(f"solver='sort' needs p = 2 for method='sparse', got p={p!r}")
+    cd = compute_dtype(x.dtype)
+    rows, restore = to_rows(x, d)
+    kvec = prepare_k(k, x, d, rows.shape[0], cd)
+    if rows.numel() == 0:
+        return torch.zeros_like(x)
+    options = {"p": p} if spec.uses_p else {}
+    y = spec.rows(rows.to(cd), kvec, temperature=t, solver=solver, **options)
+    return restore(y).to(x.dtype)

@@ -1,0 +1,124 @@
+"""Links G of the threshold family ``y_i = G((x_i - tau) / t)``.
+
+A link is a non-decreasing map of the real line onto [0, 1]. Each link returns its
+value and its derivative together, because the solver needs both at every step and the
+backward needs the derivative at the solution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Link:
+    """A link of the threshold family.
+
+    Attributes:
+        name: ``"sparse"``, ``"logistic"`` or ``"laplace"``.
+        p: exponent of the sparse p-norm link (only for ``"sparse"``).
+    """
+
+    name: str
+    p: float = 2.0
+
+    @property
+    def sparse(self) -> bool:
+        """G(z) = 0 for z <= 0 and G(z) = 1 for z >= 1: the support is bounded."""
+        return self.name == "sparse"
+
+    @property
+    def piecewise_linear(self) -> bool:
+        """The Jacobian is locally constant, so second derivatives vanish almost everywhere."""
+        return self.name == "sparse" and self.p == 2.0
+
+    def __call__(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns ``G(z)`` and ``G'(z)``."""
+        if self.name == "sparse":
+            inside = (z > 0) & (z < 1)
+            if self.p == 2.0:
+                return z.clamp(0.0, 1.0), inside.to(z.dtype)
+            a = 1.0 / (self.p - 1.0)
+            zc = z.clamp(0.0, 1.0)
+            return zc.pow(a), torch.where(inside, a * zc.pow(a - 1.0), 0.0)
+        if self.name == "logistic":
+            y = torch.sigmoid(z)
+            return y, y * (1.0 - y)
+        if self.name == "laplace":
+            e = 0.5 * torch.exp(-z.abs())
+            return torch.where(z <= 0, e, 1.0 - e), e
+        raise ValueError(f"unknown link {self.name!r}")
+
+    def evaluate(self, z: Tensor, in_place: bool = False) -> tuple[Tensor, Tensor]:
+        """G(z) and G'(z); with ``in_place`` G(z) is written into z (one allocation less)."""
+        if not in_place:
+            return self(z)
+        if self.name == "sparse" and self.p == 2.0:
+            slope = torch.logical_and(z > 0, z < 1).to(z.dtype)
+            return z.clamp_(0.0, 1.0), slope
+        if self.name == "logistic":
+            y = z.sigmoid_()
+            return y, y * (1.0 - y)
+        return self(z)
+
+    def sums(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Row sums of G(z) and G'(z), returned in float64; overwrites z.
+
+        Overwriting z saves passes over memory in the solver's inner loop. A float32 sum
+        near k has a resolution of eps * k, too coarse for a mask exact to float32, so the
+        saturated entries (exactly 1) are counted apart from the fractional ones: the
+        count is an integer recovered exactly by rounding, and the fractional sum is
+        only as large as the number of fractional entries.
+        """
+        f64 = torch.float64
+
+        def split_total(y: Tensor) -> Tensor:
+            # y in [0, 1]; frac(1) = 0, so y.frac_() keeps the fractional entries only.
+            rough = y.sum(-1)
+            fractional = y.frac_().sum(-1)
+            return torch.round(rough - fractional).to(f64) + fractional.to(f64)
+
+        if self.name == "sparse":
+            a = 1.0 / (self.p - 1.0)
+            zc = z.clamp_(0.0, 1.0)
+            if self.p == 2.0:
+                total = split_total(zc)
+                return total, zc.sign_().sum(-1).to(f64)  # sign(frac(y)) = G'
+            # y = zc^a and G' = a zc^(a-1) on (0, 1), 0 where zc = 1 (saturated).
+            rough = zc.sum(-1)
+            fractional = zc.frac_().sum(-1)
+            saturated = torch.round(rough - fractional).to(f64)
+            power = zc.pow(a - 1.0)
+            return saturated + torch.linalg.vecdot(power, zc).to(f64), a * power.sum(-1).to(f64)
+        if self.name == "logistic":
+            y = z.sigmoid_()
+            slope = (y.sum(-1) - torch.linalg.vecdot(y, y)).to(f64)
+            return split_total(y), slope
+        if self.name == "laplace":
+            # y = 1/2 + sign(z) (1/2 - e) with e = exp(-|z|)/2 = G'(z).
+            sign = torch.sign(z)
+            e = z.abs_().neg_().exp_().mul_(0.5)
+            positives = 0.5 * (z.shape[-1] + sign.sum(-1).to(f64))
+            return positives - torch.linalg.vecdot(sign, e).to(f64), e.sum(-1).to(f64)
+        y, slope = self(z)
+        return y.sum(-1, dtype=f64), slope.sum(-1, dtype=f64)
+
+    def inverse(self, q: Tensor) -> Tensor:
+        """G^{-1}(q) for q in (0, 1); used to bracket the threshold of a dense link."""
+        if self.name == "logistic":
+            return torch.log(q) - torch.log1p(-q)
+        if self.name == "laplace":
+            return torch.where(q <= 0.5, torch.log(2.0 * q), -torch.log(2.0 * (1.0 - q)))
+        raise ValueError(f"link {self.name!r} has a bounded support and needs no inverse")
+
+
+def sparse_link(p: float) -> Link:
+    """The sparse p-norm link ``clip(max(z, 0)^(1/(p-1)), 0, 1)``, p in (1, 2]."""
+    return Link("sparse", float(p))
+
+
+LOGISTIC = Link("logistic")
+LAPLACE = Link("laplace")

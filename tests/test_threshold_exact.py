@@ -1,0 +1,139 @@
+"""The threshold family against independent oracles (DESIGN 2.1, issue 2).
+
+* sparse p = 2: the paper's sort + isotonic regression route (scipy), to 1e-10 in
+  float64 and 1e-5 in float32, on thousands of random rows with ties and -inf padding;
+* sparse p = 4/3, entropic, lapsum: float64 bisection;
+* entropic: converged two-anchor Sinkhorn (SOFT) with its cost normalisation;
+* lapsum: LapSum's sort-based closed form;
+* the golden values of the reference implementation's README.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import softtopk
+from tests.conftest import random_rows
+from tests.reference import oracles
+
+
+def _batch(rng, rows, n, *, integer_k=False, pad=True):
+    x = random_rows(rng, rows, n, pad=pad)
+    k = rng.uniform(0.0, n, size=rows)
+    if integer_k:
+        k = np.floor(k)
+    k[rng.random(rows) < 0.05] = 0.0
+    k[rng.random(rows) < 0.05] = float(n)
+    return x, k
+
+
+def _oracle_rows(fn, x, k, **kw):
+    return np.stack([fn(x[i], float(k[i]), **kw) for i in range(x.shape[0])])
+
+
+SIZES = [(400, 2), (400, 5), (400, 17), (300, 64), (200, 300), (60, 1000), (24, 5000)]
+
+
+@pytest.mark.parametrize("solver", ["auto", "newton", "sort"])
+@pytest.mark.parametrize("rows,n", SIZES)
+def test_sparse_p2_equals_isotonic_route_float64(rng, solver, rows, n):
+    for t in (1e-3, 0.1, 1.0, 30.0):
+        x, k = _batch(rng, rows, n)
+        y = softtopk.topk_mask(torch.from_numpy(x), torch.from_numpy(k), temperature=t, solver=solver)
+        ref = _oracle_rows(oracles.isotonic_sparse_mask, x, k, l=t)
+        np.testing.assert_allclose(y.numpy(), ref, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("rows,n", SIZES)
+def test_sparse_p2_float32_within_1e5(rng, rows, n):
+    for t in (1e-2, 0.1, 1.0):
+        x, k = _batch(rng, rows, n)
+        x32 = x.astype(np.float32)
+        y = softtopk.topk_mask(torch.from_numpy(x32), torch.from_numpy(k).float(), temperature=t)
+        assert y.dtype == torch.float32
+        # The oracle sees exactly the float32 inputs and budgets, solved in float64.
+        ref = _oracle_rows(oracles.isotonic_sparse_mask, x32.astype(np.float64), k.astype(np.float32), l=t)
+        np.testing.assert_allclose(y.numpy(), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "method,p,link",
+    [("sparse", 4.0 / 3.0, "sparse"), ("sparse", 1.5, "sparse"), ("entropic", 2.0, "logistic"), ("lapsum", 2.0, "laplace")],
+)
+@pytest.mark.parametrize("rows,n", [(200, 3), (200, 20), (60, 500), (8, 4000)])
+def test_links_equal_float64_bisection(rng, method, p, link, rows, n):
+    for t in (0.05, 0.5, 5.0):
+        x, k = _batch(rng, rows, n)
+        y = softtopk.topk_mask(torch.from_numpy(x), torch.from_numpy(k), method=method, p=p, temperature=t)
+        ref = _oracle_rows(oracles.bisection_mask, x, k, t=t, link=link, p=p)
+        np.testing.assert_allclose(y.numpy(), ref, atol=1e-10, rtol=0)
+
+
+def test_bisection_oracle_agrees_with_isotonic_oracle(rng):
+    """The two oracles are independent; they must agree where both apply (p = 2)."""
+    x, k = _batch(rng, 100, 30)
+    a = _oracle_rows(oracles.isotonic_sparse_mask, x, k, l=0.3)
+    b = _oracle_rows(oracles.bisection_mask, x, k, t=0.3, link="sparse", p=2.0)
+    np.testing.assert_allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("n,k", [(6, 3), (20, 5), (50, 10), (200, 7)])
+@pytest.mark.parametrize("eps", [0.05, 0.2, 1.0])
+def test_entropic_equals_converged_sinkhorn_soft(rng, n, k, eps):
+    """SOFT selects the k smallest with eps on a max-normalised cost; our mask on -x with
+    temperature eps * C_max / 2 is the same operator (C_max computed on SOFT's input)."""
+    for _ in range(3):
+        scores = rng.normal(size=n)
+        soft = oracles.sinkhorn_soft(scores, k, eps)
+        t = eps * oracles.soft_cost_max(scores) / 2.0
+        ours = softtopk.topk_mask(torch.from_numpy(-scores), k, method="entropic", temperature=t)
+        np.testing.assert_allclose(ours.numpy(), soft, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("solver", ["auto", "sort"])
+@pytest.mark.parametrize("n", [2, 10, 100, 2000])
+def test_lapsum_equals_closed_form(rng, solver, n):
+    for alpha in (0.05, 0.5, 3.0):
+        x = rng.normal(size=(5, n))
+        k = rng.uniform(0.5, n - 0.5, size=5)
+        y = softtopk.topk_mask(torch.from_numpy(x), torch.from_numpy(k), method="lapsum", temperature=alpha, solver=solver)
+        ref = _oracle_rows(oracles.lapsum_closed_form, x, k, alpha=alpha)
+        np.testing.assert_allclose(y.numpy(), ref, atol=1e-6, rtol=0)
+
+
+def test_golden_values_of_the_reference_readme():
+    """google-research sparse_soft_topk README: x = (-5, -2, 3, 1), k = 2, l = 1e-2."""
+    x = torch.tensor([-5.0, -2.0, 3.0, 1.0])
+    mask43 = softtopk.topk_mask(x, 2, temperature=1e-2, p=4.0 / 3.0)
+    np.testing.assert_allclose(mask43.numpy(), [0.0, 0.0, 0.99999714, 0.99999714], atol=3e-6)
+    mask2 = softtopk.topk_mask(x, 2, temperature=1e-2)
+    np.testing.assert_allclose(mask2.numpy(), [0.0, 0.0, 0.99999905, 0.99999905], atol=1e-6)
+    mag = softtopk.topk_mag(x, 2, temperature=1e-2)
+    np.testing.assert_allclose(mag.numpy(), [-4.9999804, 0.0, 2.999993, 0.0], atol=2e-5)
+    ties = softtopk.topk_mask(torch.tensor([0.0, 0.0, -5.0, 5.0]), 2, temperature=1e-2)
+    np.testing.assert_allclose(ties.numpy(), [0.5, 0.5, 0.0, 1.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["sparse", "entropic", "lapsum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sum_is_k_to_relative_1e5(rng, method, dtype):
+    for n in (10, 1000, 65536):
+        x = torch.from_numpy(rng.normal(size=(4, n))).to(dtype)
+        for k in (1.0, 7.5, n / 3):
+            y = softtopk.topk_mask(x, k, method=method, temperature=0.1)
+            torch.testing.assert_close(y.sum(-1, dtype=torch.float64), torch.full((4,), k, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [2.0, 4.0 / 3.0])
+def test_exactly_k_nonzeros_when_the_gap_exceeds_the_temperature(rng, p):
+    for n, k in [(10, 3), (1000, 10), (65536, 256)]:
+        x = torch.from_numpy(rng.normal(size=(8, n))).float()
+        top = x.topk(k + 1, dim=-1).values
+        gap = (top[:, k - 1] - top[:, k]).min().item()
+        t = 0.9 * gap
+        y = softtopk.topk_mask(x, k, temperature=t, p=p)
+        assert ((y > 0).sum(-1) == k).all()
+        hard = torch.zeros_like(x).scatter_(-1, x.topk(k, dim=-1).indices, 1.0)
+        assert torch.equal((y > 0).float(), hard)
