@@ -14,7 +14,9 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(20231123)
 
 
-def random_rows(rng: np.random.Generator, rows: int, n: int, *, ties: bool = True, pad: bool = True) -> np.ndarray:
+def random_rows(
+    rng: np.random.Generator, rows: int, n: int, *, ties: bool = True, pad: bool = True
+) -> np.ndarray:
     """Rows mixing distributions, with rounded values (ties) and -inf padding."""
     kind = rng.integers(0, 4, size=rows)
     x = np.where(

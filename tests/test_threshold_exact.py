@@ -60,7 +60,12 @@ def test_sparse_p2_float32_within_1e5(rng, rows, n):
 
 @pytest.mark.parametrize(
     "method,p,link",
-    [("sparse", 4.0 / 3.0, "sparse"), ("sparse", 1.5, "sparse"), ("entropic", 2.0, "logistic"), ("lapsum", 2.0, "laplace")],
+    [
+        ("sparse", 4.0 / 3.0, "sparse"),
+        ("sparse", 1.5, "sparse"),
+        ("entropic", 2.0, "logistic"),
+        ("lapsum", 2.0, "laplace"),
+    ],
 )
 @pytest.mark.parametrize("rows,n", [(200, 3), (200, 20), (60, 500), (8, 4000)])
 def test_links_equal_float64_bisection(rng, method, p, link, rows, n):
@@ -98,7 +103,9 @@ def test_lapsum_equals_closed_form(rng, solver, n):
     for alpha in (0.05, 0.5, 3.0):
         x = rng.normal(size=(5, n))
         k = rng.uniform(0.5, n - 0.5, size=5)
-        y = softtopk.topk_mask(torch.from_numpy(x), torch.from_numpy(k), method="lapsum", temperature=alpha, solver=solver)
+        y = softtopk.topk_mask(
+            torch.from_numpy(x), torch.from_numpy(k), method="lapsum", temperature=alpha, solver=solver
+        )
         ref = _oracle_rows(oracles.lapsum_closed_form, x, k, alpha=alpha)
         np.testing.assert_allclose(y.numpy(), ref, atol=1e-6, rtol=0)
 
@@ -123,7 +130,9 @@ def test_sum_is_k_to_relative_1e5(rng, method, dtype):
         x = torch.from_numpy(rng.normal(size=(4, n))).to(dtype)
         for k in (1.0, 7.5, n / 3):
             y = softtopk.topk_mask(x, k, method=method, temperature=0.1)
-            torch.testing.assert_close(y.sum(-1, dtype=torch.float64), torch.full((4,), k, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                y.sum(-1, dtype=torch.float64), torch.full((4,), k, dtype=torch.float64), rtol=1e-5, atol=1e-6
+            )
 
 
 @pytest.mark.parametrize("p", [2.0, 4.0 / 3.0])
@@ -137,3 +146,39 @@ def test_exactly_k_nonzeros_when_the_gap_exceeds_the_temperature(rng, p):
         assert ((y > 0).sum(-1) == k).all()
         hard = torch.zeros_like(x).scatter_(-1, x.topk(k, dim=-1).indices, 1.0)
         assert torch.equal((y > 0).float(), hard)
+
+
+def test_published_sinkhorn_soft_converges_to_the_entropic_mask(rng):
+    """soft_sinkhorn_mask runs SOFT's iterations and implicit backward; converged, it is
+    the entropic mask at temperature epsilon * C_max / 2, values and gradients."""
+    x = torch.from_numpy(rng.normal(size=(4, 30))).requires_grad_()
+    k = 6.0
+    y = softtopk.soft_sinkhorn_mask(x, k, epsilon=0.3, max_iter=5000)
+    c_max = torch.maximum((x.detach() ** 2).amax(-1), ((x.detach() - 1) ** 2).amax(-1))
+    ye = torch.stack(
+        [
+            softtopk.topk_mask(x[i], k, method="entropic", temperature=0.3 * c_max[i].item() / 2)
+            for i in range(4)
+        ]
+    )
+    torch.testing.assert_close(y, ye, atol=1e-10, rtol=0)
+    v = torch.from_numpy(rng.normal(size=(4, 30)))
+    (g1,) = torch.autograd.grad(y, x, v)
+    (g2,) = torch.autograd.grad(ye, x, v)
+    torch.testing.assert_close(g1, g2, atol=1e-10, rtol=0)
+    # And the numpy oracle of the published algorithm agrees (k smallest of -x).
+    for i in range(4):
+        ref = oracles.sinkhorn_soft(-x[i].detach().numpy(), k, 0.3)
+        # Same construction up to the anchors' roles: the oracle normalises the cost of -x.
+        t = 0.3 * oracles.soft_cost_max(-x[i].detach().numpy()) / 2
+        ours = softtopk.topk_mask(x[i].detach(), k, method="entropic", temperature=t)
+        np.testing.assert_allclose(ours.numpy(), ref, atol=1e-6)
+
+
+def test_published_sinkhorn_soft_reference_demo():
+    """The reference demo: scores (5, 2, 3, 4, 1, 6), k = 3, eps = 0.05, 100 iterations,
+    gives (.16, .84, .64, .36, .94, .06) for the k smallest; we select the largest."""
+    y = softtopk.soft_sinkhorn_mask(
+        torch.tensor([5.0, 2.0, 3.0, 4.0, 1.0, 6.0]), 3, epsilon=0.05, max_iter=100
+    )
+    np.testing.assert_allclose(y.numpy(), 1.0 - np.array([0.16, 0.84, 0.64, 0.36, 0.94, 0.06]), atol=6e-3)

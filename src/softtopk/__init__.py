@@ -6,8 +6,8 @@ tensor([1., 0., 1.])
 """
 
 from . import nn, registry
-from .ops import topk_mag, topk_mask
+from .ops import soft_sinkhorn_mask, topk_mag, topk_mask
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "nn", "registry", "topk_mag", "topk_mask"]
+__all__ = ["__version__", "nn", "registry", "soft_sinkhorn_mask", "topk_mag", "topk_mask"]

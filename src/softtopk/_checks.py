@@ -91,7 +91,7 @@ def to_rows(x: Tensor, dim: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """
     moved = x.movedim(dim, -1)
     batch_shape = moved.shape[:-1]
-    rows = moved.reshape(-1, moved.shape[-1])
+    rows = moved.reshape(math.prod(batch_shape), moved.shape[-1])
 
     def restore(y: Tensor) -> Tensor:
         return y.reshape(*batch_shape, y.shape[-1]).movedim(-1, dim)

@@ -73,7 +73,9 @@ def link_value(name: str, z: np.ndarray, p: float = 2.0) -> np.ndarray:
     raise ValueError(name)
 
 
-def bisection_mask(x: np.ndarray, k: float, t: float, link: str, p: float = 2.0, iters: int = 200) -> np.ndarray:
+def bisection_mask(
+    x: np.ndarray, k: float, t: float, link: str, p: float = 2.0, iters: int = 200
+) -> np.ndarray:
     """Brute force: y = G((x - tau)/t) with tau found by plain bisection on sum(y) = k."""
     x = np.asarray(x, dtype=np.float64)
     out = np.zeros_like(x)
@@ -95,7 +97,9 @@ def bisection_mask(x: np.ndarray, k: float, t: float, link: str, p: float = 2.0,
     return out
 
 
-def sinkhorn_soft(scores: np.ndarray, k: float, eps: float, tol: float = 1e-13, max_iter: int = 100_000) -> np.ndarray:
+def sinkhorn_soft(
+    scores: np.ndarray, k: float, eps: float, tol: float = 1e-13, max_iter: int = 100_000
+) -> np.ndarray:
     """SOFT top-k (Xie et al. 2020) as published: two anchors, cost normalised by its max.
 
     Selects the k *smallest* scores, as the reference code does: sources mu = 1/n, anchors

@@ -46,8 +46,8 @@ def sorted_mag_tau(s: Tensor, k: Tensor, l: float) -> Tensor:
         p_ = torch.searchsorted(asc, -w * tau, right=True).minimum(kk)
         q_ = torch.searchsorted(asc, -tau, right=False).maximum(kk)
         sums = prefix.gather(-1, q_) - prefix.gather(-1, p_)
-        slope = w * (kk - p_) + (q_ - kk)
-        return p_, q_, sums, slope.to(s.dtype)
+        slope = w * (kk - p_).to(s.dtype) + (q_ - kk).to(s.dtype)
+        return p_, q_, sums, slope
 
     breaks = torch.cat([s / w, s], -1).sort(-1).values
     _, _, sums, slope = pieces(breaks)
@@ -55,7 +55,11 @@ def sorted_mag_tau(s: Tensor, k: Tensor, l: float) -> Tensor:
     j = ((h >= 0).sum(-1, keepdim=True) - 1).clamp(0, breaks.shape[-1] - 2)
     left = breaks.gather(-1, j)
     mid = 0.5 * (left + breaks.gather(-1, j + 1))
-    _, _, sums, slope = pieces(mid)
+    p_, q_, _, slope = pieces(mid)
+    # Sum the pooled entries directly: a difference of prefix sums loses digits.
+    position = torch.arange(s.shape[-1], device=s.device)
+    pooled = (position >= p_) & (position < q_)
+    sums = torch.where(pooled, s, 0.0).sum(-1, keepdim=True)
     tau = torch.where(slope > 0, sums / slope.clamp(min=1e-30), left)
     return tau.squeeze(-1)
 
@@ -72,6 +76,9 @@ def _mag_candidates(x: Tensor, k: Tensor, l: float, K: int) -> tuple[Tensor, ...
     w = 1.0 + l
     c = w / l
     vals, idx = torch.topk(x.abs(), K, dim=-1, sorted=True)
+    # The candidates are few: work in float64, so that c (s - tau) keeps float32 accuracy.
+    f64 = torch.float64
+    vals, k, x_c = vals.to(f64), k.to(f64), x.gather(-1, idx).to(f64)
     finite = torch.isfinite(vals)
     big = torch.where(finite, vals, 0.0).amax(-1, keepdim=True) * (2.0 * w) + 1.0
     s = torch.where(finite, vals, big)  # +inf magnitudes: larger than all, and saturated
@@ -83,17 +90,17 @@ def _mag_candidates(x: Tensor, k: Tensor, l: float, K: int) -> tuple[Tensor, ...
     band = (s > tau) & (s < w * tau)
     saturated = s >= w * tau
     psi = torch.where(saturated, s, torch.where(band, c * (s - tau), 0.0))
-    x_c = x.gather(-1, idx)
     sign = torch.sign(x_c)
     y = torch.where(finite, sign * psi + 0.0, x_c)  # + 0.0 turns -0.0 into 0.0
-    rank = torch.arange(K, device=x.device, dtype=x.dtype)
+    rank = torch.arange(K, device=x.device, dtype=f64)
     weight = (band * torch.where(rank < kk, w, 1.0)).sum(-1)
-    diag = c * band + saturated.to(x.dtype)
+    diag = c * band + saturated.to(f64)
     n_inf = (~finite).sum(-1)
     # Rows with NaN, or with more infinite entries than k, give NaN (no finite answer).
     bad = torch.isnan(vals[:, 0]) | (n_inf > k)
     failed = (vals[:, -1] > tau.squeeze(-1)) | (n_inf == K) if K < n else torch.zeros_like(bad)
-    return idx, y, diag, c * band, sign, weight, bad, failed & ~bad
+    dt = x.dtype
+    return idx, y.to(dt), diag.to(dt), (c * band).to(dt), sign.to(dt), weight.to(dt), bad, failed & ~bad
 
 
 class _TopKMag(torch.autograd.Function):

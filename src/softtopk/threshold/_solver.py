@@ -182,12 +182,12 @@ def newton(
         bisect = 0.5 * (lo + hi)
         new_tau = torch.where(accept, candidate, torch.where(converged, tau, bisect))
         new_tau = torch.where(done, tau, new_tau)
-        dx_old = dx
+        dx_old = dx.clone()  # while_loop forbids returning an input as it is
         dx = torch.where(accept, delta, bisect - tau)
         return it + 1, lo, hi, new_tau, done | converged, dx, dx_old
 
     width = hi - lo
-    state = (torch.zeros((), dtype=torch.long, device=tau.device), lo, hi, tau, done, width, width)
+    state = (torch.zeros((), dtype=torch.long, device=tau.device), lo, hi, tau, done, width, width.clone())
     if compiling:
         # One traced loop body instead of max_iter unrolled copies: fast to compile.
         state = while_loop(lambda it, lo, hi, tau, done, *_: (it < max_iter) & ~done.all(), step, state)

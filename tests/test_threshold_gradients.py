@@ -1,0 +1,128 @@
+"""Gradients of the threshold family: gradcheck in float64 and the closed-form Jacobian.
+
+J = diag(g) - g g^T / sum(g) with g_i = G'((x_i - tau)/t)/t, dy/dk = g / sum(g); the
+oracle's tau comes from a float64 bisection (tests/reference), independent of the solver.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import softtopk
+from tests.reference import oracles
+
+CASES = [
+    ("sparse", 2.0, "sparse"),
+    ("sparse", 4.0 / 3.0, "sparse"),
+    ("entropic", 2.0, "logistic"),
+    ("lapsum", 2.0, "laplace"),
+]
+
+
+def _slopes(link: str, z: np.ndarray, p: float) -> np.ndarray:
+    if link == "sparse":
+        a = 1.0 / (p - 1.0)
+        inside = (z > 0) & (z < 1)
+        return np.where(inside, a * np.clip(z, 0, 1) ** (a - 1.0), 0.0)
+    if link == "logistic":
+        y = 1.0 / (1.0 + np.exp(-z))
+        return y * (1 - y)
+    return 0.5 * np.exp(-np.abs(z))
+
+
+def _tau_by_bisection(x: np.ndarray, k: float, t: float, link: str, p: float) -> float:
+    lo, hi = x.min() - 50 * t - 1, x.max() + 50 * t + 1
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if oracles.link_value(link, (x - mid) / t, p).sum() > k:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+@pytest.mark.parametrize("method,p,link", CASES)
+@pytest.mark.parametrize("solver", ["auto", "newton"])
+@pytest.mark.parametrize("n", [7, 40, 600])
+def test_gradcheck_in_x_and_k(method, p, link, solver, n):
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(3, n, dtype=torch.float64, generator=gen, requires_grad=True)
+    k = torch.tensor([1.5, n / 3.0, n - 1.25], dtype=torch.float64, requires_grad=True)
+
+    def f(x, k):
+        return softtopk.topk_mask(x, k, method=method, p=p, temperature=0.3, solver=solver)
+
+    assert torch.autograd.gradcheck(f, (x, k), fast_mode=n > 100)
+
+
+@pytest.mark.parametrize("method,p,link", CASES)
+def test_jacobian_equals_closed_form(method, p, link):
+    rng = np.random.default_rng(0)
+    for n, k, t in [(6, 2.0, 0.5), (30, 7.5, 0.2), (300, 40.0, 0.05)]:
+        x = rng.normal(size=n)
+        xt = torch.from_numpy(x)
+        J = torch.autograd.functional.jacobian(
+            lambda a: softtopk.topk_mask(a, k, method=method, p=p, temperature=t), xt
+        )
+        tau = _tau_by_bisection(x, k, t, link, p)
+        g = _slopes(link, (x - tau) / t, p) / t
+        expected = np.diag(g) - np.outer(g, g) / g.sum()
+        np.testing.assert_allclose(J.numpy(), expected, atol=1e-7)
+        # Symmetric, rows sum to zero, zero outside the support of g.
+        np.testing.assert_allclose(J.numpy(), J.numpy().T, atol=1e-12)
+        np.testing.assert_allclose(J.numpy().sum(1), 0.0, atol=1e-9)
+        kt = torch.tensor(k, dtype=torch.float64, requires_grad=True)
+        dk = torch.autograd.functional.jacobian(
+            lambda kk: softtopk.topk_mask(xt, kk, method=method, p=p, temperature=t), kt
+        )
+        np.testing.assert_allclose(dk.numpy(), g / g.sum(), atol=1e-7)
+
+
+def test_sparse_p2_second_derivative_is_zero_almost_everywhere():
+    x = torch.randn(2, 30, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 30, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a: softtopk.topk_mask(a, 5, temperature=0.5), (x,), (v,))
+
+
+@pytest.mark.parametrize("method,p", [("sparse", 4.0 / 3.0), ("entropic", 2.0), ("lapsum", 2.0)])
+def test_curved_links_refuse_double_backward(method, p):
+    x = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    y = softtopk.topk_mask(x, 5, method=method, p=p, temperature=0.5)
+    (g,) = torch.autograd.grad(y @ torch.arange(20.0, dtype=torch.float64), x, create_graph=True)
+    # An error, never a silently wrong (zero) second derivative.
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(g.sum(), x)
+
+
+@pytest.mark.parametrize("method,p,link", CASES)
+def test_gradients_are_finite_at_degenerate_inputs(method, p, link):
+    rows = torch.tensor(
+        [
+            [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # constant row
+            [2.0, 2.0, 2.0, 0.0, 0.0, -1.0],  # ties at the boundary
+            [3.0, -math.inf, 1.0, -math.inf, 0.5, 2.0],  # padding
+            [math.inf, 1.0, 0.0, -1.0, 2.0, 3.0],  # +inf
+            [1e30, -1e30, 0.0, 1.0, 2.0, 3.0],  # huge values
+            [1e-30, 2e-30, 0.0, -1e-30, 3e-30, 4e-30],  # tiny values
+        ],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
+    for k in (0.0, 2.0, 3.0, 6.0):
+        y = softtopk.topk_mask(rows, k, method=method, p=p, temperature=0.5)
+        assert torch.isfinite(y).all()
+        (g,) = torch.autograd.grad((y * torch.arange(6.0, dtype=torch.float64)).sum(), rows)
+        assert torch.isfinite(g).all(), (k, g)
+        # -inf padding and +inf entries get no gradient.
+        assert (g[~torch.isfinite(rows.detach())] == 0).all()
+
+
+def test_tied_saturated_entries_have_zero_gradient():
+    """The reference recovers blocks from values and gets +-1/(2l) here; the truth is 0."""
+    x = torch.tensor([3.0, 3.0, 0.5, 0.2, -1.0], dtype=torch.float64, requires_grad=True)
+    J = torch.autograd.functional.jacobian(lambda a: softtopk.topk_mask(a, 3, temperature=0.1), x)
+    assert torch.equal(J[:2], torch.zeros(2, 5, dtype=torch.float64))
