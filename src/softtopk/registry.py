@@ -40,6 +40,8 @@ class Operator:
         compiles: runs under ``torch.compile(fullgraph=True)``.
         vmaps: runs under ``torch.func.vmap``.
         temperature: a default that suits standard-normal scores.
+        bench_max_elements: the benchmark skips larger inputs (for O(n^2) methods), and
+            says so in its table.
     """
 
     name: str
@@ -53,6 +55,7 @@ class Operator:
     compiles: bool = True
     vmaps: bool = True
     temperature: float = 0.1
+    bench_max_elements: int | None = None
 
 
 OPERATORS: dict[str, Operator] = {

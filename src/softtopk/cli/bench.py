@@ -105,7 +105,11 @@ def contenders(temperature: float | None) -> list[Contender]:
         Contender("torch.topk", "floor", lambda x, k: torch.topk(x, k, dim=-1).values),
         Contender("torch.sort", "floor", lambda x, k: torch.sort(x, dim=-1).values),
     ]
-    out += [Contender(name, "operator", op(name)) for name in OPERATORS if name != "hard"]
+    out += [
+        Contender(name, "operator", op(name), max_elements=spec.bench_max_elements or 1 << 62)
+        for name, spec in OPERATORS.items()
+        if name != "hard"
+    ]
     out += [
         Contender("sparse[sort]", "sort route", sort_route("sparse")),
         Contender("lapsum[sort]", "sort route", sort_route("lapsum")),
