@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: run bench test lint format clean
+.PHONY: run bench test lint format peers clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(BIN)/python -m pytest -p no:cacheprovider
+
+# The published packages the oracle tests compare against (tests/peers.txt).
+peers: $(VENV)/.installed
+	$(BIN)/python -m pip install -q "$(TORCH)" -r tests/peers.txt
 
 format: $(VENV)/.installed
 	$(BIN)/ruff format src tests
