@@ -5,9 +5,22 @@
 tensor([1., 0., 1.])
 """
 
-from . import nn, registry
+from . import isotonic, nn, registry
+from .isotonic import isotonic_regression, permutahedron_projection, soft_rank, soft_sort
 from .ops import soft_sinkhorn_mask, topk_mag, topk_mask
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "nn", "registry", "soft_sinkhorn_mask", "topk_mag", "topk_mask"]
+__all__ = [
+    "__version__",
+    "isotonic",
+    "isotonic_regression",
+    "nn",
+    "permutahedron_projection",
+    "registry",
+    "soft_rank",
+    "soft_sinkhorn_mask",
+    "soft_sort",
+    "topk_mag",
+    "topk_mask",
+]

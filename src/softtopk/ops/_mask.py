@@ -34,7 +34,7 @@ class Method(NamedTuple):
 
 #: Row functions take (x (B, n), k (B,), *, temperature, [p], solver) in the compute dtype.
 METHODS: dict[str, Method] = {
-    "sparse": Method(sparse_mask, ("auto", "newton", "sort"), uses_p=True),
+    "sparse": Method(sparse_mask, ("auto", "newton", "sort", "pav", "dykstra"), uses_p=True),
     "entropic": Method(entropic_mask, ("auto", "newton")),
     "lapsum": Method(lapsum_mask, ("auto", "newton", "sort")),
     "hard": Method(hard_mask, ("auto",)),
@@ -89,7 +89,10 @@ def topk_mask(
         solver: ``"auto"`` (a selection of the few candidates for sparse links, else a
             safeguarded Newton iteration on whole rows; both exact), ``"newton"`` (always
             whole rows), or ``"sort"`` (the O(n log n) sort + closed form route of the
-            papers; p = 2 and lapsum), kept for reproduction and cross-checks.
+            papers; p = 2 and lapsum), kept for reproduction and cross-checks. For
+            ``"sparse"`` with p = 2 also ``"pav"`` and ``"dykstra"``: Sander et al.'s own
+            sort + isotonic regression routes (exact PAV; Dykstra certified, warning
+            when it is not), see :mod:`softtopk.isotonic`.
 
     Returns:
         Tensor with the shape and dtype of x.
@@ -114,8 +117,8 @@ def topk_mask(
     if p != 2.0 and not spec.uses_p:
         raise ValueError(f"p applies to method='sparse' only, got p={p!r} with method={method!r}")
     solver = check_choice(solver, "solver", spec.solvers)
-    if solver == "sort" and method == "sparse" and p != 2.0:
-        raise ValueError(f"solver='sort' needs p = 2 for method='sparse', got p={p!r}")
+    if solver in ("sort", "pav", "dykstra") and method == "sparse" and p != 2.0:
+        raise ValueError(f"solver={solver!r} needs p = 2 for method='sparse', got p={p!r}")
     cd = compute_dtype(x.dtype)
     rows, restore = to_rows(x, d)
     kvec = prepare_k(k, x, d, rows.shape[0], cd)

@@ -26,4 +26,8 @@ def sparse_mask(x: Tensor, k: Tensor, *, temperature: float, p: float = 2.0, sol
         Sander, Puigcerver, Djolonga, Peyré, Blondel. "Fast, Differentiable and Sparse
         Top-k: a Convex Analysis Perspective", ICML 2023.
     """
+    if solver in ("pav", "dykstra"):
+        from ..isotonic import isotonic_sparse_mask  # the paper's sort + isotonic route
+
+        return isotonic_sparse_mask(x, k, temperature=temperature, p=p, solver=solver)
     return threshold_mask(x, k, temperature, sparse_link(p), solver)

@@ -1,0 +1,292 @@
+"""Isotonic regression: the public function, the solver dispatch and the block backward.
+
+Backward (closed form by blocks, O(n)): with G_B = sum_{i in B} g_i the block sums of the
+incoming gradient g,
+
+* L2, v_B = sum_B w y / sum_B w:   dL/dy_j = w_j G_B / W_B,   dL/dw_j = (y_j - v_B) G_B / W_B;
+* KL, v_B = LSE_B(y + lw) - LSE_B(lw):   dL/dy_j = p_j G_B,   dL/dlw_j = (p_j - q_j) G_B,
+  with p = softmax_B(y + lw) and q = softmax_B(lw) (computed from the saved block
+  log-sum-exp, so that nothing overflows).
+
+The partition is the solver's own (PAV's pooling record, or Dykstra's certified one).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .._checks import check_choice, check_dim, check_tensor, compute_dtype, is_tracing, to_rows
+from ._dykstra import dykstra
+from ._pav import HAVE_NUMBA, pav_numba, pav_torch, segment_sum
+
+SOLVERS = ("auto", "pav", "dykstra")
+LOSSES = ("l2", "kl")
+
+
+class IsotonicInfo(NamedTuple):
+    """What the solver did, per row (tensors have the batch shape: y.shape without dim).
+
+    Attributes:
+        solver: the route taken: ``"pav"`` (sequential PAV, numba), ``"pav-torch"``
+            (PAV in rounds of tensor ops) or ``"dykstra"``.
+        converged: True where the answer is exact (always for PAV; for Dykstra, where the
+            certificate of optimality passed).
+        iterations: Dykstra iterations until the certificate (``max_iter`` where it did not
+            pass), the pooling rounds of ``"pav-torch"``, 0 for ``"pav"``.
+        blocks: int64 tensor with the shape of y: the block index of every entry along
+            ``dim`` (0 for the leftmost block, entries share an index exactly when the
+            solver pooled them).
+    """
+
+    solver: str
+    converged: Tensor
+    iterations: Tensor
+    blocks: Tensor
+
+
+def resolve_solver(solver: str, loss: str, device: torch.device) -> str:
+    """``"auto"``/``"pav"`` -> ``"pav"`` (numba) on CPU, ``"pav-torch"`` elsewhere."""
+    if solver == "dykstra":
+        if loss != "l2":
+            raise ValueError(f"solver='dykstra' supports loss='l2' only, got loss={loss!r}")
+        return "dykstra"
+    if solver == "pav-torch":
+        return solver
+    if device.type == "cpu" and HAVE_NUMBA and not is_tracing():
+        return "pav"
+    return "pav-torch"
+
+
+def solve_rows(
+    y: Tensor, w: Tensor | None, loss: str, solver: str, max_iter: int = 10_000, tol: float = 1e-6
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Decreasing isotonic regression of rows (B, n), no autograd.
+
+    ``w`` is the weights (L2) or the log-weights (KL). ``solver`` is a resolved route.
+    Returns (v, bid, aux, converged (B,), iterations (B,)).
+    """
+    B = y.shape[0]
+    if solver == "pav":
+        v, bid, aux = pav_numba(y, w, loss)
+        ones = torch.ones(B, dtype=torch.bool)
+        return v, bid, aux, ones, torch.zeros(B, dtype=torch.int64)
+    if solver == "pav-torch":
+        v, bid, aux, rounds = pav_torch(y, w, loss)
+        ones = torch.ones(B, dtype=torch.bool, device=y.device)
+        return v, bid, aux, ones, torch.full((B,), rounds, dtype=torch.int64, device=y.device)
+    return dykstra(y, w, max_iter, tol)
+
+
+class IsotonicRows(torch.autograd.Function):
+    """Decreasing isotonic regression of validated rows (B, n) in the compute dtype."""
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, w: Tensor | None, loss: str, solver: str, max_iter: int, tol: float):  # type: ignore[override]
+        v, bid, aux, converged, iterations = solve_rows(
+            y.detach(), None if w is None else w.detach(), loss, solver, max_iter, tol
+        )
+        bad = ~torch.isfinite(y).all(-1)
+        if w is not None:
+            bad = bad | ~torch.isfinite(w).all(-1)
+        v = torch.where(bad.unsqueeze(-1), math.nan, v.to(y.dtype))
+        aux = aux.to(y.dtype)
+        ctx.loss = loss
+        ctx.has_w = w is not None
+        ctx.save_for_backward(y, w if w is not None else y.new_empty(0), v, bid, aux)
+        ctx.mark_non_differentiable(bid, converged, iterations)
+        return v, bid, converged, iterations
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_v: Tensor, *unused: Tensor):  # type: ignore[override]
+        y, w, v, bid, aux = ctx.saved_tensors
+        w = w if ctx.has_w else None
+        total = segment_sum(grad_v, bid).gather(-1, bid)
+        grad_y = grad_w = None
+        if ctx.loss == "l2":
+            share = total / aux
+            if ctx.needs_input_grad[0]:
+                grad_y = share if w is None else w * share
+            if w is not None and ctx.needs_input_grad[1]:
+                grad_w = (y - v) * share
+        else:
+            lw = torch.zeros_like(y) if w is None else w
+            p = torch.exp(y + lw - aux)
+            if ctx.needs_input_grad[0]:
+                grad_y = p * total
+            if w is not None and ctx.needs_input_grad[1]:
+                q = torch.exp(lw - (aux - v))
+                grad_w = (p - q) * total
+        return grad_y, grad_w, None, None, None, None
+
+
+def isotonic_rows(
+    y: Tensor,
+    w: Tensor | None,
+    loss: str = "l2",
+    solver: str = "auto",
+    max_iter: int = 10_000,
+    tol: float = 1e-6,
+    warn: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, str]:
+    """Differentiable decreasing isotonic regression of rows (B, n); w = weights or log-weights.
+
+    Returns (v, bid, converged, iterations, route). Warns (UserWarning) when Dykstra did
+    not certify some rows and ``warn`` is set.
+    """
+    route = resolve_solver(solver, loss, y.device)
+    v, bid, converged, iterations = IsotonicRows.apply(y, w, loss, route, max_iter, tol)
+    if warn and route == "dykstra" and not bool(converged.all()):
+        missing = int((~converged).sum())
+        warnings.warn(
+            f"isotonic regression: Dykstra did not reach a certified solution on {missing} of "
+            f"{converged.numel()} rows within max_iter={max_iter} iterations; those rows hold the "
+            "last iterate. Raise max_iter, or use solver='pav' (exact).",
+            UserWarning,
+            stacklevel=3,
+        )
+    return v, bid, converged, iterations, route
+
+
+def check_int(value: object, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value!r}")
+    return value
+
+
+def check_tol(tol: object) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+        raise TypeError(f"tol must be a number, got {type(tol).__name__} {tol!r}")
+    if not (0.0 <= float(tol) < 1.0):
+        raise ValueError(f"tol must be in [0, 1), got {tol!r}")
+    return float(tol)
+
+
+def isotonic_regression(
+    y: Tensor,
+    weights: Tensor | None = None,
+    *,
+    dim: int = -1,
+    increasing: bool = True,
+    loss: str = "l2",
+    solver: str = "auto",
+    max_iter: int = 10_000,
+    tol: float = 1e-6,
+    return_info: bool = False,
+) -> Tensor | tuple[Tensor, IsotonicInfo]:
+    r"""Isotonic regression along ``dim``, batched over every other dimension, differentiable.
+
+    .. math::
+
+        v^\star = \arg\min_{v_1 \le v_2 \le \dots \le v_n} \sum_i w_i\, \ell(y_i, v_i),
+        \qquad \ell_{\mathrm{l2}} = \tfrac12 (v - y)^2,\quad
+        \ell_{\mathrm{kl}} = e^{y - v} - (y - v) - 1
+
+    (``increasing=False`` reverses the order constraint). The solution is constant on
+    blocks; a block's value is its weighted mean (L2) or
+    :math:`\log\sum_B w e^{y} - \log\sum_B w` (KL, Blondel et al. 2020). L2 equals
+    ``scipy.optimize.isotonic_regression``. The backward is the closed-form block Jacobian
+    taken from the solver's own partition (O(n)): for L2, dv_i/dy_j = w_j / sum_B w when
+    i and j share a block B, else 0; for KL, the block softmax of y + log w. Entries
+    pooled only when they strictly violate the order, so exactly tied but unpooled entries
+    keep their own derivative.
+
+    Args:
+        y: targets, any shape, floating dtype (float16/bfloat16 are solved in float32).
+        weights: positive weights broadcastable to y, or None (all 1). Differentiable.
+        dim: the dimension along which the fit is monotone.
+        increasing: fit a non-decreasing (True) or non-increasing (False) sequence.
+        loss: ``"l2"`` or ``"kl"``.
+        solver: ``"auto"`` or ``"pav"`` (exact Pool Adjacent Violators: a compiled
+            sequential pass per row on CPU, rounds of tensor ops on other devices) or
+            ``"dykstra"`` (L2 only: alternating odd/even pair projections in tensor ops;
+            the answer is certified optimal, and then exact, or reported as not
+            converged).
+        max_iter: Dykstra only: the most iterations (one odd and one even projection each).
+            Dykstra needs about 2 B^2 of them for a pooled block of B entries.
+        tol: Dykstra only: adjacent entries of the iterate closer than ``tol * max|y|`` are
+            proposed as pooled; every proposal is checked by the certificate.
+        return_info: also return an :class:`IsotonicInfo` (convergence, iterations,
+            blocks). Without it, a Dykstra run that leaves rows uncertified warns
+            (UserWarning).
+
+    Returns:
+        The fit, with the shape and dtype of y (and the info if asked). Rows with a NaN or
+        infinite entry (in y or the weights) are NaN.
+
+    Example:
+        >>> import torch, softtopk
+        >>> y = torch.tensor([1.0, 3.0, 2.0, 4.0, 3.5])
+        >>> softtopk.isotonic_regression(y)
+        tensor([1.0000, 2.5000, 2.5000, 3.7500, 3.7500])
+        >>> softtopk.isotonic_regression(y, increasing=False)
+        tensor([2.7000, 2.7000, 2.7000, 2.7000, 2.7000])
+
+    References:
+        Best and Chakravarti, "Active set algorithms for isotonic regression", 1990 (PAV);
+        Blondel, Teboul, Berthet, Djolonga, "Fast Differentiable Sorting and Ranking",
+        ICML 2020 (KL); Sander, Puigcerver, Djolonga, Peyré, Blondel, "Fast,
+        Differentiable and Sparse Top-k", ICML 2023 (Dykstra).
+    """
+    y = check_tensor(y, "y")
+    d = check_dim(dim, y.dim())
+    if not isinstance(increasing, bool):
+        raise TypeError(f"increasing must be a bool, got {type(increasing).__name__} {increasing!r}")
+    loss = check_choice(loss, "loss", LOSSES)
+    solver = check_choice(solver, "solver", SOLVERS)
+    max_iter = check_int(max_iter, "max_iter", 0)
+    tol = check_tol(tol)
+    cd = compute_dtype(y.dtype)
+    rows, restore = to_rows(y, d)
+    rows = rows.to(cd)
+    w_rows = None
+    if weights is not None:
+        weights = check_tensor(weights, "weights")
+        try:
+            wb = torch.broadcast_to(weights, y.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"weights must broadcast to the shape {tuple(y.shape)} of y, got {tuple(weights.shape)}"
+            ) from None
+        if not is_tracing() and wb.numel() > 0 and bool((wb.detach() <= 0).any()):
+            raise ValueError(f"weights must be positive, got a minimum of {wb.detach().min().item()!r}")
+        w_rows, _ = to_rows(wb, d)
+        w_rows = w_rows.to(device=rows.device, dtype=cd)
+        if loss == "kl":
+            w_rows = torch.log(w_rows)  # the KL kernel takes log-weights
+    B, n = rows.shape
+    if rows.numel() == 0:
+        out = torch.zeros_like(y)
+        if not return_info:
+            return out
+        empty = torch.zeros(y.shape[:d] + y.shape[d + 1 :], dtype=torch.int64, device=y.device)
+        return out, IsotonicInfo(solver, empty.bool() | True, empty, torch.zeros_like(y, dtype=torch.int64))
+    if increasing:
+        rows = rows.flip(-1)
+        w_rows = None if w_rows is None else w_rows.flip(-1)
+    v, bid, converged, iterations, route = isotonic_rows(
+        rows, w_rows, loss, solver, max_iter, tol, warn=not return_info
+    )
+    if increasing:
+        v = v.flip(-1)
+        bid = bid.flip(-1)
+        bid = bid[:, :1] - bid
+    out = restore(v).to(y.dtype)
+    if not return_info:
+        return out
+    batch_shape = y.shape[:d] + y.shape[d + 1 :]
+    info = IsotonicInfo(
+        route,
+        converged.reshape(batch_shape),
+        iterations.reshape(batch_shape),
+        restore(bid),
+    )
+    return out, info

@@ -1,0 +1,304 @@
+"""Pool Adjacent Violators: exact isotonic regression with its own block bookkeeping.
+
+Every solver here fits a **decreasing** sequence v_1 >= ... >= v_n to rows (B, n)
+(increasing fits reverse the row first) and returns, per position,
+
+* ``v``: the solution;
+* ``bid``: the index of the block (maximal run of pooled entries) the position belongs
+  to, 0, 1, ... from the left; the backward uses this partition, never a comparison of
+  solution values;
+* ``aux``: a block statistic the backward needs: the block's weight sum (L2), or the
+  block's log-sum-exp of y + log w (KL).
+
+Two blocks are pooled only when they *strictly* violate the order (v_left < v_right).
+Adjacent blocks whose values are exactly equal stay apart, so that tied but unpooled
+entries (e.g. two saturated entries of a top-k mask with equal scores) keep their own,
+correct, derivative instead of a spurious block average.
+
+Losses (w are positive weights; the KL route takes lw = log w):
+
+* ``"l2"``: sum_i w_i (v_i - y_i)^2 / 2; the value of a block is its weighted mean
+  sum_B w y / sum_B w.
+* ``"kl"``: sum_i w_i (exp(y_i - v_i) - (y_i - v_i) - 1); the value of a block is
+  LSE_B(y + lw) - LSE_B(lw) (Blondel et al. 2020, computed with stable log-add-exp).
+
+Two implementations:
+
+* :func:`pav_numba`: the sequential stack PAV, compiled by numba (float64 accumulators,
+  rows in parallel with ``prange``); O(n) per row. Used for CPU tensors.
+* :func:`pav_torch`: rounds of tensor ops that pool every violating pair of adjacent
+  blocks at once (pooling violators in any order reaches the same solution). Each round
+  is O(n) work on the whole batch and runs on any device without a copy to the host;
+  the number of rounds is usually small (the longest chain of pools that cascade) but
+  is n in the worst case (e.g. an increasing row followed by one very small entry).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+try:  # numba is a dependency; the torch rounds below keep things working without it.
+    import numba
+
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised only where numba does not install
+    numba = None
+    HAVE_NUMBA = False
+
+
+# ------------------------------------------------------------------ numba kernels (CPU)
+
+if HAVE_NUMBA:
+
+    @numba.njit(cache=True, nogil=True)
+    def _logaddexp(a, b):  # pragma: no cover
+        if a < b:
+            a, b = b, a
+        return a + math.log1p(math.exp(b - a))
+
+    @numba.njit(cache=True, nogil=True)
+    def _pav_stack(y, wt, weighted, kl, s1, s2, s_val, s_start):  # pragma: no cover
+        """Stack PAV of one float64 row (decreasing fit, strict pooling).
+
+        Leaves one entry per block on the stacks: s_start (first position), s_val (value)
+        and the block statistics s1, s2: (sum w y, sum w) for L2, (LSE(y + lw), LSE(lw))
+        for KL (wt holds w for L2, log w for KL). Returns the number of blocks.
+        """
+        n = y.shape[0]
+        top = -1
+        for i in range(n):
+            yi = y[i]
+            if kl:
+                c = wt[i] if weighted else 0.0
+                a = yi + c
+            else:
+                c = wt[i] if weighted else 1.0
+                a = c * yi
+            val = yi
+            start = i
+            while top >= 0 and s_val[top] < val:
+                if kl:
+                    a = _logaddexp(a, s1[top])
+                    c = _logaddexp(c, s2[top])
+                else:
+                    a += s1[top]
+                    c += s2[top]
+                start = s_start[top]
+                top -= 1
+                val = a - c if kl else a / c
+            top += 1
+            s1[top] = a
+            s2[top] = c
+            s_val[top] = val
+            s_start[top] = start
+        return top + 1
+
+    @numba.njit(cache=True, parallel=True)
+    def _pav_rows(y, wt, weighted, kl, v, bid, aux):  # pragma: no cover
+        B, n = y.shape
+        for b in numba.prange(B):
+            yy = np.empty(n, dtype=np.float64)
+            ww = np.empty(n if weighted else 1, dtype=np.float64)
+            for i in range(n):
+                yy[i] = y[b, i]
+                if weighted:
+                    ww[i] = wt[b, i]
+            s1 = np.empty(n, dtype=np.float64)
+            s2 = np.empty(n, dtype=np.float64)
+            s_val = np.empty(n, dtype=np.float64)
+            s_start = np.empty(n + 1, dtype=np.int64)
+            nb = _pav_stack(yy, ww, weighted, kl, s1, s2, s_val, s_start)
+            s_start[nb] = n
+            for j in range(nb):
+                for i in range(s_start[j], s_start[j + 1]):
+                    v[b, i] = s_val[j]
+                    bid[b, i] = j
+                    aux[b, i] = s1[j] if kl else s2[j]
+
+    @numba.njit(cache=True, parallel=True)
+    def _rank_forward(s, perm, c, kl, out, bid, coef):  # pragma: no cover
+        """soft_rank on rows whose z = c * s is sorted decreasingly; writes in input order.
+
+        out[perm[j]] = z_j - v_j (L2) or exp(z_j - v_j) (KL), with v the decreasing
+        isotonic regression of z - rho (L2) or of z - log rho with log-weights log rho
+        (KL); coef_j = 1/|B| (L2) or softmax_B(z)_j (KL) for the backward.
+        """
+        B, n = s.shape
+        for b in numba.prange(B):
+            y = np.empty(n, dtype=np.float64)
+            lw = np.empty(n, dtype=np.float64)
+            for i in range(n):
+                rho = np.float64(n - i)
+                if kl:
+                    lw[i] = math.log(rho)
+                    y[i] = c * np.float64(s[b, i]) - lw[i]
+                else:
+                    y[i] = c * np.float64(s[b, i]) - rho
+            s1 = np.empty(n, dtype=np.float64)
+            s2 = np.empty(n, dtype=np.float64)
+            s_val = np.empty(n, dtype=np.float64)
+            s_start = np.empty(n + 1, dtype=np.int64)
+            nb = _pav_stack(y, lw, kl, kl, s1, s2, s_val, s_start)
+            s_start[nb] = n
+            for j in range(nb):
+                size = s_start[j + 1] - s_start[j]
+                for i in range(s_start[j], s_start[j + 1]):
+                    z = c * np.float64(s[b, i])
+                    bid[b, i] = j
+                    if kl:
+                        out[b, perm[b, i]] = math.exp(z - s_val[j])
+                        coef[b, i] = math.exp(z - s1[j])
+                    else:
+                        out[b, perm[b, i]] = z - s_val[j]
+                        coef[b, i] = 1.0 / size
+
+    @numba.njit(cache=True, parallel=True)
+    def _sort_forward(s, inv_t, sign, kl, out, bid, coef):  # pragma: no cover
+        """soft_sort on rows s sorted decreasingly: out_j = sign (w_j - v_j), w = rho / t.
+
+        v is the decreasing isotonic regression of w - s (L2; coef_j = 1/|B|) or its KL
+        version with log-weights s (coef_j = softmax_B(s)_j).
+        """
+        B, n = s.shape
+        for b in numba.prange(B):
+            y = np.empty(n, dtype=np.float64)
+            lw = np.empty(n, dtype=np.float64)
+            for i in range(n):
+                si = np.float64(s[b, i])
+                lw[i] = si
+                y[i] = np.float64(n - i) * inv_t - si
+            s1 = np.empty(n, dtype=np.float64)
+            s2 = np.empty(n, dtype=np.float64)
+            s_val = np.empty(n, dtype=np.float64)
+            s_start = np.empty(n + 1, dtype=np.int64)
+            nb = _pav_stack(y, lw, kl, kl, s1, s2, s_val, s_start)
+            s_start[nb] = n
+            for j in range(nb):
+                size = s_start[j + 1] - s_start[j]
+                for i in range(s_start[j], s_start[j + 1]):
+                    bid[b, i] = j
+                    out[b, i] = sign * (np.float64(n - i) * inv_t - s_val[j]) + 0.0
+                    coef[b, i] = math.exp(lw[i] - s2[j]) if kl else 1.0 / size
+
+    @numba.njit(cache=True, parallel=True)
+    def _spread_backward(
+        g, factor, has_factor, perm, read_sorted, bid, coef, alpha, beta, out
+    ):  # pragma: no cover
+        """out[perm[j]] = alpha u_j + beta coef_j sum_{i in B(j)} u_i over sorted positions j.
+
+        u_j = (g * factor)[perm[j]] (g in input order), or g[j] with ``read_sorted`` (g
+        already in sorted order). Blocks are the runs of equal ``bid``.
+        """
+        B, n = g.shape
+        for b in numba.prange(B):
+            start = 0
+            while start < n:
+                end = start + 1
+                while end < n and bid[b, end] == bid[b, start]:
+                    end += 1
+                total = 0.0
+                for j in range(start, end):
+                    r = j if read_sorted else perm[b, j]
+                    u = np.float64(g[b, r])
+                    if has_factor:
+                        u *= np.float64(factor[b, r])
+                    total += u
+                for j in range(start, end):
+                    r = j if read_sorted else perm[b, j]
+                    u = np.float64(g[b, r])
+                    if has_factor:
+                        u *= np.float64(factor[b, r])
+                    out[b, perm[b, j]] = alpha * u + beta * coef[b, j] * total
+                start = end
+
+
+def pav_numba(y: Tensor, w: Tensor | None, loss: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Stack PAV on CPU rows (B, n) of float32/float64, compiled by numba.
+
+    Args:
+        y: (B, n) targets.
+        w: (B, n) weights (L2) or log-weights (KL), or None for unit weights.
+        loss: ``"l2"`` or ``"kl"``.
+
+    Returns:
+        (v, bid, aux) as described in the module docstring; v and aux in y's dtype.
+    """
+    if not HAVE_NUMBA:  # pragma: no cover
+        raise RuntimeError("numba is not installed; use pav_torch")
+    yn = y.detach().contiguous().numpy()
+    weighted = w is not None
+    wn = w.detach().to(y.dtype).contiguous().numpy() if weighted else np.ones((1, 1), dtype=yn.dtype)
+    v = np.empty_like(yn)
+    aux = np.empty_like(yn)
+    bid = np.empty(yn.shape, dtype=np.int64)
+    if yn.size:
+        _pav_rows(yn, wn, weighted, loss == "kl", v, bid, aux)
+    return torch.from_numpy(v), torch.from_numpy(bid), torch.from_numpy(aux)
+
+
+# ------------------------------------------------------------- tensor-op blocks (any device)
+
+
+def segment_sum(values: Tensor, bid: Tensor) -> Tensor:
+    """Per-block sums of (B, n) ``values`` indexed by block ids; (B, n), unused slots 0."""
+    return torch.zeros_like(values).scatter_add_(-1, bid, values)
+
+
+def segment_logsumexp(values: Tensor, bid: Tensor) -> Tensor:
+    """Per-block log-sum-exp (max-shifted); (B, n), unused slots -inf."""
+    peak = torch.full_like(values, -math.inf).scatter_reduce_(-1, bid, values, "amax", include_self=True)
+    peak_at = peak.gather(-1, bid)
+    peak_at = torch.where(torch.isfinite(peak_at), peak_at, 0.0)
+    total = torch.zeros_like(values).scatter_add_(-1, bid, torch.exp(values - peak_at))
+    finite_peak = torch.where(torch.isfinite(peak), peak, 0.0)
+    return finite_peak + torch.log(total)
+
+
+def block_values(y: Tensor, w: Tensor | None, bid: Tensor, loss: str) -> tuple[Tensor, Tensor]:
+    """The optimal value of each block of a fixed partition, and the backward's statistic.
+
+    Returns (v, aux) per position: for L2 the weighted block mean and the block weight;
+    for KL the value LSE_B(y + lw) - LSE_B(lw) and LSE_B(y + lw).
+    """
+    if loss == "l2":
+        ones = torch.ones_like(y) if w is None else w
+        num = segment_sum(ones * y, bid)
+        den = segment_sum(ones, bid)
+        den_at = den.gather(-1, bid)
+        return num.gather(-1, bid) / den_at, den_at
+    lw = torch.zeros_like(y) if w is None else w
+    a = segment_logsumexp(y + lw, bid).gather(-1, bid)
+    c = segment_logsumexp(lw, bid).gather(-1, bid)
+    return a - c, a
+
+
+def pav_torch(
+    y: Tensor, w: Tensor | None, loss: str, max_rounds: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """PAV by rounds of tensor ops: pools all strictly violating adjacent blocks per round.
+
+    Exact when it returns (no violation is left); runs where y lives (CPU or CUDA) without
+    a host copy except one boolean per round to decide whether to stop.
+
+    Returns:
+        (v, bid, aux, rounds).
+    """
+    B, n = y.shape
+    start = torch.ones(B, n, dtype=torch.bool, device=y.device)
+    limit = n + 1 if max_rounds is None else max_rounds
+    rounds = 0
+    while True:
+        bid = start.cumsum(-1) - 1
+        v, aux = block_values(y, w, bid, loss)
+        rounds += 1
+        if n < 2:
+            break
+        violation = start[:, 1:] & (v[:, :-1] < v[:, 1:])
+        if rounds >= limit or not bool(violation.any()):
+            break
+        start[:, 1:] &= ~violation
+    return v, bid, aux, rounds
