@@ -33,6 +33,10 @@ test: lint
 # The published packages the oracle tests compare against (tests/peers.txt).
 peers: $(VENV)/.installed
 	$(BIN)/python -m pip install -q "$(TORCH)" -r tests/peers.txt
+	# torchsort compiles a C++ extension against the installed torch: no build isolation,
+	# and nvcc hidden from PATH so that it builds CPU-only (about a minute).
+	$(BIN)/python -m pip install -q "$(TORCH)" setuptools wheel
+	env PATH=/usr/bin:/bin $(BIN)/python -m pip install -q --no-build-isolation "$(TORCH)" torchsort==0.1.10
 
 format: $(VENV)/.installed
 	$(BIN)/ruff format src tests

@@ -166,3 +166,111 @@ def lapsum_closed_form(x: np.ndarray, k: float, alpha: float) -> np.ndarray:
         w = a / const
     beta = ref + math.log(w)
     return link_value("laplace", (x / alpha) - beta)
+
+
+# ----------------------------------------------------------------- isotonic / permutahedron
+
+
+def isotonic_l2(y: np.ndarray, w: np.ndarray | None = None, increasing: bool = True) -> np.ndarray:
+    """Weighted L2 isotonic regression of one row: scipy.optimize.isotonic_regression."""
+    return isotonic_regression(np.asarray(y, np.float64), weights=w, increasing=increasing).x
+
+
+def isotonic_kl(y: np.ndarray, w: np.ndarray | None = None, increasing: bool = True) -> np.ndarray:
+    """KL isotonic regression of one row, argmin over monotone v of sum w (e^(y-v) - (y-v) - 1).
+
+    Solved with scipy's weighted L2 isotonic regression through an exact equivalence: the
+    block value log(sum_B w e^y / sum_B w) is -log of the weighted mean of r = e^(-y) with
+    weights w e^y, and v increasing <=> r decreasing; so the partitions coincide. A shift
+    m = max(y) keeps the exponentials in range.
+    """
+    y = np.asarray(y, np.float64)
+    w = np.ones_like(y) if w is None else np.asarray(w, np.float64)
+    m = y.max()
+    r = np.exp(-(y - m))
+    alpha = w * np.exp(y - m)
+    pooled = isotonic_regression(r, weights=alpha, increasing=not increasing).x
+    return m - np.log(pooled)
+
+
+def permutahedron_projection(z: np.ndarray, w: np.ndarray, reg: str = "l2") -> np.ndarray:
+    """Blondel et al. (2020), Prop. 3: projection of z onto P(w) by sort + isotonic regression."""
+    z = np.asarray(z, np.float64)
+    order = np.argsort(-z, kind="stable")
+    s = z[order]
+    ws = np.sort(np.asarray(w, np.float64))[::-1]
+    out = np.empty_like(z)
+    if reg == "l2":
+        v = isotonic_l2(s - ws, increasing=False)
+        out[order] = s - v
+    else:
+        v = isotonic_kl(s - np.log(ws), ws, increasing=False)
+        out[order] = np.exp(s - v)
+    return out
+
+
+def soft_rank(x: np.ndarray, eps: float, reg: str = "l2", descending: bool = False) -> np.ndarray:
+    """Blondel et al. (2020) soft rank: P(+-x/eps, (n, ..., 1)); rank 1 = smallest by default."""
+    x = np.asarray(x, np.float64)
+    n = x.size
+    z = -x / eps if descending else x / eps
+    return permutahedron_projection(z, np.arange(n, 0, -1, dtype=np.float64), reg)
+
+
+def soft_sort(x: np.ndarray, eps: float, reg: str = "l2", descending: bool = False) -> np.ndarray:
+    """Blondel et al. (2020) soft sort: rho/eps - v, v the decreasing isotonic fit of rho/eps - s.
+
+    L2: plain isotonic regression; KL: block values LSE_B(rho/eps) - LSE_B(s). Ascending
+    sorts negate the input and the output (torchsort's convention).
+    """
+    x = np.asarray(x, np.float64)
+    n = x.size
+    s = np.sort(x if descending else -x)[::-1]
+    w = np.arange(n, 0, -1, dtype=np.float64) / eps
+    if reg == "l2":
+        v = isotonic_l2(w - s, increasing=False)
+    else:
+        # v_B = LSE_B(w) - LSE_B(s): the KL fit of y = w - s with weights e^s.
+        shift = s.max()
+        v = isotonic_kl(w - s, np.exp(s - shift), increasing=False)
+    out = w - v
+    return out if descending else -out
+
+
+def permutahedron_projection_qp(z: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Brute force for tiny n: the Euclidean projection onto P(w) as a generic QP (SLSQP).
+
+    P(w) = {mu : sum mu = sum w, sum_{i in S} mu_i <= sum of the |S| largest w for every
+    subset S} (Rado's theorem); 2^n constraints, so n <= 7.
+    """
+    from itertools import combinations
+
+    from scipy.optimize import minimize
+
+    z = np.asarray(z, np.float64)
+    n = z.size
+    ws = np.sort(np.asarray(w, np.float64))[::-1]
+    cons = [{"type": "eq", "fun": lambda mu: mu.sum() - ws.sum(), "jac": lambda mu: np.ones(n)}]
+    for size in range(1, n):
+        bound = ws[:size].sum()
+        for subset in combinations(range(n), size):
+            idx = np.array(subset)
+            grad = np.zeros(n)
+            grad[idx] = -1.0
+            cons.append(
+                {
+                    "type": "ineq",
+                    "fun": lambda mu, i=idx, b=bound: b - mu[i].sum(),
+                    "jac": lambda mu, g=grad: g,
+                }
+            )
+    start = np.full(n, ws.mean())
+    res = minimize(
+        lambda mu: 0.5 * ((mu - z) ** 2).sum(),
+        start,
+        jac=lambda mu: mu - z,
+        constraints=cons,
+        method="SLSQP",
+        options={"ftol": 1e-14, "maxiter": 1000},
+    )
+    return res.x

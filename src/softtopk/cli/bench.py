@@ -9,6 +9,10 @@ Baselines in the same run:
   (``solver="sort"``), the best the papers' sort route can do in vectorised torch;
 * ``soft[sinkhorn-200]``: two-anchor SOFT with 200 Sinkhorn iterations, as published.
 
+``--suite sort`` times soft_rank / soft_sort (l2 and kl) and exact isotonic regression
+instead, against ``torch.sort`` and, when it is installed, torchsort's C++ operators
+(the same maths), and prints torchsort's time over ours for every size.
+
 Timing: two warm-up calls, then the median of at least ``--repeat`` calls (more while the
 total stays under ``--budget`` seconds); CUDA timings synchronise. Peak memory is the
 largest amount allocated during one call beyond what was allocated before it (CPU: the
@@ -34,11 +38,13 @@ import torch
 from torch import Tensor
 
 from .. import __version__
+from ..isotonic import isotonic_regression, soft_rank, soft_sort
 from ..ops import soft_sinkhorn_mask, topk_mask
 from ..registry import OPERATORS
 
 QUICK_SIZES = [(64, 100), (64, 1000), (64, 10_000), (64, 65_536)]
 FULL_SIZES = QUICK_SIZES + [(16, 100_000), (4, 1_000_000), (1, 400_000), (1, 4_000_000)]
+SORT_SIZES = [(256, 1000), (4096, 100), (1, 100_000), (16, 100_000)]
 
 
 @dataclass
@@ -84,6 +90,7 @@ class Config:
     budget: float = 1.0
     contenders: list[str] | None = None
     skip_slow_after: float = 20.0
+    suite: str = "topk"
 
 
 def default_k(n: int) -> int:
@@ -121,6 +128,68 @@ def contenders(temperature: float | None) -> list[Contender]:
         ),
     ]
     return out
+
+
+def sort_contenders(temperature: float | None) -> list[Contender]:
+    """soft_rank / soft_sort (ours and torchsort's) and isotonic regression; k is unused."""
+    t = 1.0 if temperature is None else temperature
+    out = [
+        Contender("torch.topk", "floor", lambda x, k: torch.topk(x, k, dim=-1).values),
+        Contender("torch.sort", "floor", lambda x, k: torch.sort(x, dim=-1).values),
+        Contender("isotonic[pav]", "operator", lambda x, k: isotonic_regression(x)),
+    ]
+    for reg in ("l2", "kl"):
+        out.append(
+            Contender(
+                f"soft_rank[{reg}]",
+                "operator",
+                lambda x, k, r=reg: soft_rank(x, temperature=t, regularization=r),
+            )
+        )
+        out.append(
+            Contender(
+                f"soft_sort[{reg}]",
+                "operator",
+                lambda x, k, r=reg: soft_sort(x, temperature=t, regularization=r),
+            )
+        )
+    try:
+        import torchsort  # type: ignore[import-not-found]
+    except ImportError:  # the peer is optional; its rows are simply absent
+        return out
+    for reg in ("l2", "kl"):
+        for op in ("soft_rank", "soft_sort"):
+            fn = getattr(torchsort, op)
+            out.append(
+                Contender(
+                    f"torchsort.{op}[{reg}]",
+                    "published",
+                    lambda x, k, f=fn, r=reg: f(x, regularization=r, regularization_strength=t),
+                    note="torchsort 0.1.10 C++ (CPU build)",
+                )
+            )
+    return out
+
+
+def sort_summary(rows: list[Row]) -> str:
+    """torchsort time / our time for every size, operator and mode (> 1: we are faster)."""
+    by = {(r.contender, r.mode, r.batch, r.n): r.ms for r in rows}
+    lines = ["\ntorchsort / softtopk (same run; > 1 means softtopk is faster):"]
+    for batch, n in sorted({(r.batch, r.n) for r in rows}, key=lambda s: (s[1], s[0])):
+        for op in ("soft_rank", "soft_sort"):
+            for reg in ("l2", "kl"):
+                for mode in ("fwd", "fwd+bwd"):
+                    ours = by.get((f"{op}[{reg}]", mode, batch, n), math.nan)
+                    theirs = by.get((f"torchsort.{op}[{reg}]", mode, batch, n), math.nan)
+                    if math.isnan(ours) or math.isnan(theirs):
+                        continue
+                    lines.append(f"  ({batch}, {n}) {op}[{reg}] {mode:<8} {theirs / ours:6.2f}")
+        for name in ("isotonic[pav]", "soft_rank[l2]"):
+            ms = by.get((name, "fwd", batch, n), math.nan)
+            if not math.isnan(ms):
+                per = 1e6 * ms / (batch * n * math.log2(max(n, 2)))
+                lines.append(f"  ({batch}, {n}) {name} fwd: {per:.3f} ns per n log2 n")
+    return "\n".join(lines)
 
 
 def _sync(device: str) -> None:
@@ -192,7 +261,7 @@ def _calls(c: Contender, x: Tensor, k: int) -> dict[str, Callable[[], object]]:
 def run(config: Config, progress: Callable[[str], None] | None = None) -> list[Row]:
     """Runs the sweep and returns one row per (contender, size, mode)."""
     torch.manual_seed(0)
-    chosen = contenders(config.temperature)
+    chosen = sort_contenders(config.temperature) if config.suite == "sort" else contenders(config.temperature)
     if config.contenders:
         unknown = sorted(set(config.contenders) - {c.name for c in chosen})
         if unknown:
@@ -336,11 +405,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only", nargs="+", metavar="NAME", help="contenders to run (torch.topk always runs)"
     )
+    parser.add_argument(
+        "--suite",
+        default="topk",
+        choices=["topk", "sort"],
+        help="topk: every registered top-k operator (default); sort: soft_rank/soft_sort vs torchsort",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for CSV and JSON")
 
 
 def main(args: argparse.Namespace) -> int:
-    sizes = args.sizes or (FULL_SIZES if args.full else QUICK_SIZES)
+    suite = getattr(args, "suite", "topk")
+    default_sizes = SORT_SIZES if suite == "sort" else (FULL_SIZES if args.full else QUICK_SIZES)
+    sizes = args.sizes or default_sizes
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
         return 2
@@ -352,6 +429,7 @@ def main(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         budget=args.budget,
         contenders=args.only,
+        suite=suite,
     )
     print(
         f"softtopk {__version__} bench on {config.device}, {args.dtype}, torch {torch.__version__}, "
@@ -359,6 +437,8 @@ def main(args: argparse.Namespace) -> int:
     )
     rows = run(config, progress=lambda label: print(f"  ... {label}", file=sys.stderr, flush=True))
     print(format_table(rows))
+    if suite == "sort":
+        print(sort_summary(rows))
     csv_path, json_path = write(rows, args.out)
     print(f"\nwrote {csv_path} and {json_path}")
     return 0

@@ -50,6 +50,10 @@ except ImportError:  # pragma: no cover - exercised only where numba does not in
     HAVE_NUMBA = False
 
 
+#: Relative tolerance (times max|y| of the row) below which a difference of block values
+#: is rounding, not a violation.
+TIE_EPS = 8.0 * 2.220446049250313e-16
+
 # ------------------------------------------------------------------ numba kernels (CPU)
 
 if HAVE_NUMBA:
@@ -69,6 +73,12 @@ if HAVE_NUMBA:
         for KL (wt holds w for L2, log w for KL). Returns the number of blocks.
         """
         n = y.shape[0]
+        # Differences at rounding level (a pooled mean of tied values vs the next tie) are
+        # not violations: tied entries are not pooled because of rounding.
+        tie = 0.0
+        for i in range(n):
+            tie = max(tie, abs(y[i]))
+        tie *= TIE_EPS
         top = -1
         for i in range(n):
             yi = y[i]
@@ -80,7 +90,7 @@ if HAVE_NUMBA:
                 a = c * yi
             val = yi
             start = i
-            while top >= 0 and s_val[top] < val:
+            while top >= 0 and s_val[top] < val - tie:
                 if kl:
                     a = _logaddexp(a, s1[top])
                     c = _logaddexp(c, s2[top])
@@ -276,20 +286,164 @@ def block_values(y: Tensor, w: Tensor | None, bid: Tensor, loss: str) -> tuple[T
     return a - c, a
 
 
+def _prefix(y: Tensor, w: Tensor | None, loss: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Inclusive prefix statistics over positions, float64.
+
+    L2: (sum w y, sum w, sum |w y|); KL: (cumulative LSE of y + lw, of lw, unused).
+    """
+    f64 = torch.float64
+    if loss == "l2":
+        ones = torch.ones_like(y) if w is None else w
+        wy = (ones * y).to(f64)
+        return torch.cumsum(wy, -1), torch.cumsum(ones.to(f64), -1), torch.cumsum(wy.abs(), -1)
+    lw = torch.zeros_like(y) if w is None else w
+    a = torch.logcumsumexp((y + lw).to(f64), -1)
+    return a, torch.logcumsumexp(lw.to(f64), -1), a
+
+
+def _range_value(
+    prefix: tuple[Tensor, Tensor, Tensor], a: Tensor, e: Tensor, loss: str
+) -> tuple[Tensor, Tensor]:
+    """Value of the pooled positions [a, e] from prefix statistics, and a bound on its error.
+
+    Differences of prefix statistics cancel when the range holds little of the prefix's
+    mass; the bound says how far to trust the value (infinite when nothing is left).
+    """
+    p1, p2, p3 = prefix
+    # Worst-case accumulated rounding of an n-term prefix statistic, relative to its size.
+    eps = 4.0 * 2.220446049250313e-16 * p1.shape[-1]
+    hi1, hi2 = p1.gather(-1, e), p2.gather(-1, e)
+    prev = (a - 1).clamp(min=0)
+    lo1, lo2 = p1.gather(-1, prev), p2.gather(-1, prev)
+    first = a == 0
+    if loss == "l2":
+        num = torch.where(first, hi1, hi1 - lo1)
+        den = torch.where(first, hi2, hi2 - lo2)
+        err = eps * (p3.gather(-1, e) + hi2 * (num / den).abs()) / den
+        return num / den, err
+
+    def lse_diff(hi: Tensor, lo: Tensor) -> tuple[Tensor, Tensor]:
+        frac = 0.0 - torch.expm1(torch.clamp(lo - hi, max=0.0))  # share of the range in the prefix (no -0.0)
+        value = torch.where(first, hi, hi + torch.log(frac))
+        rel = eps * (1.0 + hi.abs()) / frac  # relative error of frac
+        err = torch.where(rel < 1e-3, 2.0 * rel, torch.inf)  # NaN-safe: NaN fails the test
+        return value, torch.where(first, eps * (1.0 + hi.abs()), err)
+
+    v1, e1 = lse_diff(hi1, lo1)
+    v2, e2 = lse_diff(hi2, lo2)
+    return v1 - v2, e1 + e2
+
+
+#: Alternating right/left extensions per round in the tensor-op PAV.
+ALTERNATIONS = 4
+
+
+def _jump_merges(
+    bid: Tensor,
+    v: Tensor,
+    prefix: tuple[Tensor, Tensor, Tensor],
+    pos: Tensor,
+    steps: int,
+    loss: str,
+    y: Tensor,
+    tie: Tensor,
+) -> Tensor:
+    """Block starts to remove in one round: every violating pair with its absorbable runs.
+
+    For each violating boundary k (v_{k-1} < v_k, blocks indexed by k), the pair
+    {k-1, k} is pooled, and extended
+    * right through the ordered run up to the block before the next violating pair, as
+      long as the pooled value stays below the next block's value, and
+    * left through the ordered run after the previous pair's right extension, as long as
+      the pooled value stays above the previous block's value.
+    Both extents are binary searches on float64 prefix statistics (the conditions are
+    monotone along an ordered run), with a margin so that only clear violations pool.
+    Every pool is a pool of violators in some order, so the PAV solution is unchanged.
+    """
+    B, n = bid.shape
+    f64 = torch.float64
+    k = pos
+    nblocks = bid[:, -1:] + 1
+    valid = k < nblocks
+    first = torch.full_like(bid, n - 1).scatter_reduce_(-1, bid, pos, "amin", include_self=False)
+    last = torch.zeros_like(bid).scatter_reduce_(-1, bid, pos, "amax", include_self=False)
+    val = torch.zeros_like(v).scatter_(-1, bid, v).to(f64)
+    viol = torch.zeros_like(valid)
+    viol[:, 1:] = valid[:, 1:] & (val[:, :-1] < val[:, 1:] - tie)
+    margin = 1e-9 * y.abs().amax(-1, keepdim=True).to(f64) + 1e-300
+    # Previous / next violating boundary of each block index.
+    prev_v = torch.where(viol, k, -1)
+    prev_v = torch.cat([torch.full_like(prev_v[:, :1], -1), prev_v[:, :-1].cummax(-1).values], -1)
+    big = n + 1
+    next_v = torch.where(viol, k, big).flip(-1).cummin(-1).values.flip(-1)
+    next_v = torch.cat([next_v[:, 1:], torch.full_like(next_v[:, :1], big)], -1)
+    top = nblocks - 1
+    clamp = lambda t: t.clamp(0, n - 1)  # noqa: E731
+    has_prev, has_next = prev_v >= 0, next_v <= n
+    left = (k - 1).clamp(min=0)
+    right = k.clone()
+    for _ in range(ALTERNATIONS):
+        # Right: largest r in [right, R] with blocks right+1..r absorbed by [first(left), ...],
+        # R = the block before the next pair's (left-extended) group.
+        a = first.gather(-1, left)
+        limit = torch.where(has_next, left.gather(-1, clamp(next_v)) - 1, top)
+        lo, hi = right, limit.maximum(right)
+        for _ in range(steps):
+            mid = (lo + hi + 1) // 2
+            pooled, err = _range_value(prefix, a, last.gather(-1, clamp(mid - 1)), loss)
+            ok = (pooled + err < val.gather(-1, clamp(mid)) - margin) & (mid <= hi)
+            lo = torch.where(ok, mid, lo)
+            hi = torch.where(ok | (mid > hi), hi, mid - 1)
+        right = lo
+        # Left: smallest l in [L, left] with blocks l..left-1 absorbed by [..., last(right)],
+        # L = the block after the previous pair's (right-extended) group.
+        e = last.gather(-1, right)
+        floor = torch.where(has_prev, right.gather(-1, clamp(prev_v)) + 1, 0).minimum(left)
+        lo, hi = floor, left
+        for _ in range(steps):
+            mid = (lo + hi) // 2
+            pooled, err = _range_value(prefix, first.gather(-1, clamp(mid + 1)), e, loss)
+            ok = (pooled - err > val.gather(-1, clamp(mid)) + margin) | (mid >= hi)
+            hi = torch.where(ok, mid, hi)
+            lo = torch.where(ok, lo, mid + 1).minimum(hi)
+        left = hi
+    # Remove the starts of blocks left+1 .. right of every violating k (ranges may touch).
+    diff = torch.zeros(B, n + 1, dtype=torch.int64, device=bid.device)
+    one = viol.to(torch.int64)
+    diff.scatter_add_(-1, torch.where(viol, left + 1, n), one)
+    diff.scatter_add_(-1, torch.where(viol, right + 1, n), -one)
+    remove_k = (diff[:, :n].cumsum(-1) > 0) & valid
+    remove = torch.zeros_like(valid).scatter_(-1, torch.where(remove_k, first, 0), remove_k)
+    remove[:, 0] = False
+    return remove
+
+
 def pav_torch(
     y: Tensor, w: Tensor | None, loss: str, max_rounds: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """PAV by rounds of tensor ops: pools all strictly violating adjacent blocks per round.
+    """PAV by rounds of tensor ops, exact, on any device.
 
-    Exact when it returns (no violation is left); runs where y lives (CPU or CUDA) without
-    a host copy except one boolean per round to decide whether to stop.
+    Each round computes the exact block values of the current partition (segment sums)
+    and finds every block that strictly violates the order with its left neighbour. Such a
+    block pools its neighbour and, in the same round, keeps absorbing blocks further left
+    as long as the merged value still exceeds theirs (a binary search over the run of
+    ordered blocks to its left, on float64 prefix sums, with a safety margin so that
+    rounding never decides a pool). Pooling violators in any order reaches the PAV
+    solution, so the result is exact; the jumps make the number of rounds small (a long
+    cascade of pools takes one round instead of one per pool). The loop stops when no
+    violation is left (one boolean read per round).
 
     Returns:
         (v, bid, aux, rounds).
     """
     B, n = y.shape
-    start = torch.ones(B, n, dtype=torch.bool, device=y.device)
+    device = y.device
+    start = torch.ones(B, n, dtype=torch.bool, device=device)
     limit = n + 1 if max_rounds is None else max_rounds
+    prefix = _prefix(y, w, loss)
+    pos = torch.arange(n, device=device).expand(B, n)
+    steps = max(1, math.ceil(math.log2(n + 1)))
+    tie = 8.0 * torch.finfo(y.dtype).eps * y.abs().amax(-1, keepdim=True)
     rounds = 0
     while True:
         bid = start.cumsum(-1) - 1
@@ -297,8 +451,8 @@ def pav_torch(
         rounds += 1
         if n < 2:
             break
-        violation = start[:, 1:] & (v[:, :-1] < v[:, 1:])
+        violation = start[:, 1:] & (v[:, :-1] < v[:, 1:] - tie)
         if rounds >= limit or not bool(violation.any()):
             break
-        start[:, 1:] &= ~violation
+        start &= ~_jump_merges(bid, v, prefix, pos, steps, loss, y, tie)
     return v, bid, aux, rounds

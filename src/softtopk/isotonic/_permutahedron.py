@@ -288,9 +288,9 @@ def soft_rank(
         >>> softtopk.soft_rank(x, temperature=0.1)
         tensor([[2.0000, 1.0000, 3.0000],
                 [2.5000, 2.5000, 1.0000]])
-        >>> softtopk.soft_rank(x, temperature=2.0, descending=True)
-        tensor([[2.0000, 2.5000, 1.5000],
-                [2.0000, 2.0000, 2.0000]])
+        >>> softtopk.soft_rank(x, temperature=4.0, descending=True)
+        tensor([[2.0833, 2.5833, 1.3333],
+                [1.9167, 1.9167, 2.1667]])
 
     Reference:
         Blondel, Teboul, Berthet, Djolonga. "Fast Differentiable Sorting and Ranking",
@@ -360,8 +360,8 @@ def soft_sort(
         >>> x = torch.tensor([2.0, 0.0, 5.0, 4.5])
         >>> softtopk.soft_sort(x, temperature=0.1)
         tensor([0.0000, 2.0000, 4.5000, 5.0000])
-        >>> softtopk.soft_sort(x, temperature=1.0, descending=True, k=2)
-        tensor([4.7500, 4.7500])
+        >>> softtopk.soft_sort(x, temperature=0.5, descending=True, k=2)
+        tensor([5.0000, 4.1667])
 
     Reference:
         Blondel, Teboul, Berthet, Djolonga. "Fast Differentiable Sorting and Ranking",

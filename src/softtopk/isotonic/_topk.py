@@ -19,7 +19,7 @@ from ..threshold._solver import apply_rules, finite_stand_ins, rules_from_values
 from ._function import isotonic_rows
 
 #: Iteration budget of Dykstra on the top-k route (``topk_mask`` has no max_iter argument).
-TOPK_DYKSTRA_MAX_ITER = 100_000
+TOPK_DYKSTRA_MAX_ITER = 20_000
 
 
 def isotonic_sparse_mask(

@@ -1,0 +1,99 @@
+"""topk_mask(method="sparse", solver="pav" | "dykstra"): Sander et al.'s own routes.
+
+They must agree with the threshold solver (solver="auto") to rounding, forward and
+backward (in x and in k), including -inf padding, NaN rows, k = 0 and k = n; and the
+gradient at tied saturated entries is the finite-difference derivative (0), which value-
+based block recovery (the reference code) gets wrong.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import softtopk
+from tests.conftest import random_rows
+
+
+def _batch(rng, rows, n):
+    x = random_rows(rng, rows, n)
+    k = rng.uniform(0.0, n, size=rows)
+    integer = rng.random(rows) < 0.3
+    k[integer] = np.floor(k[integer])
+    k[rng.random(rows) < 0.05] = 0.0
+    k[rng.random(rows) < 0.05] = float(n)
+    return torch.from_numpy(x), torch.from_numpy(k)
+
+
+@pytest.mark.parametrize("solver", ["pav", "dykstra"])
+@pytest.mark.parametrize("rows,n", [(300, 3), (300, 17), (100, 200), (20, 2000)])
+def test_forward_equals_threshold_solver(rng, solver, rows, n):
+    for t in (1e-3, 0.1, 1.0, 30.0):
+        x, k = _batch(rng, rows, n)
+        ref = softtopk.topk_mask(x, k, temperature=t)
+        if solver == "dykstra" and (t * n > 2.0 or t > 1.0):
+            continue  # pooled blocks of many entries: Dykstra needs ~2 B^2 iterations
+        got = softtopk.topk_mask(x, k, temperature=t, solver=solver)
+        torch.testing.assert_close(got, ref, atol=1e-10, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("solver", ["pav", "dykstra"])
+def test_backward_equals_threshold_solver(rng, solver):
+    x, k = _batch(rng, 60, 40)
+    x = torch.where(torch.isfinite(x), x + 1e-7 * torch.randn_like(x), x)  # no exact ties here
+    v = torch.randn_like(x)
+    grads = []
+    for s in ("auto", solver):
+        xr = x.clone().requires_grad_()
+        kr = k.clone().requires_grad_()
+        y = softtopk.topk_mask(xr, kr, temperature=0.3, solver=s)
+        (y * v).nansum().backward()
+        grads.append((xr.grad, kr.grad))
+    finite = torch.isfinite(grads[0][0])
+    torch.testing.assert_close(grads[1][0][finite], grads[0][0][finite], atol=1e-10, rtol=0)
+    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-10, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("solver", ["pav", "dykstra"])
+def test_gradcheck(solver):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 8, dtype=torch.float64, generator=g).requires_grad_()
+    k = torch.tensor([2.5, 3.0, 6.2], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, k: softtopk.topk_mask(x, k, temperature=0.7, solver=solver), (x, k)
+    )
+
+
+@pytest.mark.parametrize("solver", ["pav", "dykstra"])
+def test_saturated_ties_have_zero_gradient(solver):
+    # The example of the reference notes: x = (3, 3, 0.5, 0.2, -1), k = 3, l = 0.1.
+    # The two 3's are saturated (y = 1): their derivative is 0, whatever the tie.
+    x = torch.tensor([3.0, 3.0, 0.5, 0.2, -1.0], dtype=torch.float64)
+
+    def fn(x):
+        return softtopk.topk_mask(x, 3, temperature=0.1, solver=solver)
+
+    jac = torch.autograd.functional.jacobian(fn, x)
+    h = 1e-6
+    fd = torch.stack([(fn(x + h * e) - fn(x - h * e)) / (2 * h) for e in torch.eye(5, dtype=x.dtype)], -1)
+    torch.testing.assert_close(jac, fd, atol=1e-6, rtol=0)
+    assert jac[:2].abs().max() == 0 and jac[:, :2].abs().max() == 0
+    torch.testing.assert_close(
+        jac, torch.autograd.functional.jacobian(lambda x: softtopk.topk_mask(x, 3, temperature=0.1), x)
+    )
+
+
+def test_p_other_than_two_is_refused():
+    with pytest.raises(ValueError, match="needs p = 2"):
+        softtopk.topk_mask(torch.randn(4), 2, solver="pav", p=4.0 / 3.0)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        softtopk.topk_mask(torch.randn(4), 2, method="entropic", solver="pav")
+
+
+def test_float32_any_dim(rng):
+    x = torch.from_numpy(rng.normal(size=(4, 30, 3))).float()
+    got = softtopk.topk_mask(x, 5, dim=1, temperature=0.2, solver="pav")
+    ref = softtopk.topk_mask(x, 5, dim=1, temperature=0.2)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
