@@ -114,7 +114,14 @@ def test_equals_torchsort_outputs_and_gradients(rng, route, op, reg, eps):
     v = torch.randn_like(ours)
     ours.backward(v)
     theirs.backward(v)
-    torch.testing.assert_close(ours_x.grad, theirs_x.grad, atol=1e-6, rtol=0)
+    # Rows with exact ties (rounded to 0.5) sit on kinks of the operators: a tie in x (soft
+    # sort), or two adjacent blocks of the isotonic problem with exactly equal values (on
+    # the lattice of rho / eps - x/eps), where we split (strict pooling) and torchsort
+    # pools; the one-sided derivatives differ there, so any choice is a valid one. The
+    # gradients must agree on the rows away from kinks (outputs agree on every row).
+    generic = torch.tensor([torch.unique(r).numel() == r.numel() for r in x])
+    assert 0 < int(generic.sum()) < x.shape[0]
+    torch.testing.assert_close(ours_x.grad[generic], theirs_x.grad[generic], atol=1e-6, rtol=0)
     # descending = torchsort on -x (rank) / minus torchsort on -x (sort)
     down = getattr(softtopk, op)(x, temperature=eps, regularization=reg, descending=True)
     ref = getattr(torchsort, op)(-x, regularization=reg, regularization_strength=eps)
@@ -138,7 +145,7 @@ def test_kl_small_temperature_finite_where_torchsort_is_nan(rng):
 def test_kl_small_temperature_is_finite_and_hard(rng, route, op):
     x = torch.from_numpy(rng.normal(size=(8, 50)))
     for dtype in (torch.float64, torch.float32):
-        xr = x.to(dtype).requires_grad_()
+        xr = x.to(dtype).detach().clone().requires_grad_()
         y = getattr(softtopk, op)(xr, temperature=1e-4, regularization="kl")
         y.backward(torch.randn_like(y))
         assert torch.isfinite(y).all() and torch.isfinite(xr.grad).all()
@@ -175,7 +182,7 @@ def test_projection_gradcheck_in_x_and_w(route, reg):
 
 
 def central_difference(fn, x: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
-    jac = torch.zeros(x.numel(), x.numel(), dtype=x.dtype)
+    jac = torch.zeros(fn(x).numel(), x.numel(), dtype=x.dtype)
     flat = x.reshape(-1)
     for j in range(flat.numel()):
         e = torch.zeros_like(flat)

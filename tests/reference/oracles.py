@@ -187,10 +187,31 @@ def isotonic_kl(y: np.ndarray, w: np.ndarray | None = None, increasing: bool = T
     y = np.asarray(y, np.float64)
     w = np.ones_like(y) if w is None else np.asarray(w, np.float64)
     m = y.max()
-    r = np.exp(-(y - m))
-    alpha = w * np.exp(y - m)
-    pooled = isotonic_regression(r, weights=alpha, increasing=not increasing).x
-    return m - np.log(pooled)
+    with np.errstate(over="ignore", under="ignore"):
+        r = np.exp(-(y - m))
+        alpha = w * np.exp(y - m)
+    if np.all(np.isfinite(r)) and np.all(alpha > 0):
+        pooled = isotonic_regression(r, weights=alpha, increasing=not increasing).x
+        return m - np.log(pooled)
+    # A range of y beyond ~700 under- or overflows the change of variables (scipy needs
+    # weights > 0): textbook PAV in the log domain instead.
+    return _isotonic_kl_log_pav(y, np.log(w), increasing)
+
+
+def _isotonic_kl_log_pav(y: np.ndarray, lw: np.ndarray, increasing: bool) -> np.ndarray:
+    """Stack PAV for the KL loss with block values LSE_B(y + lw) - LSE_B(lw), pure Python."""
+    if increasing:
+        return _isotonic_kl_log_pav(y[::-1], lw[::-1], False)[::-1]
+    blocks: list[list[float]] = []  # [LSE(y + lw), LSE(lw), value, size]
+    for yi, li in zip(y.tolist(), lw.tolist(), strict=True):
+        a, c, size = yi + li, li, 1
+        val = a - c
+        while blocks and blocks[-1][2] < val:  # decreasing fit: pool violators
+            pa, pc, _, psize = blocks.pop()
+            a, c, size = np.logaddexp(a, pa), np.logaddexp(c, pc), size + psize
+            val = a - c
+        blocks.append([a, c, val, size])
+    return np.concatenate([np.full(b[3], b[2]) for b in blocks])
 
 
 def permutahedron_projection(z: np.ndarray, w: np.ndarray, reg: str = "l2") -> np.ndarray:

@@ -102,6 +102,26 @@ def certify(y: Tensor, w: Tensor, start: Tensor, rel: float) -> tuple[Tensor, Te
     return ok, v, bid, aux
 
 
+def _proposal(x: Tensor, p: Tensor, q: Tensor, gap: Tensor) -> Tensor:
+    """Block starts suggested by the iterate x and the dual residuals p (odd pairs), q (even).
+
+    A pair (i, i+1) is proposed as pooled when the iterate holds it (nearly) equal *and*
+    its constraint is active, i.e. the last projection onto it moved the pair (its dual
+    residual is non-zero). Closeness alone would pool nearly tied entries that are in
+    order (e.g. two saturated entries of a top-k row 1e-7 apart), a partition the
+    certificate rightly rejects forever.
+    """
+    B, n = x.shape
+    start = torch.ones(B, n, dtype=torch.bool, device=x.device)
+    if n < 2:
+        return start
+    close = (x[:, :-1] - x[:, 1:]).abs() <= gap
+    i = torch.arange(n - 1, device=x.device)
+    dual = torch.where(i % 2 == 0, p[:, :-1], q[:, :-1]) != 0
+    start[:, 1:] = ~(close & dual)
+    return start
+
+
 def dykstra(
     y: Tensor, w: Tensor | None, max_iter: int, tol: float, check_every: int = 8
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -134,10 +154,7 @@ def dykstra(
     it = 0
     while True:
         if it % check_every == 0 or it == max_iter:
-            start = torch.ones(B, n, dtype=torch.bool, device=y.device)
-            if n > 1:
-                start[:, 1:] = (x[:, :-1] - x[:, 1:]).abs() > tol * scale
-            ok, v, bid, aux = certify(y, wt, start, rel)
+            ok, v, bid, aux = certify(y, wt, _proposal(x, p, q, tol * scale), rel)
             new = ok & ~converged
             col = new.unsqueeze(-1)
             v_out = torch.where(col, v, v_out)
@@ -157,10 +174,7 @@ def dykstra(
     rest = (~converged).unsqueeze(-1)
     if bool(rest.any()):
         # Not certified: the last iterate, with the partition its values suggest.
-        start = torch.ones(B, n, dtype=torch.bool, device=y.device)
-        if n > 1:
-            start[:, 1:] = (x[:, :-1] - x[:, 1:]).abs() > tol * scale
-        bid = start.cumsum(-1) - 1
+        bid = _proposal(x, p, q, tol * scale).cumsum(-1) - 1
         aux = segment_sum(wt, bid).gather(-1, bid)
         v_out = torch.where(rest, x, v_out)
         bid_out = torch.where(rest, bid, bid_out)

@@ -22,6 +22,30 @@ from ._function import isotonic_rows
 TOPK_DYKSTRA_MAX_ITER = 20_000
 
 
+def _capped_steps(k: Tensor, n: int) -> Tensor:
+    """w_j = clamp(k - j, 0, 1) for j = 0..n-1, with one derivative in k per unit of k.
+
+    ``clamp``'s own backward passes the gradient at both ends of [0, 1], so at an integer
+    k both w_{k-1} (at 1) and w_k (at 0) would move with k: d(sum w)/dk = 2 where it is 1,
+    and the mask's k-gradient doubles (the central difference sees half of that on each
+    entry). Here the derivative at an integer k is split evenly between the two steps (the
+    average of the one-sided derivatives, so the sum stays 1; when the threshold is inside
+    an active block, both entries lie in that block and the split does not change the
+    result). At k = 0 and k = n only the one step that exists takes it.
+    """
+    j = torch.arange(n, device=k.device, dtype=k.dtype)
+    d = k.detach().unsqueeze(-1) - j
+    w = d.clamp(0.0, 1.0)
+    if not k.requires_grad:
+        return w
+    inside = ((d > 0) & (d < 1)).to(k.dtype)
+    edge = ((d == 0) | (d == 1)).to(k.dtype)
+    # k = 0 or k = n: a single edge, which takes the whole derivative.
+    edges = edge.sum(-1, keepdim=True)
+    slope = inside + edge / edges.clamp(min=1.0)
+    return w + (k - k.detach()).unsqueeze(-1) * slope
+
+
 def isotonic_sparse_mask(
     x: Tensor, k: Tensor, *, temperature: float, p: float = 2.0, solver: str = "pav"
 ) -> Tensor:
@@ -60,7 +84,7 @@ def isotonic_sparse_mask(
     # saturated or zero and never pooled with finite entries.
     s = torch.where(finite, s, finite_stand_ins(s.detach(), 2.0 * t + 1.0))
     k_safe = torch.where(rules.regular, k, torch.ones_like(k))
-    w = (k_safe.unsqueeze(-1) - torch.arange(n, device=x.device, dtype=x.dtype)).clamp(0.0, 1.0)
+    w = _capped_steps(k_safe, n)
     max_iter = TOPK_DYKSTRA_MAX_ITER
     v = isotonic_rows(s - t * w, None, "l2", solver, max_iter, 1e-6)[0]
     ys = ((s - v) / t).clamp(0.0, 1.0)
