@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_positive, check_tensor
+from .._checks import check_choice, check_positive, check_tensor, is_tracing
 from ..registry import resolve
 
 
@@ -49,7 +49,15 @@ class CascadeTerms(NamedTuple):
 def _bce(p: Tensor, y: Tensor) -> Tensor:
     # torch's BCE clamps log at -100 and its backward at 1e-12: finite where p is exactly
     # 0 or 1 (sparse masks), and zero gradient there through the mask's Jacobian anyway.
-    return F.binary_cross_entropy(p.float().clamp(0.0, 1.0), y.float())
+    dtype = torch.promote_types(p.dtype, torch.float32)
+    return F.binary_cross_entropy(p.to(dtype).clamp(0.0, 1.0), y.to(dtype))
+
+
+def _log_bce(p: Tensor, y: Tensor) -> Tensor:
+    # LCRON's form: -y log(p + 1e-6) - (1 - y) log(1 - p + 1e-6), mean over items.
+    dtype = torch.promote_types(p.dtype, torch.float32)
+    p, y = p.to(dtype), y.to(dtype)
+    return (-(y * torch.log(p + 1e-6) + (1 - y) * torch.log(1 - p + 1e-6))).mean()
 
 
 def _cascade_terms(
@@ -58,6 +66,7 @@ def _cascade_terms(
     budgets: Sequence[float | Tensor] | None,
     method: str | Callable[..., Tensor],
     temperature: float | None,
+    bce: Callable[[Tensor, Tensor], Tensor] = _bce,
 ) -> CascadeTerms:
     if len(stage_scores) == 0:
         raise ValueError("stage_scores must hold at least one stage")
@@ -67,8 +76,8 @@ def _cascade_terms(
             f"target must be a tensor of the shape {tuple(first.shape)} of the scores, got "
             f"{tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__}"
         )
-    yt = target.to(torch.float32)
-    if yt.numel() and bool(((yt < 0) | (yt > 1)).any()):
+    yt = target.to(torch.promote_types(first.dtype, torch.float32))
+    if not is_tracing() and yt.numel() and bool(((yt < 0) | (yt > 1)).any()):
         raise ValueError("target must hold values in [0, 1] (the ground-truth top-K indicator)")
     if budgets is None:
         budgets = [yt.sum(-1)] * len(stage_scores)
@@ -84,8 +93,8 @@ def _cascade_terms(
                 f"stage_scores[{s}] must have the shape {tuple(first.shape)}, got {tuple(x.shape)}"
             )
         masks.append(op.fn(x, k, dim=-1, temperature=t))
-    stages = torch.stack([_bce(p, yt) for p in masks])
-    joint = _bce(math.prod(masks[1:], start=masks[0]), yt)
+    stages = torch.stack([bce(p, yt) for p in masks])
+    joint = bce(math.prod(masks[1:], start=masks[0]), yt)
     return CascadeTerms(stages, joint, tuple(masks))
 
 
@@ -150,13 +159,14 @@ def lcron_loss(
     .. math::
 
         P_s = \mathrm{mask}(x^{(s)}, m_s),\quad
-        L_{e2e} = -\tfrac1n \sum_i \Big[y_i \log \prod_s P_{s,i}
-                  + (1 - y_i) \log\Big(1 - \prod_s P_{s,i}\Big)\Big],\quad
-        L_{\mathrm{single},s} = \mathrm{BCE}(P_s, y)
+        L_{e2e} = -\tfrac1n \sum_i \Big[y_i \log\Big(\prod_s P_{s,i} + \epsilon\Big)
+                  + (1 - y_i) \log\Big(1 - \prod_s P_{s,i} + \epsilon\Big)\Big],\quad
+        L_{\mathrm{single},s} = \mathrm{BCE}_\epsilon(P_s, y)
 
     P_s,i is the relaxed probability that item i is in the top m_s of stage s (LCRON
     reads it off a NeuralSort permutation matrix, normalised by its detached column sum;
-    a soft top-k mask gives it directly and in O(n) instead of O(n^2)). The product over
+    a soft top-k mask gives it directly and in O(n) instead of O(n^2)); epsilon = 1e-6 as
+    in the LCRON code (DFTopK's BCE clamps the log at -100 instead). The product over
     stages lower-bounds the probability that the item survives the cascade. The released
     LCRON code sets every m_s to K (the ground-truth size); the paper's m_s are the
     stages' output sizes.
@@ -181,7 +191,7 @@ def lcron_loss(
     Reference:
         Wang et al. "Learning Cascade Ranking as One Network" (LCRON), ICML 2025.
     """
-    return _cascade_terms(stage_scores, target, list(ms), method, temperature)
+    return _cascade_terms(stage_scores, target, list(ms), method, temperature, _log_bce)
 
 
 class CascadeLoss(nn.Module):
@@ -271,6 +281,7 @@ def lambda_loss(
     relevance: Tensor,
     *,
     k: int | None = None,
+    truncation: str = "either",
     weighting: str = "ndcg2++",
     sigma: float = 1.0,
     mu: float = 10.0,
@@ -290,14 +301,17 @@ def lambda_loss(
 
     with w = rho |G_i - G_j| (``"lambdarank"``, the |Delta NDCG| of LambdaRank),
     delta |G_i - G_j| (``"ndcg2"``, NDCG-Loss2) or (rho + mu delta)|G_i - G_j|
-    (``"ndcg2++"``, NDCG-Loss2++). With k, maxDCG is taken at k and only pairs with at
-    least one item ranked in the top k count (NDCG@k). O(n^2) per list: a baseline for
-    the learning-to-rank experiments, not a top-k operator.
+    (``"ndcg2++"``, NDCG-Loss2++). With k, maxDCG is taken at k and only pairs with an
+    item ranked in the top k count (NDCG@k): at least one of the two (``"either"``, as
+    LambdaMART's truncation level) or both (``"both"``, as allRank's ``lambdaLoss``).
+    O(n^2) per list: a baseline for the learning-to-rank experiments, not a top-k
+    operator.
 
     Args:
         scores: (..., n) predicted scores; -inf marks padding (give it relevance 0).
         relevance: (..., n) non-negative graded relevance.
         k: NDCG cut-off, or None for the whole list.
+        truncation: ``"either"`` or ``"both"``: which pairs count with k (see above).
         weighting: ``"ndcg2++"``, ``"ndcg2"`` or ``"lambdarank"``.
         sigma: the logistic scale sigma_s.
         mu: the weight of delta in ``"ndcg2++"``.
@@ -317,6 +331,7 @@ def lambda_loss(
     if not isinstance(relevance, Tensor) or relevance.shape != scores.shape:
         raise ValueError(f"relevance must be a tensor of the shape {tuple(scores.shape)} of scores")
     weighting = check_choice(weighting, "weighting", ("ndcg2++", "ndcg2", "lambdarank"))
+    truncation = check_choice(truncation, "truncation", ("either", "both"))
     reduction = check_choice(reduction, "reduction", ("mean", "sum", "none"))
     sigma = check_positive(sigma, "sigma")
     mu = float(mu)
@@ -327,7 +342,7 @@ def lambda_loss(
     s = scores.reshape(-1, n)
     s = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
     rel = relevance.reshape(-1, n).to(s.dtype)
-    if rel.numel() and bool((rel < 0).any()):
+    if not is_tracing() and rel.numel() and bool((rel < 0).any()):
         raise ValueError("relevance must be non-negative")
     # Ranks of the current scores (1-based), without gradient.
     order = s.detach().argsort(dim=-1, descending=True, stable=True)
@@ -342,7 +357,8 @@ def lambda_loss(
     inv_d = 1.0 / torch.log2(1.0 + rank)
     pairs = rel.unsqueeze(-1) > rel.unsqueeze(-2)  # (B, i, j): rel_i > rel_j
     if k is not None:
-        pairs = pairs & (torch.minimum(rank.unsqueeze(-1), rank.unsqueeze(-2)) <= kk)
+        pick = torch.minimum if truncation == "either" else torch.maximum
+        pairs = pairs & (pick(rank.unsqueeze(-1), rank.unsqueeze(-2)) <= kk)
     dG = (G.unsqueeze(-1) - G.unsqueeze(-2)).abs()
     rho = (inv_d.unsqueeze(-1) - inv_d.unsqueeze(-2)).abs()
     gap = (rank.unsqueeze(-1) - rank.unsqueeze(-2)).abs()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_positive, check_tensor
+from .._checks import check_choice, check_positive, check_tensor, is_tracing
 from ..registry import resolve
 
 DISTANCES = ("sqeuclidean", "cosine", "dot")
@@ -104,7 +104,11 @@ def soft_knn(
         or candidate_labels.shape != (N,)
     ):
         raise ValueError(f"candidate_labels must be an integer tensor of shape ({N},)")
-    if N and (int(candidate_labels.min()) < 0 or int(candidate_labels.max()) >= num_classes):
+    if (
+        not is_tracing()
+        and N
+        and (int(candidate_labels.min()) < 0 or int(candidate_labels.max()) >= num_classes)
+    ):
         raise ValueError(f"candidate_labels must lie in [0, {num_classes - 1}]")
     op = resolve(method)
     t = op.temperature if temperature is None else check_positive(temperature, "temperature")
