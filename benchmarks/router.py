@@ -93,9 +93,10 @@ def main() -> None:
                 )
                 for m in ["hard", *args.methods]
             }
-        print(
-            f"  {'hard':<14}{statistics.median(hard_ms):>9.3f} ms   ratio 1.00   active experts {active['hard']:.2f}"
+        hard_line = (
+            f"{statistics.median(hard_ms):>9.3f} ms   ratio 1.00   active experts {active['hard']:.2f}"
         )
+        print(f"  {'hard':<14}{hard_line}")
         for m in args.methods:
             rs = ", ".join(f"{r:.2f}" for r in ratios[m])
             print(

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from softtopk.nn import TopKRouter
-from softtopk.registry import OPERATORS
 from softtopk.nn.functional import expert_capacity, moe_dispatch, topk_route
+from softtopk.registry import OPERATORS
 
 METHODS = ["sparse", "sparse-p4/3", "entropic", "lapsum", "hard"]
 
