@@ -118,7 +118,10 @@ def beam_select(
         raise ValueError(f"beam must be an int in [1, M] = [1, {M}], got {beam!r}")
     rows = scores.reshape(-1, M)
     weights = BEAM_METHODS[method](rows, int(beam), t)
-    picked = torch.where(weights > 0, weights * rows.unsqueeze(1), torch.zeros((), dtype=rows.dtype))
+    # Mask twice: w * s with w = 0 and s = -inf is NaN, and so would be its gradient in w.
+    zero = torch.zeros((), dtype=rows.dtype, device=rows.device)
+    used = weights > 0
+    picked = torch.where(used, weights * torch.where(used, rows.unsqueeze(1), zero), zero)
     new_scores = picked.sum(-1)
     indices = weights.detach().argmax(-1)
     lead = scores.shape[:-1]
