@@ -66,7 +66,9 @@ class TopKCompressionState:
         steps: optimiser steps seen (calls on the last bucket).
         payload_bytes: bytes this rank put into its collectives, summed over calls.
         dense_bytes: bytes of the uncompressed buckets, summed over the same calls.
-        last: with ``record``, {bucket index: {"grad", "acc", "sent", "residual"}}.
+        last: with ``record``, {bucket index: {"grad", "carried", "acc", "sent", "residual",
+            "result"}}: the bucket's gradient, the residual added to it, their sum, what was
+            sent (dense), the new residual and the averaged bucket handed back to DDP.
     """
 
     process_group: Any = None
@@ -159,7 +161,8 @@ def topk_compression_hook(
     sizes = [g.numel() for g in bucket.gradients()]
     if sum(sizes) != grad.numel():  # not a plain concatenation: one residual for the bucket
         params, sizes = [grad], [grad.numel()]
-    acc = grad + _gather_residual(state, params, sizes, grad) if state.error_feedback else grad.clone()
+    carried = _gather_residual(state, params, sizes, grad) if state.error_feedback else torch.zeros_like(grad)
+    acc = grad + carried
     n = acc.numel()
     k = min(n, max(1, math.ceil(state.ratio * n)))
     values, indices, residual = topk_sparsify(acc, k)
@@ -167,7 +170,13 @@ def topk_compression_hook(
         _split_residual(state, params, sizes, residual)
     if state.record:
         sent = torch.zeros_like(acc).index_put_((indices,), values)
-        state.last[bucket.index()] = {"grad": grad.clone(), "acc": acc, "sent": sent, "residual": residual}
+        state.last[bucket.index()] = {
+            "grad": grad.clone(),
+            "carried": carried,
+            "acc": acc,
+            "sent": sent,
+            "residual": residual,
+        }
     index_dtype = torch.int32 if n < 2**31 else torch.int64
     payload = torch.cat([values.contiguous().view(torch.uint8), indices.to(index_dtype).view(torch.uint8)])
     state.payload_bytes += payload.numel()
@@ -177,6 +186,7 @@ def topk_compression_hook(
     gathered = [torch.empty_like(payload) for _ in range(world)]
     fut = dist.all_gather(gathered, payload, group=group, async_op=True).get_future()
     value_bytes = k * values.element_size()
+    bucket_index = bucket.index()
 
     def decompress(f: torch.futures.Future[Any]) -> Tensor:
         f.value()  # raises if the collective failed
@@ -185,6 +195,8 @@ def topk_compression_hook(
         all_indices = chunks[:, value_bytes:].contiguous().view(index_dtype).reshape(-1).long()
         out = torch.zeros_like(grad).index_add_(0, all_indices, all_values)
         grad.copy_(out.div_(world))
+        if state.record:
+            state.last[bucket_index]["result"] = grad.clone()
         return grad
 
     return fut.then(decompress)
