@@ -425,13 +425,13 @@ def estimate_support(x: Tensor, order: float, lower: Callable[[Tensor], Tensor])
     largest entry (for the mask: x_(k+1) - t). On rows longer than 4096 entries the
     order statistic and the count above the bound are estimated on a strided subsample
     of about 4096 entries, with a margin. On shorter rows a selection would cost as much
-    as the solve itself, so the guess is simply twice the order plus 8. Either way the
+    as the solve itself, so the guess is simply 1.5 times the order plus 4. Either way the
     guess only decides how many candidates to select: the result is checked afterwards
     and rows with too few candidates are solved again.
     """
     n = x.shape[-1]
     if n <= 4096:
-        return min(n, math.ceil(2.0 * order) + 8)
+        return min(n, math.ceil(1.5 * order) + 4)
     stride = n // 4096
     sub = x[:, ::stride]
     ratio = n / sub.shape[-1]
