@@ -93,6 +93,15 @@ OPERATORS: dict[str, Operator] = {
             sparse=True,
             k_grad=False,
         ),
+        Operator(
+            "magnitude-p4/3",
+            partial(topk_mag, p=4.0 / 3.0),
+            kind="magnitude",
+            paper="Sander et al. 2023",
+            sums_to_k=False,
+            sparse=True,
+            k_grad=False,
+        ),
     ]
 }
 
