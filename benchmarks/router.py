@@ -2,6 +2,7 @@
 
     python benchmarks/router.py                      # 4096 tokens, 64 experts, k = 2
     python benchmarks/router.py --tokens 4096 --experts 64 --k 2 --d-model 0 512 --repeats 3
+    python benchmarks/router.py --clock cpu --threads 1     # on a busy machine
 
 Both routers are the same module (``softtopk.nn.TopKRouter``) with ``method="hard"``
 (V-MoE's router: softmax, torch.topk, scatter) or a soft operator; the forward is the
@@ -22,15 +23,18 @@ import torch
 from softtopk.nn import TopKRouter
 from softtopk.nn.functional import topk_route
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 
-def median_ms(fn, calls: int) -> float:
+
+def median_ms(fn, calls: int, clock: str = "wall") -> float:
+    now = CLOCK[clock]
     for _ in range(3):
         fn()
     times = []
     for _ in range(calls):
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
     return 1e3 * statistics.median(times)
 
 
@@ -49,12 +53,19 @@ def main() -> None:
         "--repeats", type=int, default=3, help="independent rounds (each interleaves all methods)"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCK),
+        default="wall",
+        help="wall time, or this process's CPU time (robust on a shared machine; use with --threads 1)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.tokens} tokens, "
-        f"{args.experts} experts, k = {args.k:g}; forward, no grad; ratio = time / hard router time"
+        f"{args.experts} experts, k = {args.k:g}; forward, no grad, {args.clock} clock; "
+        "ratio = time / hard router time"
     )
     for d in args.d_model:
         width = max(d, 1)
@@ -80,10 +91,10 @@ def main() -> None:
         hard_ms: list[float] = []
         with torch.no_grad():
             for _ in range(args.repeats):
-                base = median_ms(call("hard"), args.calls)
+                base = median_ms(call("hard"), args.calls, args.clock)
                 hard_ms.append(base)
                 for m in args.methods:
-                    ratios[m].append(median_ms(call(m), args.calls) / base)
+                    ratios[m].append(median_ms(call(m), args.calls, args.clock) / base)
             active = {
                 m: (
                     topk_route(logits, args.k, method=m, temperature=args.temperature)
