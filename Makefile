@@ -30,9 +30,12 @@ lint: $(VENV)/.installed
 test: lint
 	$(BIN)/python -m pytest -p no:cacheprovider
 
-# The published packages the oracle tests compare against (tests/peers.txt).
+# The published packages the oracle tests compare against (tests/peers.txt). allRank pins
+# torch <= 1.8 in its metadata, but its lambdaLoss file runs on any torch: it is installed
+# without dependencies (its test loads that one file).
 peers: $(VENV)/.installed
 	$(BIN)/python -m pip install -q "$(TORCH)" -r tests/peers.txt
+	$(BIN)/python -m pip install -q --no-deps allrank==1.4.3
 
 format: $(VENV)/.installed
 	$(BIN)/ruff format src tests

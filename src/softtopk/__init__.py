@@ -5,9 +5,28 @@
 tensor([1., 0., 1.])
 """
 
-from . import nn, registry
-from .ops import soft_sinkhorn_mask, topk_mag, topk_mask
+from . import losses, metrics, nn, registry
+from .ops import (
+    soft_sinkhorn_mask,
+    soft_threshold_p_mask,
+    threshold_p_gate,
+    threshold_p_mask,
+    topk_mag,
+    topk_mask,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "nn", "registry", "soft_sinkhorn_mask", "topk_mag", "topk_mask"]
+__all__ = [
+    "__version__",
+    "losses",
+    "metrics",
+    "nn",
+    "registry",
+    "soft_sinkhorn_mask",
+    "soft_threshold_p_mask",
+    "threshold_p_gate",
+    "threshold_p_mask",
+    "topk_mag",
+    "topk_mask",
+]

@@ -111,3 +111,46 @@ def get(name: str) -> Operator:
     if name not in OPERATORS:
         raise ValueError(f"unknown operator {name!r}; known: {', '.join(OPERATORS)}")
     return OPERATORS[name]
+
+
+def resolve(method: object, *, name: str = "method", kinds: tuple[str, ...] = ("mask",)) -> Operator:
+    """The operator a layer or loss should call: a registry name or a callable.
+
+    Layers and losses take ``method`` as a registry name, so that comparing operators
+    means changing one string; a callable ``fn(x, k, *, dim, temperature)`` is accepted
+    too (for an operator outside the registry) and is wrapped with no promises.
+
+    Args:
+        method: a key of :data:`OPERATORS` or a callable.
+        name: the argument name used in error messages.
+        kinds: the operator kinds the caller accepts (``"mask"``, ``"magnitude"``).
+
+    Example:
+        >>> resolve("sparse").name
+        'sparse'
+        >>> resolve("magnitude")
+        Traceback (most recent call last):
+        ...
+        ValueError: method='magnitude' is a magnitude operator; this needs one of: mask
+    """
+    if isinstance(method, str):
+        if method not in OPERATORS:
+            raise ValueError(f"unknown {name} {method!r}; known: {', '.join(OPERATORS)}")
+        op = OPERATORS[method]
+        if op.kind not in kinds:
+            raise ValueError(
+                f"{name}={method!r} is a {op.kind} operator; this needs one of: {', '.join(kinds)}"
+            )
+        return op
+    if callable(method):
+        return Operator(
+            getattr(method, "__name__", "custom"),
+            method,
+            kind=kinds[0],
+            paper="user-supplied",
+            sums_to_k=False,
+            k_grad=False,
+            compiles=False,
+            vmaps=False,
+        )
+    raise TypeError(f"{name} must be a registry name or a callable, got {type(method).__name__} {method!r}")
