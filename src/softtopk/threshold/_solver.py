@@ -64,6 +64,11 @@ SPARSE_FRACTION = 6
 Evaluator = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
+def snap_below(dtype: torch.dtype) -> float:
+    """Entries of a sparse mask within 4 eps of zero are set to zero (see Link.evaluate)."""
+    return 4.0 * torch.finfo(dtype).eps
+
+
 class Solution(NamedTuple):
     """Output of a threshold solve on rows (B, n).
 
@@ -293,7 +298,9 @@ def solve_dense(v: Tensor, k: Tensor, t: float, link: Link) -> tuple[Tensor, Ten
     tau0 = quantile_guess(v, k, lo, hi) if v.shape[-1] > 1024 else 0.5 * (lo + hi)
     evaluate, buffer = dense_evaluator(v, k, t, link)
     tau, _ = newton(evaluate, k, lo, hi, tau0, ~rules.regular, t=t, m=v.shape[-1], value_dtype=v.dtype)
-    y, gp = link.evaluate(shifted(v, tau, t, out=buffer), in_place=buffer is not None)
+    y, gp = link.evaluate(
+        shifted(v, tau, t, out=buffer), in_place=buffer is not None, snap=snap_below(v.dtype)
+    )
     y, g = apply_rules(v, y, gp.div_(t) if buffer is not None else gp / t, k, rules)
     return tau, y, g
 
@@ -410,7 +417,7 @@ def solve_sort(v: Tensor, k: Tensor, t: float, link: Link) -> tuple[Tensor, Tens
     else:
         raise ValueError(f"the sort route has no closed form for the {link.name!r} link")
     tau = torch.where(rules.regular, tau, 0.0)
-    y, gp = link(shifted(v, tau, t))
+    y, gp = link.evaluate(shifted(v, tau, t), snap=snap_below(v.dtype))
     y, g = apply_rules(v, y, gp / t, k, rules)
     return tau, y, g
 
@@ -484,7 +491,7 @@ def solve_candidates(
     tau, _ = newton(evaluate, k_safe, lo, hi, 0.5 * (lo + hi), done, t=t, m=K, value_dtype=x.dtype)
     if rules is not None:
         tau = torch.where(regular, tau, 0.0)
-    y, gp = link((vals - tau.unsqueeze(-1)) / t)
+    y, gp = link.evaluate((vals - tau.unsqueeze(-1)) / t, snap=snap_below(x.dtype))
     g = gp / t
     if rules is not None:
         y, g = apply_rules(vals, y, g, k, rules)
