@@ -5,9 +5,27 @@
 tensor([1., 0., 1.])
 """
 
-from . import nn, registry
-from .ops import soft_sinkhorn_mask, topk_mag, topk_mask
+from . import losses, nn, registry
+from .ops import (
+    permutation_topk_mask,
+    relaxed_subset,
+    soft_sinkhorn_mask,
+    topk_indicators,
+    topk_mag,
+    topk_mask,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "nn", "registry", "soft_sinkhorn_mask", "topk_mag", "topk_mask"]
+__all__ = [
+    "__version__",
+    "losses",
+    "nn",
+    "permutation_topk_mask",
+    "registry",
+    "relaxed_subset",
+    "soft_sinkhorn_mask",
+    "topk_indicators",
+    "topk_mag",
+    "topk_mask",
+]
