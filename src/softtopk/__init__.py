@@ -7,10 +7,13 @@ tensor([1., 0., 1.])
 
 from . import losses, metrics, nn, registry
 from .ops import (
+    permutation_topk_mask,
+    relaxed_subset,
     soft_sinkhorn_mask,
     soft_threshold_p_mask,
     threshold_p_gate,
     threshold_p_mask,
+    topk_indicators,
     topk_mag,
     topk_mask,
 )
@@ -22,11 +25,14 @@ __all__ = [
     "losses",
     "metrics",
     "nn",
+    "permutation_topk_mask",
     "registry",
+    "relaxed_subset",
     "soft_sinkhorn_mask",
     "soft_threshold_p_mask",
     "threshold_p_gate",
     "threshold_p_mask",
+    "topk_indicators",
     "topk_mag",
     "topk_mask",
 ]
