@@ -35,6 +35,8 @@ class RunResult:
         val: validation metrics; the grid search reads ``val[select]``.
         losses: the training loss after each epoch (or evaluation step).
         seconds: wall time of the run, training and evaluation.
+        cpu_seconds: CPU time of this process during the run (all threads); on a shared
+            machine it is a steadier measure of cost than the wall time.
         extra: anything else worth keeping in the JSON (e.g. per-expert load).
     """
 
@@ -42,6 +44,7 @@ class RunResult:
     val: dict[str, float]
     losses: list[float]
     seconds: float = math.nan
+    cpu_seconds: float = math.nan
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -71,6 +74,7 @@ class Row:
     mean: dict[str, float]
     std: dict[str, float]
     seconds: float  # mean wall seconds per run
+    cpu_seconds: float  # mean CPU seconds per run
     losses: list[float]  # mean training-loss curve over seeds
     runs: list[dict[str, object]]  # every run, for the JSON
     note: str = ""
@@ -152,6 +156,18 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, statistics.stdev(finite) if len(finite) > 1 else 0.0
 
 
+def _record(temperature: float | None, seed: int, r: RunResult) -> dict[str, object]:
+    return {
+        "temperature": temperature,
+        "seed": seed,
+        "test": r.test,
+        "val": r.val,
+        "seconds": r.seconds,
+        "cpu_seconds": r.cpu_seconds,
+        "extra": r.extra,
+    }
+
+
 def run_method(method: Method, select: str, seeds: int, progress: Callable[[str], None] | None = None) -> Row:
     """Grid on validation with seed 0, then seeds 1.. at the chosen temperature."""
     grid_runs: dict[float | None, RunResult] = {}
@@ -176,22 +192,9 @@ def run_method(method: Method, select: str, seeds: int, progress: Callable[[str]
         mean[name], std[name] = _mean_std([r.test.get(name, math.nan) for r in results])
     length = min(len(r.losses) for r in results)
     losses = [statistics.fmean(r.losses[i] for r in results) for i in range(length)]
-    runs = [
-        {"temperature": t, "seed": 0, "test": r.test, "val": r.val, "seconds": r.seconds, "extra": r.extra}
-        for t, r in grid_runs.items()
-    ]
-    runs += [
-        {
-            "temperature": chosen,
-            "seed": s,
-            "test": r.test,
-            "val": r.val,
-            "seconds": r.seconds,
-            "extra": r.extra,
-        }
-        for s, r in enumerate(results[1:], start=1)
-    ]
-    all_seconds = [r.seconds for r in [*grid_runs.values(), *results[1:]]]
+    runs = [_record(t, 0, r) for t, r in grid_runs.items()]
+    runs += [_record(chosen, s, r) for s, r in enumerate(results[1:], start=1)]
+    every = [*grid_runs.values(), *results[1:]]
     return Row(
         method=method.name,
         group=method.group,
@@ -199,7 +202,8 @@ def run_method(method: Method, select: str, seeds: int, progress: Callable[[str]
         grid={str(t): grid_runs[t].val.get(select, math.nan) for t in method.temperatures if t is not None},
         mean=mean,
         std=std,
-        seconds=statistics.fmean(all_seconds),
+        seconds=statistics.fmean(r.seconds for r in every),
+        cpu_seconds=statistics.fmean(r.cpu_seconds for r in every),
         losses=losses,
         runs=runs,
         note=method.note,
@@ -233,8 +237,9 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def timed(fn: Callable[[], RunResult]) -> RunResult:
-    """Runs ``fn`` and stores its wall time in the result."""
-    start = time.perf_counter()
+    """Runs ``fn`` and stores its wall and CPU time in the result."""
+    start, cpu = time.perf_counter(), time.process_time()
     result = fn()
     result.seconds = time.perf_counter() - start
+    result.cpu_seconds = time.process_time() - cpu
     return result

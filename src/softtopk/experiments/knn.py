@@ -37,7 +37,7 @@ class Config:
     test_size: int | None = 2_000
     hidden: tuple[int, ...] = (256,)
     dim: int = 64
-    steps: int = 800
+    steps: int = 600
     queries: int = 100
     candidates: int = 100
     lr: float = 1e-3
