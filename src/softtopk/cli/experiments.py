@@ -35,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--size",
         default="default",
-        choices=["toy", "default"],
-        help="toy: seconds, for tests; default: the documented size (about a minute per run or less)",
+        choices=["toy", "quick", "default"],
+        help="toy: seconds, for tests; quick: a short demonstration (recsys only, used by make run); "
+        "default: the documented size",
     )
     parser.add_argument("--seeds", type=int, default=3, help="seeds at the chosen temperature (default 3)")
     parser.add_argument(
@@ -90,6 +91,9 @@ def main(args: argparse.Namespace) -> int:
     results = {}
     for name in names:
         module = EXPERIMENTS[name]
+        if args.size not in module.SIZES:
+            print(f"{name} has no size {args.size!r}; it has {', '.join(module.SIZES)}", file=sys.stderr)
+            return 2
         try:
             settings = module.settings(args.size, only=args.only, grid=args.grid, data_dir=args.data_dir)
         except DataNotFoundError as err:

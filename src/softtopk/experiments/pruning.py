@@ -1,9 +1,9 @@
 """(d) Magnitude pruning at high sparsity (Sander et al. 2023's top-k-in-magnitude use).
 
-LeNet-300-100 (784-300-100-10) on Fashion-MNIST. Each weight matrix W with |W| entries
-keeps k = (1 - sparsity)|W| of them. During training the forward pass uses
+LeNet-300-100 (784-300-100-10) on Fashion-MNIST. Each weight matrix W with N entries
+keeps k = (1 - sparsity) N of them. During training the forward pass uses
 W_eff = op(W): a registered magnitude operator applied to W directly, or, for a mask
-operator, W * m_k(|W| / rms(W)) (the scale makes one temperature grid fit every layer).
+operator, W * m_k(abs(W) / rms(W)) (the scale makes one temperature grid fit every layer).
 At test time every method is projected to the exact hard top-k in magnitude, so all
 rows of the table have the same true sparsity; the gap between the accuracy with
 op(W) and with the hard projection is reported too (train/test mismatch).

@@ -53,6 +53,7 @@ class Config:
 
 SIZES: dict[str, list[Config]] = {
     "toy": [Config(lists_per_user=2, epochs=4, max_users=200)],
+    "quick": [Config(lists_per_user=3, epochs=6)],  # make run: all users, fewer lists and epochs
     "default": [Config()],
 }
 
