@@ -91,9 +91,9 @@ def test_operator_selection_follows_the_registry(monkeypatch):
     # an operator added later appears without code changes; one with a size limit is left out with a note
     small = replace(registry.OPERATORS["entropic"], name="tiny-n", bench_max_elements=10)
     monkeypatch.setitem(registry.OPERATORS, "tiny-n", small)
-    kept, notes = mask_operators(n=100)
+    kept, notes = mask_operators(shape=(4, 25))
     assert "tiny-n" not in [op.name for op in kept] and any("tiny-n" in n for n in notes)
-    assert "tiny-n" in [op.name for op in mask_operators(n=5)[0]]
+    assert "tiny-n" in [op.name for op in mask_operators(shape=(2, 5))[0]]
     assert temperature_grid(registry.OPERATORS["sparse"], (0.1, 1.0, 10.0)) == [0.01, 0.1, 1.0]
 
 

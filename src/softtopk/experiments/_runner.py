@@ -104,14 +104,18 @@ class SettingResult:
 
 
 def mask_operators(
-    only: Sequence[str] | None = None, *, n: int | None = None, kinds: tuple[str, ...] = ("mask",)
+    only: Sequence[str] | None = None,
+    *,
+    shape: tuple[int, int] | None = None,
+    kinds: tuple[str, ...] = ("mask",),
 ) -> tuple[list[Operator], list[str]]:
     """The registered operators an experiment can use, and notes on those left out.
 
     Keeps the operators of the given ``kinds`` whose output depends on the temperature
     (a temperature-free operator, the hard mask, is each experiment's explicit baseline),
-    whose ``bench_max_elements`` admits rows of ``n`` entries, and, if ``only`` is given,
-    whose name is in it.
+    whose ``bench_max_elements`` admits the experiment's largest call, ``shape`` = (rows,
+    n) (an O(n^2) operator registers such a limit), and, if ``only`` is given, whose name
+    is in it.
     """
     kept, notes = [], []
     if only:
@@ -125,9 +129,14 @@ def mask_operators(
             continue
         if not depends_on_temperature(op):
             continue
-        if n is not None and op.bench_max_elements is not None and n > op.bench_max_elements:
-            notes.append(f"{op.name}: left out, rows of {n} exceed its limit of {op.bench_max_elements}")
-            continue
+        if shape is not None and op.bench_max_elements is not None:
+            rows, n = shape
+            if rows * n > op.bench_max_elements:
+                notes.append(
+                    f"{op.name}: left out, calls of {rows} x {n} exceed its limit of "
+                    f"{op.bench_max_elements} elements"
+                )
+                continue
         kept.append(op)
     return kept, notes
 

@@ -98,7 +98,7 @@ def _operator_loss(op: Operator, k: int, temperature: float):  # noqa: ANN202
 def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None) -> Setting:  # noqa: ANN001
     data = load(cfg.dataset, data_dir)
     split = Split(data, train_size=cfg.train_size, test_size=cfg.test_size)
-    ops, notes = mask_operators(only, n=split.classes)
+    ops, notes = mask_operators(only, shape=(cfg.batch, split.classes))
 
     def run_ce(temperature: float | None, seed: int) -> RunResult:
         return timed(lambda: train(split, cfg, F.cross_entropy, seed))

@@ -132,7 +132,7 @@ def train_ce(split: Split, cfg: Config, seed: int) -> RunResult:
 def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None) -> Setting:  # noqa: ANN001
     data = load(cfg.dataset, data_dir)
     split = Split(data, train_size=cfg.train_size, test_size=cfg.test_size)
-    ops, notes = mask_operators(only, n=cfg.candidates)
+    ops, notes = mask_operators(only, shape=(cfg.queries, cfg.candidates))
 
     def run_raw(temperature: float | None, seed: int) -> RunResult:
         def go() -> RunResult:

@@ -130,7 +130,7 @@ def train_moe(split: Split, cfg: Config, mask, seed: int) -> RunResult:  # noqa:
 def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None) -> Setting:  # noqa: ANN001
     data = load(cfg.dataset, data_dir)
     split = Split(data, train_size=cfg.train_size, test_size=cfg.test_size)
-    ops, notes = mask_operators(only, n=cfg.experts)
+    ops, notes = mask_operators(only, shape=(max(cfg.batch, 5000), cfg.experts))
 
     def hard(r: Tensor) -> Tensor:
         return torch.zeros_like(r).scatter(-1, r.topk(cfg.k, dim=-1).indices, 1.0)

@@ -139,7 +139,7 @@ def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None) -> Setting
     split = Split(data, train_size=cfg.train_size, test_size=cfg.test_size)
     sizes = [split.features, *cfg.hidden, split.classes]
     largest = max(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
-    ops, notes = mask_operators(only, n=largest, kinds=("mask", "magnitude"))
+    ops, notes = mask_operators(only, shape=(1, largest), kinds=("mask", "magnitude"))
     dense_models: dict[int, tuple[PrunedMLP, list[float]]] = {}
 
     def dense(seed: int) -> tuple[PrunedMLP, list[float]]:

@@ -195,7 +195,7 @@ def dftopk_recipe(op: Operator, k: int, temperature: float):  # noqa: ANN201
 
 def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None) -> Setting:  # noqa: ANN001
     data = Data(cfg)
-    ops, notes = mask_operators(only, n=cfg.candidates)
+    ops, notes = mask_operators(only, shape=(cfg.batch, cfg.candidates))
 
     def run_popularity(temperature: float | None, seed: int) -> RunResult:
         def go() -> RunResult:
