@@ -27,7 +27,7 @@ extensions = [
     "myst_parser",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "experiments/*.json"]
+exclude_patterns = ["_build"]
 myst_enable_extensions = ["dollarmath", "colon_fence"]
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
@@ -71,4 +71,29 @@ def write_operator_table() -> None:
         path.write_text(text)
 
 
+def write_results_page() -> None:
+    """docs/results.md: the committed experiments report (docs/experiments/report.md), if any."""
+    lines = ["# Experiment results", ""]
+    if (HERE / "experiments" / "report.md").is_file():
+        lines += [
+            "The latest full run of `softtopk experiments` (`make experiments`), with its date,",
+            "machine and command:",
+            "",
+            "```{toctree}",
+            ":maxdepth: 3",
+            "",
+            "experiments/report",
+            "```",
+        ]
+    else:
+        lines += [
+            "No report is committed yet: `make data && make experiments` writes docs/experiments/report.md."
+        ]
+    text = "\n".join(lines) + "\n"
+    path = HERE / "results.md"
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
 write_operator_table()
+write_results_page()

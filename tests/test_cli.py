@@ -103,6 +103,8 @@ def test_experiments_errors(tmp_path, capsys, monkeypatch):
     assert main(["experiments", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown experiment" in capsys.readouterr().err
     assert main(["experiments", "recsys", "--seeds", "0", "--out", str(tmp_path)]) == 2
+    assert main(["experiments", "moe", "--size", "quick", "--out", str(tmp_path)]) == 2
+    assert "moe has no size 'quick'" in capsys.readouterr().err
     from softtopk.data import _loaders
 
     monkeypatch.setenv("SOFTTOPK_CACHE", str(tmp_path / "cache"))

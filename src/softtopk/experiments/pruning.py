@@ -42,9 +42,9 @@ class Config:
     hidden: tuple[int, ...] = (300, 100)
     train_size: int | None = 10_000
     test_size: int | None = 5_000
-    epochs: int = 8
+    epochs: int = 5
     finetune_epochs: int = 2
-    batch: int = 128
+    batch: int = 256
     lr: float = 1e-3
 
 

@@ -42,10 +42,10 @@ class Config:
     candidates: int = 100
     k: int = 10
     m: int = 20
-    lists_per_user: int = 8
+    lists_per_user: int = 6
     dim: int = 32
-    epochs: int = 10
-    batch: int = 64
+    epochs: int = 8
+    batch: int = 128
     lr: float = 5e-3
     max_users: int | None = None
     val_users: float = 0.3
