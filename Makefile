@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	$(BIN)/softtopk bench --sizes 64x1000,64x10000 --repeat 3 --budget 0.2 --out results/bench
+	$(BIN)/softtopk bench --sizes 32x1000,32x10000 --repeat 3 --budget 0.2 --out results/bench
 	$(BIN)/softtopk experiments recsys --size quick --seeds 2 --grid 1,10 --out results/experiments
 
 bench: $(VENV)/.installed

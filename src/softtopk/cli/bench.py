@@ -237,7 +237,7 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> list[R
                     skip = f"skipped: more than {c.max_elements} elements"
                 elif n > c.max_n:
                     skip = f"skipped: rows longer than {c.max_n}"
-                elif (c.name, mode, k) in too_slow:
+                elif (c.name, mode) in too_slow:
                     skip = f"skipped: a smaller size took over {config.skip_slow_after:.0f} s"
                 if skip:
                     rows.append(
@@ -262,7 +262,7 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> list[R
                 seconds, repeats = time_call(call, config.device, config.repeat, config.budget)
                 peak = peak_memory(call, config.device)
                 if seconds > config.skip_slow_after / 10:
-                    too_slow.add((c.name, mode, k))
+                    too_slow.add((c.name, mode))
                 rows.append(
                     Row(
                         c.name,
