@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from ..data import load
+from ..losses import topk_cross_entropy
 from ..registry import Operator
 from ._common import Split, batches, mlp, noisy_labels, predict, pretty, topk_accuracy
 from ._runner import Method, RunResult, Setting, mask_operators, seed_everything, temperature_grid, timed
-from ._standins import topk_cross_entropy
 
 NAME = "classification"
 TITLE = "(a) Top-k classification with label noise"
@@ -90,9 +90,9 @@ def train(split: Split, cfg: Config, loss_fn, seed: int) -> RunResult:  # noqa: 
 
 
 def _operator_loss(op: Operator, k: int, temperature: float):  # noqa: ANN202
-    return partial(
-        topk_cross_entropy, mask=lambda s: op.fn(s, k, dim=-1, temperature=temperature), p_top1=0.5
-    )
+    # Petersen et al.'s P_K = (0.5, 0, ..., 0, 0.5): half softmax top-1, half the top-k mask.
+    p_k = (0.5,) + (0.0,) * (k - 2) + (0.5,)
+    return partial(topk_cross_entropy, p_k=p_k, method=op.fn, temperature=temperature)
 
 
 def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None) -> Setting:  # noqa: ANN001

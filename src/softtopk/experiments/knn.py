@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import load
+from ..nn.functional import soft_knn, soft_knn_loss
 from ..registry import Operator
 from ._common import Split, batches, mlp, predict, pretty
 from ._runner import Method, RunResult, Setting, mask_operators, seed_everything, temperature_grid, timed
-from ._standins import soft_knn_loss
 
 NAME = "knn"
 TITLE = "(b) Differentiable kNN"
@@ -76,8 +76,8 @@ def _embed(model: nn.Module, x: Tensor) -> Tensor:
     return F.normalize(predict(model, x), dim=-1)
 
 
-def train_knn(split: Split, cfg: Config, mask, seed: int) -> RunResult:  # noqa: ANN001
-    """Trains the embedding with the soft kNN loss of ``mask``; kNN accuracies at the end."""
+def train_knn(split: Split, cfg: Config, op: Operator, temperature: float, seed: int) -> RunResult:
+    """Trains the embedding with the soft kNN loss of ``op``; kNN accuracies at the end."""
     g = seed_everything(seed)
     model = mlp([split.features, *cfg.hidden, cfg.dim])
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -87,8 +87,16 @@ def train_knn(split: Split, cfg: Config, mask, seed: int) -> RunResult:  # noqa:
         q = torch.randint(0, n, (cfg.queries,), generator=g)
         c = torch.randint(0, n, (cfg.candidates,), generator=g)
         emb = F.normalize(model(split.x_train[torch.cat([q, c])]), dim=-1)
-        same = (split.y_train[q][:, None] == split.y_train[c][None, :]).float()
-        loss = soft_knn_loss(emb[: cfg.queries], emb[cfg.queries :], same, cfg.k, mask)
+        votes = soft_knn(
+            emb[: cfg.queries],
+            emb[cfg.queries :],
+            split.y_train[c],
+            cfg.k,
+            num_classes=split.classes,
+            method=op.fn,
+            temperature=temperature,
+        )
+        loss = soft_knn_loss(votes, split.y_train[q])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -148,10 +156,7 @@ def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None) -> Setting
 
     def run_op(op: Operator):  # noqa: ANN202
         def run(temperature: float | None, seed: int) -> RunResult:
-            def mask(s: Tensor) -> Tensor:
-                return op.fn(s, cfg.k, dim=-1, temperature=float(temperature))
-
-            return timed(lambda: train_knn(split, cfg, mask, seed))
+            return timed(lambda: train_knn(split, cfg, op, float(temperature), seed))
 
         return run
 

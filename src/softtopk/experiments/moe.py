@@ -11,7 +11,6 @@ softmax of the selected experts, as in V-MoE) and the dense softmax router (all 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import load
+from ..nn import TopKRouter
+from ..nn.functional import moe_dispatch
 from ..registry import Operator
 from ._common import Split, batches, pretty
 from ._runner import Method, RunResult, Setting, mask_operators, seed_everything, temperature_grid, timed
@@ -55,12 +56,18 @@ SIZES: dict[str, list[Config]] = {
 
 
 class TinyMoE(nn.Module):
-    """Input layer, one residual MoE layer with gates from ``gate_fn(logits)``, linear head."""
+    """Input layer, one residual MoE layer routed by a :class:`softtopk.nn.TopKRouter`, linear head.
 
-    def __init__(self, features: int, classes: int, cfg: Config, gate_fn: Callable[[Tensor], Tensor]) -> None:
+    ``method``/``k``/``temperature`` configure the router; experts run through
+    :func:`softtopk.nn.functional.moe_dispatch`, so an expert with gate 0 is not run.
+    """
+
+    def __init__(
+        self, features: int, classes: int, cfg: Config, method: object, k: int, temperature: float | None
+    ) -> None:
         super().__init__()
         self.inp = nn.Linear(features, cfg.width)
-        self.router = nn.Linear(cfg.width, cfg.experts)
+        self.router = TopKRouter(cfg.width, cfg.experts, k, method=method, temperature=temperature, bias=True)
         self.experts = nn.ModuleList(
             nn.Sequential(
                 nn.Linear(cfg.width, cfg.expert_hidden), nn.ReLU(), nn.Linear(cfg.expert_hidden, cfg.width)
@@ -68,34 +75,21 @@ class TinyMoE(nn.Module):
             for _ in range(cfg.experts)
         )
         self.head = nn.Linear(cfg.width, classes)
-        self.gate_fn = gate_fn
         self.active = 0.0  # mean active experts per token in the last forward
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.relu(self.inp(x))
-        gates = self.gate_fn(self.router(h))  # (tokens, experts), exact zeros are skipped
-        out = h.clone()
-        on = gates != 0
-        for e, expert in enumerate(self.experts):
-            rows = on[:, e].nonzero().squeeze(1)
-            if rows.numel():
-                out = out.index_add(0, rows, gates[rows, e, None] * expert(h[rows]))
-        self.active = on.sum(-1).float().mean().item()
+        route = self.router(h)  # gates = softmax(r) * mask_k(r); exact zeros are skipped
+        out = h + moe_dispatch(h, route.gates, self.experts)
+        self.active = route.active.float().mean().item()
         return self.head(out)
 
 
-def router_gates(logits: Tensor, mask: Callable[[Tensor], Tensor] | None) -> Tensor:
-    """V-MoE gating: softmax(logits) times a top-k mask (``None``: dense softmax).
-
-    Successor: ``softtopk.nn.TopKRouter``.
-    """
-    probs = logits.softmax(-1)
-    return probs if mask is None else probs * mask(logits)
-
-
-def train_moe(split: Split, cfg: Config, mask, seed: int) -> RunResult:  # noqa: ANN001
+def train_moe(
+    split: Split, cfg: Config, method: object, k: int, temperature: float | None, seed: int
+) -> RunResult:
     g = seed_everything(seed)
-    model = TinyMoE(split.features, split.classes, cfg, lambda r: router_gates(r, mask))
+    model = TinyMoE(split.features, split.classes, cfg, method, k, temperature)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     losses = []
     for _ in range(cfg.epochs):
@@ -132,26 +126,24 @@ def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None) -> Setting
     split = Split(data, train_size=cfg.train_size, test_size=cfg.test_size)
     ops, notes = mask_operators(only, shape=(max(cfg.batch, 5000), cfg.experts))
 
-    def hard(r: Tensor) -> Tensor:
-        return torch.zeros_like(r).scatter(-1, r.topk(cfg.k, dim=-1).indices, 1.0)
-
-    def baseline(mask):  # noqa: ANN001, ANN202
-        return lambda temperature, seed: timed(lambda: train_moe(split, cfg, mask, seed))
+    def baseline(k: int):  # noqa: ANN202
+        # The hard mask with k = E keeps every expert: the dense softmax router.
+        return lambda temperature, seed: timed(lambda: train_moe(split, cfg, "hard", k, None, seed))
 
     def run_op(op: Operator):  # noqa: ANN202
         def run(temperature: float | None, seed: int) -> RunResult:
-            def mask(r: Tensor) -> Tensor:
-                return op.fn(r, cfg.k, dim=-1, temperature=float(temperature))
-
-            return timed(lambda: train_moe(split, cfg, mask, seed))
+            return timed(lambda: train_moe(split, cfg, op.fn, cfg.k, float(temperature), seed))
 
         return run
 
     methods = [
         Method(
-            f"hard top-{cfg.k} router", "baseline", baseline(hard), note="V-MoE: softmax x torch.topk mask"
+            f"hard top-{cfg.k} router",
+            "baseline",
+            baseline(cfg.k),
+            note="V-MoE: softmax x torch.topk mask",
         ),
-        Method("dense softmax router", "baseline", baseline(None), note=f"all {cfg.experts} experts"),
+        Method("dense softmax router", "baseline", baseline(cfg.experts), note=f"all {cfg.experts} experts"),
     ]
     methods += [
         Method(f"router [{op.name}]", "operator", run_op(op), temperature_grid(op, grid), note=op.paper)

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import load
+from ..metrics import ndcg_at_k, recall_at_k_at_m
 from ..registry import Operator
+from ._baselines import listnet, pointwise_bce
 from ._runner import Method, RunResult, Setting, mask_operators, seed_everything, temperature_grid, timed
-from ._standins import listnet, ndcg_at, pointwise_bce, recall_at
 
 NAME = "recsys"
 TITLE = "(e) Top-k selection for recommendation"
@@ -153,9 +154,9 @@ class TwoTower(nn.Module):
 
 def _metrics(scores: Tensor, lists: Lists, cfg: Config) -> dict[str, float]:
     return {
-        f"Recall@{cfg.k}@{cfg.m}": recall_at(scores, lists.target, cfg.m).mean().item(),
-        f"NDCG@{cfg.k}": ndcg_at(scores, lists.relevance, cfg.k).mean().item(),
-        f"Recall@{cfg.k}@{cfg.k}": recall_at(scores, lists.target, cfg.k).mean().item(),
+        f"Recall@{cfg.k}@{cfg.m}": recall_at_k_at_m(scores, lists.target, cfg.m).item(),
+        f"NDCG@{cfg.k}": ndcg_at_k(scores, lists.relevance, cfg.k).item(),
+        f"Recall@{cfg.k}@{cfg.k}": recall_at_k_at_m(scores, lists.target, cfg.k).item(),
     }
 
 
