@@ -6,12 +6,9 @@ The operators' sides of the experiments use the library itself (``softtopk.losse
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
 
 
 def listnet(scores: Tensor, relevance: Tensor, valid: Tensor | None = None) -> Tensor:
