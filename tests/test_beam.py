@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import softtopk
 from softtopk.nn import RelaxedBeamStep
 from softtopk.nn.functional import BEAM_METHODS, beam_gather, beam_select
 
@@ -148,11 +149,46 @@ def test_a_small_seq2seq_beam_search_trains_end_to_end():
     assert seq[0, 0].round().long().tolist() == target.tolist()
 
 
+def test_sorted_soft_method_is_softs_sorted_indicators():
+    """method="soft": every slot soft, W = SOFT's sorted indicators; t -> 0 is beam search."""
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(4, 9, dtype=torch.float64, generator=g).requires_grad_()
+    sel = beam_select(scores, 3, method="soft", temperature=0.2)
+    want = softtopk.topk_indicators(scores, 3, method="soft", temperature=0.2)
+    torch.testing.assert_close(sel.weights, want)
+    torch.testing.assert_close(sel.weights.sum(-1), torch.ones(4, 3, dtype=torch.float64))
+    assert bool((sel.weights[:, :, :] > 0).sum(-1).min() > 1)  # every slot mixes candidates
+    sel.scores.sum().backward()
+    assert bool((scores.grad != 0).all())  # the discarded candidates get gradient too
+    # t -> 0: the hard beam. SOFT normalises its cost by the largest cost, so the scale
+    # where it turns hard is small (unit-spaced scores: epsilon ~ 1e-3).
+    spaced = torch.stack([torch.randperm(9, generator=g) for _ in range(4)]).double()
+    hard = beam_select(spaced, 3, method="hard")
+    gaps = []
+    for t in (0.02, 0.01, 0.005):
+        cold = beam_select(spaced, 3, method="soft", temperature=t)
+        assert cold.indices.tolist() == hard.indices.tolist()
+        gaps.append((cold.weights - hard.weights).abs().max().item())
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.1
+
+
+def test_sorted_soft_method_with_fewer_valid_candidates_than_beams():
+    scores = torch.tensor([[0.5, -math.inf, 2.0, -math.inf], [-math.inf, 1.0, -math.inf, -math.inf]])
+    sel = beam_select(scores, 3, method="soft", temperature=0.5)
+    torch.testing.assert_close(sel.weights.sum(-1), torch.ones(2, 3))
+    assert sel.scores[0, 2] == -math.inf and sel.scores[1, 1] == -math.inf
+    assert bool(torch.isfinite(sel.scores[0, :2]).all()) and sel.scores[1, 0] == 1.0
+    finite = scores.clone().requires_grad_()
+    s = beam_select(finite, 3, method="soft", temperature=0.5).scores
+    s[torch.isfinite(s)].sum().backward()
+    assert bool(torch.isfinite(finite.grad).all())
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="beam must be"):
         beam_select(torch.randn(2, 5), 6)
     with pytest.raises(ValueError, match="method"):
-        beam_select(torch.randn(2, 5), 2, method="soft-sorted")
+        beam_select(torch.randn(2, 5), 2, method="sorted")
     with pytest.raises(ValueError, match="temperature"):
         RelaxedBeamStep(2, temperature=0.0)
     with pytest.raises(ValueError, match="states must start"):

@@ -12,6 +12,10 @@ Methods (``BEAM_METHODS``; a new one is one entry):
 * ``"one-soft"``: BT-Cell's relaxation (Ray Chowdhury and Caragea 2023): the top
   beam - 1 candidates kept hard (permutation without gradient), and the last slot a
   softmax(score / t) mixture of all the remaining candidates.
+* ``"soft"``: SOFT's sorted top-k indicators (Xie et al. 2020), every slot soft: row j is
+  a soft one-hot of the (j+1)-th best candidate, from entropic optimal transport
+  (:func:`softtopk.topk_indicators`, ``temperature`` = SOFT's epsilon, the scores are
+  not rescaled).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_positive, check_tensor
+from ..ops import topk_indicators
 
 
 def _hard_weights(scores: Tensor, beam: int, temperature: float) -> Tensor:
@@ -50,10 +55,20 @@ def _one_soft_weights(scores: Tensor, beam: int, temperature: float) -> Tensor:
     return torch.cat([hard, last.unsqueeze(1)], 1)
 
 
+def _sorted_soft_weights(scores: Tensor, beam: int, temperature: float) -> Tensor:
+    weights = topk_indicators(scores, beam, method="soft", temperature=temperature)
+    # A slot beyond the row's valid candidates is an all-zero row of SOFT's plan; it keeps
+    # the hard beam-th candidate (score -inf), as the other methods do.
+    valid = (scores.detach() > -math.inf).sum(-1, keepdim=True)
+    dead = torch.arange(beam, device=scores.device) >= valid
+    return torch.where(dead.unsqueeze(-1), _hard_weights(scores, beam, temperature), weights)
+
+
 #: name -> fn(scores (R, M), beam, temperature) -> (R, beam, M) selection weights.
 BEAM_METHODS: dict[str, Callable[[Tensor, int, float], Tensor]] = {
     "hard": _hard_weights,
     "one-soft": _one_soft_weights,
+    "soft": _sorted_soft_weights,
 }
 
 
@@ -87,13 +102,15 @@ def beam_select(
 
     so the last slot is a softmax mixture of every candidate not kept hard, and the
     gradient of a loss on the beams reaches the scores of the discarded candidates.
+    ``"soft"`` makes every slot soft: W is SOFT's sorted top-k indicator matrix
+    (:func:`softtopk.topk_indicators`), row j a soft one-hot of the (j+1)-th best.
 
     Args:
         scores: (..., M) candidate scores (e.g. accumulated log-probabilities); -inf
             marks an invalid candidate.
         beam: B, in [1, M].
         method: a key of :data:`BEAM_METHODS`.
-        temperature: t > 0 of the soft slot.
+        temperature: t > 0 of the soft slot ("one-soft"), SOFT's epsilon ("soft").
 
     Returns:
         :class:`BeamSelection`.
@@ -107,8 +124,9 @@ def beam_select(
         tensor([[0.0000, 1.0000, 0.0000, 0.0000],
                 [0.1554, 0.0000, 0.4223, 0.4223]])
 
-    Reference:
-        Ray Chowdhury and Caragea. "Beam Tree Recursive Cells", ICML 2023.
+    References:
+        Ray Chowdhury and Caragea. "Beam Tree Recursive Cells", ICML 2023; Xie et al.
+        "Differentiable Top-k with Optimal Transport", NeurIPS 2020.
     """
     scores = check_tensor(scores, "scores")
     method = check_choice(method, "method", tuple(BEAM_METHODS))
