@@ -17,6 +17,9 @@ from softtopk.registry import OPERATORS
 
 NAMES = list(OPERATORS)
 MASKS = [name for name in NAMES if OPERATORS[name].kind == "mask"]
+# Stochastic operators are reproducible per call (fixed seed) but the noise is tied to
+# positions and to the batch shape: these properties hold for them only in distribution.
+DETERMINISTIC = [name for name in NAMES if not OPERATORS[name].stochastic]
 
 
 def run(name, x, k, **kw):
@@ -53,19 +56,21 @@ def test_range_and_sum(name):
     x = torch.randn(16, 40, dtype=torch.float64)
     for k in (1, 5, 17.5):
         y = run(name, x, k)
-        assert (y >= 0).all() and (y <= 1).all()
+        assert (y >= 0).all()
+        if OPERATORS[name].bounded:
+            assert (y <= 1).all()
         if OPERATORS[name].sums_to_k:
             torch.testing.assert_close(y.sum(-1), torch.full((16,), float(k), dtype=torch.float64))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in DETERMINISTIC if OPERATORS[n].equivariant])
 def test_permutation_equivariance(name):
     x = gapped(4, 30, gap=0.05)
     perm = torch.randperm(30)
     torch.testing.assert_close(run(name, x[:, perm], 6), run(name, x, 6)[:, perm])
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", DETERMINISTIC)
 @pytest.mark.parametrize("n", [12, 3000])
 def test_batch_equals_loop(name, n):
     x = torch.randn(5, n, dtype=torch.float64)
@@ -75,7 +80,7 @@ def test_batch_equals_loop(name, n):
     torch.testing.assert_close(batched, loop)
 
 
-@pytest.mark.parametrize("name", MASKS)
+@pytest.mark.parametrize("name", [n for n in MASKS if n in DETERMINISTIC and OPERATORS[n].exact_padding])
 def test_minus_inf_padding(name):
     x = torch.randn(3, 20, dtype=torch.float64)
     padded = torch.cat([x, torch.full((3, 5), -math.inf, dtype=torch.float64)], -1).requires_grad_()
@@ -87,7 +92,7 @@ def test_minus_inf_padding(name):
         assert (g[:, 20:] == 0).all()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if OPERATORS[n].hard_limit])
 def test_hard_limit(name):
     """t -> 0 gives the torch.topk mask (or x * topkmask(|x|)) when the k-th gap is positive."""
     x = gapped(6, 25, gap=1.0)
@@ -100,7 +105,7 @@ def test_hard_limit(name):
     torch.testing.assert_close(y, hard, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name", [n for n in MASKS if n != "hard"])
+@pytest.mark.parametrize("name", [n for n in MASKS if n != "hard" and OPERATORS[n].uniform_limit])
 def test_uniform_limit(name):
     """t -> inf spreads the budget evenly: y -> k/n."""
     x = torch.randn(3, 10, dtype=torch.float64)
@@ -123,7 +128,7 @@ def test_half_precision_matches_float32(name, dtype):
     assert xr.grad.dtype == dtype and torch.isfinite(xr.grad.float()).all()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if OPERATORS[n].exact_gradient])
 def test_gradcheck(name):
     x = torch.randn(2, 15, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a: run(name, a, 4, temperature=0.5), (x,))

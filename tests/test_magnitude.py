@@ -120,3 +120,46 @@ def test_edges():
     nan = torch.tensor([[1.0, math.nan, 2.0], [1.0, 2.0, 3.0]], dtype=torch.float64)
     y = softtopk.topk_mag(nan, 1, temperature=0.01)
     assert torch.isnan(y[0]).all() and torch.equal(y[1], torch.tensor([0.0, 0.0, 3.0], dtype=torch.float64))
+
+
+def test_pav_oracle_agrees_with_the_isotonic_oracle_at_p2(rng):
+    for _ in range(20):
+        x = rng.normal(size=15)
+        k = int(rng.integers(1, 15))
+        for debias in (True, False):
+            np.testing.assert_allclose(
+                oracles.pav_magnitude(x, k, 0.3, 2.0, debias),
+                oracles.isotonic_magnitude(x, k, 0.3, debias),
+                atol=1e-10,
+            )
+
+
+@pytest.mark.parametrize("debias", [True, False])
+@pytest.mark.parametrize("rows,n", [(60, 4), (40, 15), (4, 150), (1, 800)])
+def test_p43_equals_pav_route_float64(rng, debias, rows, n):
+    for l in (1e-2, 0.1, 1.0):
+        for ties in (False, True):
+            x = _rows(rng, rows, n, ties)
+            k = rng.integers(0, n + 1, size=rows)
+            y = softtopk.topk_mag(
+                torch.from_numpy(x), torch.from_numpy(k), temperature=l, p=4 / 3, debias=debias
+            )
+            ref = np.stack([oracles.pav_magnitude(x[i], int(k[i]), l, 4 / 3, debias) for i in range(rows)])
+            np.testing.assert_allclose(y.numpy(), ref, atol=1e-9, rtol=1e-9)
+
+
+def test_p43_golden_values_of_the_reference_readme():
+    """mag_pav (p = 4/3), x = (-5, -2, 3, 1), k = 2, l = 1e-2: (-5.000036, -0, 2.9999416, 0)
+    in the reference's float32; the float64 answer is within its rounding."""
+    y = softtopk.topk_mag(
+        torch.tensor([-5.0, -2.0, 3.0, 1.0], dtype=torch.float64), 2, temperature=1e-2, p=4 / 3
+    )
+    np.testing.assert_allclose(y.numpy(), [-5.000036, 0.0, 2.9999416, 0.0], atol=1e-4)
+
+
+@pytest.mark.parametrize("debias", [True, False])
+def test_p43_gradcheck(debias):
+    x = torch.randn(3, 40, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a: softtopk.topk_mag(a, 6, temperature=0.5, p=4 / 3, debias=debias), (x,)
+    )

@@ -182,3 +182,25 @@ def test_published_sinkhorn_soft_reference_demo():
         torch.tensor([5.0, 2.0, 3.0, 4.0, 1.0, 6.0]), 3, epsilon=0.05, max_iter=100
     )
     np.testing.assert_allclose(y.numpy(), 1.0 - np.array([0.16, 0.84, 0.64, 0.36, 0.94, 0.06]), atol=6e-3)
+
+
+@pytest.mark.parametrize("p", [2.0, 4.0 / 3.0])
+def test_rows_whose_candidates_fall_short_are_solved_again(rng, monkeypatch, p):
+    """The candidate count is estimated on a strided subsample; a cluster of values just
+    below the top, hidden between the sampled positions, defeats the estimate. Those rows
+    must be detected and solved again, exactly."""
+    import softtopk.threshold._solver as solver
+
+    calls = []
+    original = solver._retry
+    monkeypatch.setattr(solver, "_retry", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    n, k, t = 20_000, 50, 0.5
+    x = rng.normal(size=(6, n))
+    top = np.sort(x[3])[-k]
+    hidden = np.arange(1, n, 4)[:2000]  # stride is 4: these positions are never sampled
+    x[3, hidden] = top - 0.2 + 1e-3 * rng.random(hidden.size)
+    y = softtopk.topk_mask(torch.from_numpy(x), k, temperature=t, p=p)
+    assert calls == [1]
+    for i in range(6):
+        ref = oracles.bisection_mask(x[i], k, t, "sparse", p)
+        np.testing.assert_allclose(y[i].numpy(), ref, atol=1e-10)

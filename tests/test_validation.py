@@ -118,7 +118,7 @@ def test_unknown_method_and_solver(x):
 def test_topk_mag_arguments(x):
     with pytest.raises(ValueError, match=r"k must be integer-valued for topk_mag, got 2.5"):
         softtopk.topk_mag(x, 2.5)
-    with pytest.raises(ValueError, match=r"topk_mag implements p = 2 only, got p=1.5"):
+    with pytest.raises(ValueError, match=r"topk_mag implements p = 2 and p = 4/3, got p=1.5"):
         softtopk.topk_mag(x, 2, p=1.5)
     with pytest.raises(TypeError, match="debias must be a bool, got int 1"):
         softtopk.topk_mag(x, 2, debias=1)

@@ -5,9 +5,19 @@
 tensor([1., 0., 1.])
 """
 
-from . import isotonic, nn, registry
+from . import isotonic, losses, metrics, nn, registry
 from .isotonic import isotonic_regression, permutahedron_projection, soft_rank, soft_sort
-from .ops import soft_sinkhorn_mask, topk_mag, topk_mask
+from .ops import (
+    permutation_topk_mask,
+    relaxed_subset,
+    soft_sinkhorn_mask,
+    soft_threshold_p_mask,
+    threshold_p_gate,
+    threshold_p_mask,
+    topk_indicators,
+    topk_mag,
+    topk_mask,
+)
 
 __version__ = "0.1.0"
 
@@ -15,12 +25,20 @@ __all__ = [
     "__version__",
     "isotonic",
     "isotonic_regression",
+    "losses",
+    "metrics",
     "nn",
     "permutahedron_projection",
+    "permutation_topk_mask",
     "registry",
+    "relaxed_subset",
     "soft_rank",
     "soft_sinkhorn_mask",
     "soft_sort",
+    "soft_threshold_p_mask",
+    "threshold_p_gate",
+    "threshold_p_mask",
+    "topk_indicators",
     "topk_mag",
     "topk_mask",
 ]

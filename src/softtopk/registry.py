@@ -19,9 +19,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+import torch
 from torch import Tensor
 
-from .ops import topk_mag, topk_mask
+from .ops import permutation_topk_mask, relaxed_subset, topk_mag, topk_mask
+
+
+class Seeded:
+    """``fn(x, k, *, dim, temperature)`` of a stochastic operator, reproducible per call.
+
+    Each call draws from a fresh ``torch.Generator`` on x's device seeded with ``seed``.
+    """
+
+    def __init__(self, fn: Callable[..., Tensor], seed: int = 0, **options: object) -> None:
+        self.fn, self.seed, self.options = fn, seed, options
+
+    def __call__(self, x: Tensor, k: float | Tensor, *, dim: int = -1, temperature: float = 0.1) -> Tensor:
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        return self.fn(x, k, dim=dim, temperature=temperature, generator=generator, **self.options)
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,22 @@ class Operator:
         temperature: a default that suits standard-normal scores.
         bench_max_elements: the benchmark skips larger inputs (for O(n^2) methods), and
             says so in its table.
+        stochastic: the output depends on random noise. ``fn`` then seeds a fresh
+            generator with 0 on every call, so calls are reproducible; the conformance
+            suite skips the properties that only hold in distribution (permutation
+            equivariance, batch == loop, -inf padding, the uniform limit) and the
+            operator's own tests check them statistically.
+        equivariant: permuting the entries of x permutes the output the same way (False
+            for sorting networks, whose soft comparisons depend on the wire order).
+        bounded: mask entries lie in [0, 1] (sums of rows of a soft permutation, and
+            relaxed subset samples, can exceed 1).
+        exact_padding: -inf entries get 0 and no gradient, and the other entries equal
+            the result on the row without them.
+        hard_limit: t -> 0 gives the torch.topk mask of x when x_(k) > x_(k+1).
+        uniform_limit: t -> inf gives k/n everywhere.
+        exact_gradient: the backward is the derivative of the forward (False for a
+            Monte-Carlo estimate of the derivative of the expected output).
+        note: what the entry fixes beyond ``fn(x, k, *, dim, temperature)``.
     """
 
     name: str
@@ -56,6 +87,14 @@ class Operator:
     vmaps: bool = True
     temperature: float = 0.1
     bench_max_elements: int | None = None
+    stochastic: bool = False
+    equivariant: bool = True
+    bounded: bool = True
+    exact_padding: bool = True
+    hard_limit: bool = True
+    uniform_limit: bool = True
+    exact_gradient: bool = True
+    note: str = ""
 
 
 OPERATORS: dict[str, Operator] = {
@@ -85,8 +124,98 @@ OPERATORS: dict[str, Operator] = {
             exact_double_backward=True,
         ),
         Operator(
+            "soft",
+            partial(topk_mask, method="soft"),
+            paper="Xie et al. 2020 (SOFT, two anchors, temperature = epsilon)",
+            exact_gradient=False,
+            note="the cost normaliser C_max is a constant in the backward, as published",
+        ),
+        Operator(
+            "dftopk",
+            partial(topk_mask, method="dftopk"),
+            paper="Zhu et al. 2025 (DFTopK)",
+            sums_to_k=False,
+            k_grad=False,
+            uniform_limit=False,
+            note="sum(y) != k by design; t -> inf gives 1/2, not k/n",
+        ),
+        Operator(
+            "perturbed",
+            Seeded(topk_mask, method="perturbed", num_samples=100),
+            paper="Berthet et al. 2020 (perturbed optimizers)",
+            k_grad=False,
+            compiles=False,
+            vmaps=False,
+            stochastic=True,
+            uniform_limit=False,
+            exact_gradient=False,
+            note="100 Gaussian samples; score-function backward",
+        ),
+        Operator(
+            "subset",
+            Seeded(relaxed_subset),
+            paper="Xie and Ermon 2019 (Gumbel top-k relaxed subset sampling)",
+            compiles=False,
+            vmaps=False,
+            stochastic=True,
+            bounded=False,
+            hard_limit=False,
+            bench_max_elements=700_000,
+            note="a sampler: t -> 0 gives the top k of x + Gumbel noise; O(k n) memory",
+        ),
+        Operator(
+            "neuralsort",
+            partial(permutation_topk_mask, method="neuralsort"),
+            paper="Grover et al. 2019 (NeuralSort)",
+            bounded=False,
+            bench_max_elements=700_000,
+            note="O(n log n + n k) time and memory (k rows of the n x n relaxation, float64 logits)",
+        ),
+        Operator(
+            "softsort",
+            partial(permutation_topk_mask, method="softsort"),
+            paper="Prillo and Akinola 2020 (SoftSort)",
+            bounded=False,
+            bench_max_elements=700_000,
+            note="O(n log k + n k) time and memory",
+        ),
+        Operator(
+            "odd_even",
+            partial(permutation_topk_mask, method="odd_even", distribution="logistic"),
+            paper="Petersen et al. 2021 (odd-even sorting network)",
+            equivariant=False,
+            exact_padding=False,
+            uniform_limit=False,
+            compiles=False,
+            bench_max_elements=64_000,
+            note="logistic comparators; n layers: O(n^2) time and memory; inductor fails to compile it",
+        ),
+        Operator(
+            "bitonic",
+            partial(permutation_topk_mask, method="bitonic", distribution="logistic"),
+            paper="Petersen et al. 2021 (bitonic sorting network)",
+            equivariant=False,
+            exact_padding=False,
+            uniform_limit=False,
+            compiles=False,
+            bench_max_elements=700_000,
+            note=(
+                "logistic comparators; log2(n)^2/2 layers: O(n log^2 n) time and memory; "
+                "torch.compile works (tests/test_permutation.py, n = 8) but takes minutes at n = 40"
+            ),
+        ),
+        Operator(
             "magnitude",
             partial(topk_mag),
+            kind="magnitude",
+            paper="Sander et al. 2023",
+            sums_to_k=False,
+            sparse=True,
+            k_grad=False,
+        ),
+        Operator(
+            "magnitude-p4/3",
+            partial(topk_mag, p=4.0 / 3.0),
             kind="magnitude",
             paper="Sander et al. 2023",
             sums_to_k=False,
@@ -102,3 +231,46 @@ def get(name: str) -> Operator:
     if name not in OPERATORS:
         raise ValueError(f"unknown operator {name!r}; known: {', '.join(OPERATORS)}")
     return OPERATORS[name]
+
+
+def resolve(method: object, *, name: str = "method", kinds: tuple[str, ...] = ("mask",)) -> Operator:
+    """The operator a layer or loss should call: a registry name or a callable.
+
+    Layers and losses take ``method`` as a registry name, so that comparing operators
+    means changing one string; a callable ``fn(x, k, *, dim, temperature)`` is accepted
+    too (for an operator outside the registry) and is wrapped with no promises.
+
+    Args:
+        method: a key of :data:`OPERATORS` or a callable.
+        name: the argument name used in error messages.
+        kinds: the operator kinds the caller accepts (``"mask"``, ``"magnitude"``).
+
+    Example:
+        >>> resolve("sparse").name
+        'sparse'
+        >>> resolve("magnitude")
+        Traceback (most recent call last):
+        ...
+        ValueError: method='magnitude' is a magnitude operator; this needs one of: mask
+    """
+    if isinstance(method, str):
+        if method not in OPERATORS:
+            raise ValueError(f"unknown {name} {method!r}; known: {', '.join(OPERATORS)}")
+        op = OPERATORS[method]
+        if op.kind not in kinds:
+            raise ValueError(
+                f"{name}={method!r} is a {op.kind} operator; this needs one of: {', '.join(kinds)}"
+            )
+        return op
+    if callable(method):
+        return Operator(
+            getattr(method, "__name__", "custom"),
+            method,
+            kind=kinds[0],
+            paper="user-supplied",
+            sums_to_k=False,
+            k_grad=False,
+            compiles=False,
+            vmaps=False,
+        )
+    raise TypeError(f"{name} must be a registry name or a callable, got {type(method).__name__} {method!r}")

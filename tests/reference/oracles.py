@@ -295,3 +295,223 @@ def permutahedron_projection_qp(z: np.ndarray, w: np.ndarray) -> np.ndarray:
         options={"ftol": 1e-14, "maxiter": 1000},
     )
     return res.x
+
+
+def pav_magnitude(x: np.ndarray, k: int, l: float, p: float, debias: bool = True) -> np.ndarray:
+    """Sander et al. (2023) top-k in magnitude for any p in (1, 2], by the paper's route.
+
+    v* = argmin over decreasing v of sum_i |s_i - v_i|^q / (q l^(q-1)) + w_i v_i^2 / 2 with
+    s = sorted |x|, w = (1^k, 0^(n-k)), q = p/(p-1), by pool-adjacent-violators; each
+    block's value solves sum_B sign(v - s_i)|v - s_i|^(q-1) + l^(q-1) v sum_B w_i = 0
+    by bisection. Output: y = ((s - v)/l)^(q-1) (plain) or y + (s - v) (debiased), with
+    the sign of x.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = x.size
+    r = 1.0 / (p - 1.0)  # q - 1
+    s_all = np.abs(x)
+    order = np.argsort(-s_all, kind="stable")
+    s = s_all[order]
+    w = (np.arange(n) < k).astype(np.float64)
+
+    def block_value(lo: int, hi: int) -> float:
+        seg, wsum = s[lo:hi], w[lo:hi].sum()
+        a, b = 0.0, max(seg.max(), 0.0)
+        for _ in range(80):  # the bracket shrinks below float64 resolution
+            v = 0.5 * (a + b)
+            g = (np.sign(v - seg) * np.abs(v - seg) ** r).sum() + l**r * v * wsum
+            a, b = (v, b) if g < 0 else (a, v)
+        return 0.5 * (a + b)
+
+    blocks: list[list[float]] = []  # [start, end, value]
+    for i in range(n):
+        blocks.append([i, i + 1, block_value(i, i + 1)])
+        while len(blocks) > 1 and blocks[-2][2] <= blocks[-1][2]:
+            end = blocks.pop()[1]
+            blocks[-1][1] = end
+            blocks[-1][2] = block_value(int(blocks[-1][0]), end)
+    v = np.empty(n)
+    for start, end, value in blocks:
+        v[int(start) : int(end)] = value
+    gap = s - v
+    y = np.sign(gap) * (np.abs(gap) / l) ** r
+    if debias:
+        y = y + gap
+    out = np.empty(n)
+    out[order] = y
+    return np.sign(x) * out
+
+
+# ----------------------------------------------------------------------- issue 4 oracles
+
+
+def dftopk_sorted(x: np.ndarray, k: int, t: float) -> np.ndarray:
+    """DFTopK (Zhu et al. 2025) by its sort-based definition: theta = (s_k + s_{k+1}) / 2."""
+    x = np.asarray(x, dtype=np.float64)
+    s = np.sort(x)[::-1]
+    theta = 0.5 * (s[k - 1] + s[k])
+    return expit((x - theta) / t)
+
+
+def dftopk_jacobian(x: np.ndarray, k: int, t: float) -> np.ndarray:
+    """The paper's closed form: dp_i/dx_j = p_i (1 - p_i)/t (delta_ij - [j in {(k), (k+1)}]/2)."""
+    x = np.asarray(x, dtype=np.float64)
+    p = dftopk_sorted(x, k, t)
+    order = np.argsort(-x, kind="stable")
+    boundary = np.zeros_like(x)
+    boundary[order[k - 1]] = 0.5
+    boundary[order[k]] = 0.5
+    s = p * (1.0 - p) / t
+    return s[:, None] * (np.eye(x.size) - boundary[None, :])
+
+
+def sinkhorn_sorted_soft(
+    x: np.ndarray, k: int, eps: float, tol: float = 1e-13, max_iter: int = 200_000
+) -> np.ndarray:
+    """SOFT's sorted top-k (``TopK_custom1``): anchors (k, ..., 0), weights (1/n, ..., (n-k)/n).
+
+    Cost (x_i - a_j)^2 normalised by its max, log-domain Sinkhorn to convergence; returns
+    the (k, n) indicators n * Gamma[:, :k]^T. -inf entries are dropped first (padding).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    keep = x > -np.inf
+    xf = x[keep]
+    n = xf.size
+    anchors = np.arange(k, -1, -1, dtype=np.float64)
+    cost = (xf[:, None] - anchors[None, :]) ** 2
+    cost = cost / cost.max()
+    log_mu = np.full(n, -math.log(n))
+    nu = np.array([1.0 / n] * min(k, n) + [0.0] * (k - min(k, n)) + [max(n - k, 0) / n])
+    with np.errstate(divide="ignore"):
+        log_nu = np.log(nu)
+    f = np.zeros(n)
+    g = np.zeros(k + 1)
+    for _ in range(max_iter):
+        f = eps * (log_mu - logsumexp((g[None, :] - cost) / eps, axis=1))
+        g = eps * (log_nu - logsumexp((f[:, None] - cost) / eps, axis=0))
+        rows = np.exp((f[:, None] + g[None, :] - cost) / eps).sum(1)
+        if np.abs(n * rows - 1.0).max() < tol:
+            break
+    plan = np.exp((f[:, None] + g[None, :] - cost) / eps)
+    out = np.zeros((k, x.size))
+    out[:, keep] = n * plan[:, :k].T
+    return out
+
+
+def neuralsort_matrix(x: np.ndarray, tau: float) -> np.ndarray:
+    """NeuralSort (Grover et al. 2019) by its formula with the n x n matrix A_jl = |x_j - x_l|.
+
+    Row r (1-based) is softmax(((n + 1 - 2r) x - A 1) / tau): a soft one-hot of the r-th largest.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = x.size
+    a = np.abs(x[:, None] - x[None, :]).sum(1)
+    r = np.arange(1, n + 1)[:, None]
+    logits = ((n + 1 - 2 * r) * x[None, :] - a[None, :]) / tau
+    return np.exp(logits - logsumexp(logits, axis=1, keepdims=True))
+
+
+def softsort_matrix(x: np.ndarray, tau: float, power: float = 1.0) -> np.ndarray:
+    """SoftSort (Prillo and Akinola 2020): row r = softmax(-|x_(r) - x|^power / tau), descending."""
+    x = np.asarray(x, dtype=np.float64)
+    s = np.sort(x)[::-1]
+    logits = -(np.abs(s[:, None] - x[None, :]) ** power) / tau
+    return np.exp(logits - logsumexp(logits, axis=1, keepdims=True))
+
+
+def _comparator(v: np.ndarray, t: float, distribution: str) -> np.ndarray:
+    u = v / t
+    if distribution == "logistic":
+        return expit(u)
+    if distribution == "cauchy":
+        return np.arctan(u) / math.pi + 0.5
+    if distribution == "reciprocal":
+        return 0.5 * (u / (2.0 + np.abs(u)) + 1.0)
+    raise ValueError(distribution)
+
+
+def sorting_network_matrix(x: np.ndarray, kind: str, t: float, distribution: str = "logistic") -> np.ndarray:
+    """Relaxed permutation of a sorting network by explicit n x n matrix products.
+
+    Wires hold values; a comparator (lo, hi) writes min' = alpha a + (1 - alpha) b to lo and
+    max' to hi with alpha = s((b - a)/t), and the permutation matrix is multiplied by the
+    layer's 2 x 2 blocks. Odd-even: n layers of pairs (i, i+1), i = layer mod 2. Bitonic:
+    N = 2^ceil(log2 n) slots whose first N - n hold -inf; comparisons with -inf are exact
+    (the -inf value moves to the minimum slot). Returns P (n, n) with row r the soft
+    one-hot of the r-th largest (descending).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = x.size
+    if kind == "odd_even":
+        N, pad = n, 0
+        layers = [[(i, i + 1) for i in range(layer % 2, n - 1, 2)] for layer in range(n)]
+    else:
+        m = max(1, math.ceil(math.log2(n)))
+        N = 1 << m
+        pad = N - n
+        layers = []
+        for block in range(m):
+            for layer in range(block + 1):
+                s = 1 << (block - layer)
+                pairs = []
+                for start in range(0, N, 2 * s):
+                    for j in range(s):
+                        a, b = start + j, start + j + s
+                        pairs.append((a, b) if (a >> (block + 1)) % 2 == 0 else (b, a))
+                layers.append(pairs)
+    vals = np.concatenate([np.full(pad, -np.inf), x])
+    P = np.zeros((N, n))  # P[slot, input]: how much of input i sits in slot
+    P[pad:, :] = np.eye(n)
+    for layer in layers:
+        for lo, hi in layer:
+            a, b = vals[lo], vals[hi]
+            if np.isinf(a) or np.isinf(b):
+                if a > b:  # the -inf goes to lo
+                    vals[lo], vals[hi] = b, a
+                    P[[lo, hi]] = P[[hi, lo]]
+                continue
+            alpha = _comparator(np.array(b - a), t, distribution)
+            vals[lo], vals[hi] = alpha * a + (1 - alpha) * b, (1 - alpha) * a + alpha * b
+            plo, phi = P[lo].copy(), P[hi].copy()
+            P[lo], P[hi] = alpha * plo + (1 - alpha) * phi, (1 - alpha) * plo + alpha * phi
+    return P[pad:][::-1]
+
+
+def relaxed_subset_reference(x: np.ndarray, g: np.ndarray, k: int, t: float) -> np.ndarray:
+    """Xie and Ermon (2019) ``continuous_topk`` on the keys x + g (tiny = float32 tiny)."""
+    tiny = np.finfo(np.float32).tiny
+    w = np.asarray(x, dtype=np.float64) + np.asarray(g, dtype=np.float64)
+    onehot = np.zeros_like(w)
+    khot = np.zeros_like(w)
+    for _ in range(k):
+        w = w + np.log(np.maximum(1.0 - onehot, tiny))
+        z = w / t
+        onehot = np.exp(z - logsumexp(z))
+        khot = khot + onehot
+    return khot
+
+
+def plackett_luce_inclusion(logits: np.ndarray, k: int) -> np.ndarray:
+    """P(i in the first k draws without replacement, P(draw j) proportional to exp(logits_j))."""
+    from itertools import permutations
+
+    w = np.exp(np.asarray(logits, dtype=np.float64))
+    n = w.size
+    out = np.zeros(n)
+    for seq in permutations(range(n), k):
+        p, left = 1.0, w.sum()
+        for j in seq:
+            p *= w[j] / left
+            left -= w[j]
+        out[list(seq)] += p
+    return out
+
+
+def perturbed_topk_reference(x: np.ndarray, z: np.ndarray, k: int, t: float) -> np.ndarray:
+    """Mean over samples of the hard top-k masks of x + t z_m (z: (M, n)), by sorting."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.zeros_like(x)
+    for zm in np.asarray(z, dtype=np.float64):
+        order = np.argsort(-(x + t * zm), kind="stable")
+        out[order[:k]] += 1.0
+    return out / len(z)

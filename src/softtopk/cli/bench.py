@@ -7,7 +7,9 @@ Baselines in the same run:
 * ``torch.topk`` (values; the floor a user would otherwise pick) and ``torch.sort``;
 * ``<op>[sort]``: the O(n log n) sort + cumulative-sum route of the same operator
   (``solver="sort"``), the best the papers' sort route can do in vectorised torch;
-* ``soft[sinkhorn-200]``: two-anchor SOFT with 200 Sinkhorn iterations, as published.
+* ``soft[sinkhorn-200]``: two-anchor SOFT with 200 Sinkhorn iterations, as published;
+* the published packages that are installed (group ``peer``, see :mod:`._peers`):
+  torchsort ``soft_rank``, difftopk NeuralSort top-k, pytopk ``NoisedTopK``.
 
 ``--suite sort`` times soft_rank / soft_sort (l2 and kl) and exact isotonic regression
 instead, against ``torch.sort`` and, when it is installed, torchsort's C++ operators
@@ -55,6 +57,7 @@ class Contender:
     group: str  # "floor", "operator", "sort route", "published"
     fn: Callable[[Tensor, int], Tensor]
     max_elements: int = 1 << 62  # skip larger problems (reason printed)
+    max_n: int = 1 << 62  # skip longer rows (O(n^2) peers)
     note: str = ""
 
 
@@ -91,6 +94,8 @@ class Config:
     contenders: list[str] | None = None
     skip_slow_after: float = 20.0
     suite: str = "topk"
+    ks: list[str] = field(default_factory=lambda: ["n/256"])
+    peers: bool = True
 
 
 def default_k(n: int) -> int:
@@ -98,7 +103,17 @@ def default_k(n: int) -> int:
     return max(1, n // 256)
 
 
-def contenders(temperature: float | None) -> list[Contender]:
+def parse_k(spec: str, n: int) -> int:
+    """A budget for rows of n: an int (``"10"``) or a fraction of n (``"n/256"``), at least 1, at most n."""
+    spec = spec.strip().lower()
+    try:
+        k = n // int(spec[2:]) if spec.startswith("n/") else int(spec)
+    except ValueError:
+        raise ValueError(f"k must be an int or n/<int>, got {spec!r}") from None
+    return min(max(1, k), n)
+
+
+def contenders(temperature: float | None, peers: bool = True) -> list[Contender]:
     def op(name: str) -> Callable[[Tensor, int], Tensor]:
         spec = OPERATORS[name]
         t = spec.temperature if temperature is None else temperature
@@ -127,6 +142,13 @@ def contenders(temperature: float | None) -> list[Contender]:
             note="Xie et al. 2020: 200 log-domain Sinkhorn iterations, implicit backward",
         ),
     ]
+    if peers:
+        from ._peers import available
+
+        out += [
+            Contender(name, "peer", fn, max_n=max_n, note=note)
+            for name, (fn, max_n, note) in available().items()
+        ]
     return out
 
 
@@ -261,7 +283,10 @@ def _calls(c: Contender, x: Tensor, k: int) -> dict[str, Callable[[], object]]:
 def run(config: Config, progress: Callable[[str], None] | None = None) -> list[Row]:
     """Runs the sweep and returns one row per (contender, size, mode)."""
     torch.manual_seed(0)
-    chosen = sort_contenders(config.temperature) if config.suite == "sort" else contenders(config.temperature)
+    if config.suite == "sort":
+        chosen = sort_contenders(config.temperature)
+    else:
+        chosen = contenders(config.temperature, config.peers)
     if config.contenders:
         unknown = sorted(set(config.contenders) - {c.name for c in chosen})
         if unknown:
@@ -269,8 +294,8 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> list[R
         chosen = [c for c in chosen if c.name in config.contenders or c.name == "torch.topk"]
     rows: list[Row] = []
     too_slow: set[str] = set()
-    for batch, n in config.sizes:
-        k = default_k(n)
+    cases = [(b, n, k) for b, n in config.sizes for k in sorted({parse_k(s, n) for s in config.ks})]
+    for batch, n, k in cases:
         x = torch.randn(batch, n, dtype=config.dtype, device=config.device)
         input_bytes = x.numel() * x.element_size()
         base_fwd, _ = time_call(lambda: torch.topk(x, k, dim=-1), config.device, config.repeat, config.budget)
@@ -282,6 +307,8 @@ def run(config: Config, progress: Callable[[str], None] | None = None) -> list[R
                 skip = ""
                 if x.numel() > c.max_elements:
                     skip = f"skipped: more than {c.max_elements} elements"
+                elif n > c.max_n:
+                    skip = f"skipped: rows longer than {c.max_n}"
                 elif (c.name, mode) in too_slow:
                     skip = f"skipped: a smaller size took over {config.skip_slow_after:.0f} s"
                 if skip:
@@ -349,12 +376,12 @@ def environment() -> dict[str, object]:
 def format_table(rows: list[Row]) -> str:
     """One block per size; each line: contender, mode, ms, x torch.topk fwd, peak memory."""
     lines = []
-    sizes = sorted({(r.batch, r.n, r.k) for r in rows}, key=lambda s: (s[1], s[0]))
+    sizes = sorted({(r.batch, r.n, r.k) for r in rows}, key=lambda s: (s[1], s[0], s[2]))
     for batch, n, k in sizes:
         lines.append(f"\n({batch}, {n}), k = {k}")
         lines.append(f"  {'contender':<22}{'mode':<9}{'ms':>10}{'x topk':>10}{'peak MB':>10}{'x input':>9}")
         for r in rows:
-            if (r.batch, r.n) != (batch, n):
+            if (r.batch, r.n, r.k) != (batch, n, k):
                 continue
             if math.isnan(r.ms):
                 lines.append(f"  {r.contender:<22}{r.mode:<9}  {r.note}")
@@ -411,7 +438,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["topk", "sort"],
         help="topk: every registered top-k operator (default); sort: soft_rank/soft_sort vs torchsort",
     )
-    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for CSV and JSON")
+    parser.add_argument(
+        "--k",
+        default="n/256",
+        help="budgets, comma-separated ints or fractions n/<int> (default n/256), e.g. 1,10,n/10",
+    )
+    parser.add_argument("--no-peers", action="store_true", help="leave out the installed published packages")
+    parser.add_argument("--no-plot", action="store_true", help="no PNG plots (they need matplotlib)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench-results"), help="folder for CSV, JSON and PNG"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -430,15 +466,34 @@ def main(args: argparse.Namespace) -> int:
         budget=args.budget,
         contenders=args.only,
         suite=suite,
+        ks=args.k.split(","),
+        peers=not args.no_peers,
     )
     print(
         f"softtopk {__version__} bench on {config.device}, {args.dtype}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; ratios are to torch.topk forward in the same run"
     )
-    rows = run(config, progress=lambda label: print(f"  ... {label}", file=sys.stderr, flush=True))
+    from ._progress import Progress
+
+    try:
+        for spec in config.ks:
+            parse_k(spec, 1000)
+    except ValueError as err:
+        print(f"--k: {err}", file=sys.stderr)
+        return 2
+    names = {c.name for c in contenders(config.temperature, config.peers)}
+    count = len(names & ({"torch.topk", *config.contenders})) if config.contenders else len(names)
+    total = len(config.sizes) * len(config.ks) * 2 * count
+    with Progress(total, "bench") as bar:
+        rows = run(config, progress=bar.step)
     print(format_table(rows))
     if suite == "sort":
         print(sort_summary(rows))
     csv_path, json_path = write(rows, args.out)
     print(f"\nwrote {csv_path} and {json_path}")
+    if not args.no_plot:
+        from ._plots import plot_bench
+
+        for path in plot_bench(rows, args.out, environment()):
+            print(f"wrote {path}")
     return 0

@@ -1,5 +1,26 @@
-"""PyTorch modules: thin wrappers that hold configuration and call the functional ops."""
+"""PyTorch modules: thin wrappers that hold configuration and call the functional ops.
 
+The functional forms are in :mod:`softtopk.nn.functional`.
+"""
+
+from . import functional
+from ._beam import BeamStep, RelaxedBeamStep
+from ._depth import DepthRouter
+from ._knn import SoftKNN
+from ._pruning import MagnitudePruner, MagnitudePruning, polynomial_sparsity
+from ._router import TopKRouter
 from ._topk import TopKMag, TopKMask
 
-__all__ = ["TopKMag", "TopKMask"]
+__all__ = [
+    "BeamStep",
+    "DepthRouter",
+    "MagnitudePruner",
+    "MagnitudePruning",
+    "RelaxedBeamStep",
+    "SoftKNN",
+    "TopKMag",
+    "TopKMask",
+    "TopKRouter",
+    "functional",
+    "polynomial_sparsity",
+]

@@ -19,129 +19,159 @@ from .._checks import (
     scatter_rows,
     to_rows,
 )
-from ..threshold._solver import SHORT_ROW, estimate_support
+from ..threshold._solver import SHORT_ROW, estimate_support, newton
+
+# Notation (Sander et al. 2023, Sec. 4, p-norm regulariser): q = p/(p-1) and r = q - 1 =
+# 1/(p-1), so r = 1 for p = 2 and r = 3 for p = 4/3. With s = |x| sorted, w = (1^k, 0^{n-k})
+# and v* the isotonic solution of the magnitude problem, every pooled entry shares one
+# value tau, and the output is z^r (plain) or z^r + l z (debiased) with z = (s - tau)/l.
 
 
-def sorted_mag_tau(s: Tensor, k: Tensor, l: float) -> Tensor:
-    """Exact threshold of the p = 2 magnitude operator on rows sorted in descending order.
+def singleton_gap(s: Tensor, l: float, r: int) -> Tensor:
+    """u = s - v for an unpooled top entry: the root of u^r + l^r u = l^r s (u >= 0).
 
-    Solves h(tau) = sum_{i <= k} min(s_i - (1+l) tau, 0) + sum_{i > k} max(s_i - tau, 0) = 0,
-    a continuous, non-increasing, piecewise-linear equation with breakpoints s_i/(1+l) and
-    s_i, by evaluating h at every breakpoint with prefix sums and solving the piece that
-    crosses zero in closed form.
-
-    Args:
-        s: (B, m) magnitudes, finite, sorted in descending order.
-        k: (B,) integer budgets in [1, m - 1] (as floats).
-        l: the regularisation strength (dimensionless).
+    For r = 1 this is u = l s/(1 + l); for r = 3 it is a depressed cubic, solved by
+    Cardano's formula and polished by two Newton steps.
     """
-    w = 1.0 + l
-    asc = -s
-    prefix = torch.nn.functional.pad(torch.cumsum(s, -1), (1, 0))
-    kk = k.long().unsqueeze(-1)
-
-    def pieces(tau: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        # Top-k entries below (1+l) tau are a suffix of the top part starting at p';
-        # entries after rank k above tau are a prefix of the rest ending at q'.
-        p_ = torch.searchsorted(asc, -w * tau, right=True).minimum(kk)
-        q_ = torch.searchsorted(asc, -tau, right=False).maximum(kk)
-        sums = prefix.gather(-1, q_) - prefix.gather(-1, p_)
-        slope = w * (kk - p_).to(s.dtype) + (q_ - kk).to(s.dtype)
-        return p_, q_, sums, slope
-
-    breaks = torch.cat([s / w, s], -1).sort(-1).values
-    _, _, sums, slope = pieces(breaks)
-    h = sums - slope * breaks
-    j = ((h >= 0).sum(-1, keepdim=True) - 1).clamp(0, breaks.shape[-1] - 2)
-    left = breaks.gather(-1, j)
-    mid = 0.5 * (left + breaks.gather(-1, j + 1))
-    p_, q_, _, slope = pieces(mid)
-    # Sum the pooled entries directly: a difference of prefix sums loses digits.
-    position = torch.arange(s.shape[-1], device=s.device)
-    pooled = (position >= p_) & (position < q_)
-    sums = torch.where(pooled, s, 0.0).sum(-1, keepdim=True)
-    tau = torch.where(slope > 0, sums / slope.clamp(min=1e-30), left)
-    return tau.squeeze(-1)
+    if r == 1:
+        return l * s / (1.0 + l)
+    a, b = l**3, l**3 * s
+    root = torch.sqrt((0.5 * b) ** 2 + (a / 3.0) ** 3)
+    cbrt = lambda v: torch.sign(v) * v.abs().pow(1.0 / 3.0)  # noqa: E731
+    u = cbrt(0.5 * b + root) + cbrt(0.5 * b - root)
+    for _ in range(2):
+        u = u - (u**3 + a * u - b) / (3.0 * u * u + a)
+    return u
 
 
-def _mag_candidates(x: Tensor, k: Tensor, l: float, K: int) -> tuple[Tensor, ...]:
-    """Firm threshold on the K largest |x| of each row.
+def _mag_evaluator(s: Tensor, top: Tensor, l: float, r: int):
+    """h(tau) and -h'(tau) of the pooled block's equation.
 
-    Returns, on the candidates (B, K): indices, outputs (debiased), the diagonal of the
-    Jacobian in s, the band indicator times c = (1+l)/l, the sign of x; per row (B,): the
-    band weight W = sum_B (1 + l [rank <= k]), a flag of rows without a finite answer and
-    a flag of rows whose candidates were not enough.
+    h(tau) = sum_{top, pooled} ((s - tau)^r - l^r tau) + sum_{rest, s > tau} (s - tau)^r,
+    a top entry being pooled when its own value (s - u) falls below tau, that is when
+    (s - tau)^r < l^r tau. h is continuous and decreasing; for r = 1 it is piecewise
+    linear and the Newton iteration ends on the exact root.
+    """
+    lr = l**r
+
+    def evaluate(tau: Tensor) -> tuple[Tensor, Tensor]:
+        gap = (s - tau.unsqueeze(-1)).clamp(min=0.0)
+        power = gap if r == 1 else gap**r
+        slope = torch.ones_like(gap) if r == 1 else r * gap ** (r - 1)
+        pooled = top & (power < lr * tau.unsqueeze(-1))
+        band = ~top & (gap > 0)
+        f = torch.where(pooled, power - lr * tau.unsqueeze(-1), 0.0) + torch.where(band, power, 0.0)
+        d = torch.where(pooled, slope + lr, 0.0) + torch.where(band, slope, 0.0)
+        return f.sum(-1), d.sum(-1)
+
+    return evaluate
+
+
+def _mag_candidates(x: Tensor, k: Tensor, l: float, r: int, K: int) -> tuple[Tensor, ...]:
+    """The magnitude operator on the K largest |x| of each row, in float64.
+
+    Returns, on the candidates (B, K): indices, the debiased and plain outputs, the
+    Jacobian's diagonal in s for both, the pooled block's indicator, the coupling vector
+    right_j = dh/ds_j, the sign of x; per row (B,): the coupling weight W, a flag of rows
+    without a finite answer and a flag of rows whose candidates were not enough. In s the
+    Jacobian is diag(d) - left right^T / W: on the pooled block B, y_i depends on s_j
+    through tau.
     """
     n = x.shape[-1]
-    w = 1.0 + l
-    c = w / l
     vals, idx = torch.topk(x.abs(), K, dim=-1, sorted=True)
-    # The candidates are few: work in float64, so that c (s - tau) keeps float32 accuracy.
     f64 = torch.float64
     vals, k, x_c = vals.to(f64), k.to(f64), x.gather(-1, idx).to(f64)
     finite = torch.isfinite(vals)
-    big = torch.where(finite, vals, 0.0).amax(-1, keepdim=True) * (2.0 * w) + 1.0
-    s = torch.where(finite, vals, big)  # +inf magnitudes: larger than all, and saturated
-    kk = k.unsqueeze(-1)
-    edge = (k <= 0) | (k >= n)
-    tau = sorted_mag_tau(s, torch.where(edge, 1.0, k), l).unsqueeze(-1)
-    tau = torch.where(k.unsqueeze(-1) >= n, -1.0, tau)  # k = n: everything saturated
-    tau = torch.where(k.unsqueeze(-1) <= 0, big, tau)  # k = 0: nothing kept
-    band = (s > tau) & (s < w * tau)
-    saturated = s >= w * tau
-    psi = torch.where(saturated, s, torch.where(band, c * (s - tau), 0.0))
-    sign = torch.sign(x_c)
-    y = torch.where(finite, sign * psi + 0.0, x_c)  # + 0.0 turns -0.0 into 0.0
+    big = torch.where(finite, vals, 0.0).amax(-1, keepdim=True) * (2.0 * (1.0 + l)) ** 3 + 1.0
+    s = torch.where(finite, vals, big)  # +inf magnitudes: larger than all, never pooled
     rank = torch.arange(K, device=x.device, dtype=f64)
-    weight = (band * torch.where(rank < kk, w, 1.0)).sum(-1)
-    diag = c * band + saturated.to(f64)
+    top = rank < k.unsqueeze(-1)
+    edge = (k <= 0) | (k >= n)
+    kk = torch.where(edge, 1.0, k).long().unsqueeze(-1).clamp(max=K - 1)
+    u_k = singleton_gap(s.gather(-1, kk - 1), l, r)
+    lo = (s.gather(-1, kk - 1) - u_k).squeeze(-1)  # own value of the k-th entry: h >= 0 below
+    hi = s.gather(-1, kk).squeeze(-1)  # the (k+1)-th entry: h <= 0 above
+    hard = lo >= hi  # no pooling: every tau in [hi, lo] is a root
+    lo = torch.minimum(lo, hi)
+    evaluate = _mag_evaluator(s, top, l, r)
+    tau, _ = newton(evaluate, k, lo, hi, 0.5 * (lo + hi), hard | edge, t=l, m=K, value_dtype=f64)
+    tau = torch.where(hard, hi, tau)
+    tau = torch.where(k >= n, -1.0, torch.where(k <= 0, big.squeeze(-1), tau)).unsqueeze(-1)
+    lr = l**r
+    gap = (s - tau).clamp(min=0.0)
+    power = gap**r
+    pooled = top & (power < lr * tau) & (gap > 0)
+    block = pooled | (~top & (gap > 0))
+    z = gap / l
+    u = singleton_gap(s, l, r)
+    kept = top & ~pooled & (gap > 0)  # unpooled top entries: their own value, s - u
+    plain = torch.where(block, z**r, torch.where(kept, s - u, 0.0))
+    debiased = torch.where(block, z**r + gap, torch.where(kept, s, 0.0))
+    slope_block = r * z ** (r - 1) / l
+    kept_slope = 1.0 / (1.0 + l) if r == 1 else 3.0 * u * u / (3.0 * u * u + lr)
+    diag_plain = torch.where(block, slope_block, torch.where(kept, kept_slope, 0.0))
+    diag_debiased = torch.where(block, slope_block + 1.0, torch.where(kept, 1.0, 0.0))
+    right = torch.where(block, r * gap ** (r - 1), 0.0)
+    weight = right.sum(-1) + lr * pooled.sum(-1)
+    sign = torch.sign(x_c)
     n_inf = (~finite).sum(-1)
     # Rows with NaN, or with more infinite entries than k, give NaN (no finite answer).
     bad = torch.isnan(vals[:, 0]) | (n_inf > k)
     failed = (vals[:, -1] > tau.squeeze(-1)) | (n_inf == K) if K < n else torch.zeros_like(bad)
-    dt = x.dtype
-    return idx, y.to(dt), diag.to(dt), (c * band).to(dt), sign.to(dt), weight.to(dt), bad, failed & ~bad
+    outputs = [
+        torch.where(finite, sign * debiased + 0.0, x_c),  # + 0.0 turns -0.0 into 0.0
+        torch.where(finite, sign * plain + 0.0, x_c),
+        diag_debiased,
+        diag_plain,
+        block.to(f64),
+        right,
+        sign,
+        weight,
+    ]
+    return (idx, *[o.to(x.dtype) for o in outputs], bad, failed & ~bad)
 
 
 class _TopKMag(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, k: Tensor, l: float, scale: float) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(x: Tensor, k: Tensor, l: float, r: int, debias: bool) -> tuple[Tensor, ...]:  # type: ignore[override]
+        x, k = x.detach(), k.detach()
         B, n = x.shape
         if is_tracing() or n <= SHORT_ROW:
             K = n
         else:
             k_max = float(k.amax().item())
-            K = estimate_support(x.abs(), max(k_max, 1.0), lambda kth: kth / (1.0 + l))
+
+            def own_value(kth: Tensor) -> Tensor:  # support lies above the k-th entry's own value
+                return kth - singleton_gap(kth, l, r)
+
+            K = estimate_support(x.abs(), max(k_max, 1.0), own_value)
             K = max(K, min(n, int(k_max) + 1))
-        idx, yc, diag, bandc, sign, weight, bad, failed = _mag_candidates(x, k, l, K)
-        if K < n and not is_tracing() and bool(failed.any()):
-            # Too few candidates on some rows: redo the whole batch with a bigger K.
-            idx, yc, diag, bandc, sign, weight, bad, failed = _mag_candidates(x, k, l, n)
-        y = scatter_rows(x, idx, yc * scale)
+        out = _mag_candidates(x, k, l, r, K)
+        if K < n and not is_tracing() and bool(out[-1].any()):
+            out = _mag_candidates(x, k, l, r, n)  # too few candidates somewhere: whole rows
+        idx, y_deb, y_plain, d_deb, d_plain, block, right, sign, weight, bad, _ = out
+        y = scatter_rows(x, idx, y_deb if debias else y_plain)
         y = torch.where(bad.unsqueeze(-1), math.nan, y)
-        diag = torch.where(bad.unsqueeze(-1), math.nan, diag)
-        return y, idx, sign, diag, bandc, weight
+        diag = torch.where(bad.unsqueeze(-1), math.nan, d_deb if debias else d_plain)
+        return y, idx, sign, diag, block * diag, right, weight
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        _, idx, sign, diag, bandc, weight = output
-        ctx.mark_non_differentiable(idx, sign, diag, bandc, weight)
-        ctx.save_for_backward(idx, sign, diag, bandc, weight)
-        ctx.scale = inputs[3]
-        ctx.c = (1.0 + inputs[2]) / inputs[2]
+        _, *saved = output
+        ctx.mark_non_differentiable(*saved)
+        ctx.save_for_backward(*saved)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, *unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        # In s = |x|: J = diag(d) - c^2 [band] [band]^T / (c W), with c = (1+l)/l, because
-        # psi_i = c (s_i - tau) on the band and d tau / d s_j = 1/W for j on the band.
-        idx, sign, diag, bandc, weight = ctx.saved_tensors
+        # In s = |x|: dy_i/ds_j = d_i delta_ij - left_i right_j / W (left = the block
+        # entries' slope, right = dh/ds_j, W = -dh/dtau), then the chain rule through |x|.
+        idx, sign, diag, left, right, weight = ctx.saved_tensors
         v = sign * grad_y.gather(-1, idx)
-        coupling = (bandc * v).sum(-1) / (ctx.c * torch.where(weight > 0, weight, 1.0))
-        grad_s = diag * v - bandc * coupling.unsqueeze(-1)
-        grad_x = scatter_rows(grad_y, idx, sign * grad_s * ctx.scale)
-        return grad_x, None, None, None
+        coupling = (left * v).sum(-1) / torch.where(weight > 0, weight, 1.0)
+        grad_s = diag * v - right * coupling.unsqueeze(-1)
+        return scatter_rows(grad_y, idx, sign * grad_s), None, None, None, None
 
 
 def topk_mag(
@@ -155,8 +185,9 @@ def topk_mag(
 ) -> Tensor:
     r"""Sparse soft top-k in magnitude: keeps the k largest |x| with a smooth transition.
 
-    The hard operator is ``x * topk_mask(|x|)``. Its smoothing (Sander et al. 2023, p = 2)
-    is a firm threshold of s = |x| with one scalar tau per row:
+    The hard operator is ``x * topk_mask(|x|)``. Sander et al. (2023) smooth it with a
+    p-norm regulariser; with s = |x| the result is a threshold of s with one scalar tau
+    per row. For p = 2 it is a firm threshold:
 
     .. math::
 
@@ -167,26 +198,31 @@ def topk_mag(
         \end{cases},\qquad y = \operatorname{sign}(x)\,\psi(|x|),
 
     where tau solves
-    :math:`\sum_{\text{rank}\le k}\min(s_i - (1+l)\tau, 0) + \sum_{\text{rank}>k}\max(s_i - \tau, 0) = 0`
-    (found by one selection of the largest |x|, no sort of the row). This equals the
-    reference's sort + weighted isotonic regression output. The result is exactly the hard
-    operator when |x|_(k) >= (1 + l) |x|_(k+1), and at most k + (entries between tau and
-    (1+l) tau) entries are non-zero.
+    :math:`\sum_{\text{rank}\le k}\min(s_i - (1+l)\tau, 0) + \sum_{\text{rank}>k}\max(s_i - \tau, 0) = 0`.
+    For p = 4/3 (r = 1/(p-1) = 3) the pooled entries get z^3 + l z with z = (s - tau)/l,
+    the other top-k entries keep s, and tau solves
+    :math:`\sum_{i\le k}\min((s_i-\tau)_+^3 - l^3\tau, 0) + \sum_{i>k}(s_i - \tau)_+^3 = 0`
+    (i the rank by magnitude).
+    Either way tau is found by one selection of the largest |x| (no sort of the row) and
+    an exact solve on those, and the output equals the reference's sort + (weighted)
+    isotonic regression route. For p = 2 the result is exactly the hard operator when
+    |x|_(k) >= (1 + l) |x|_(k+1).
 
-    ``debias=True`` (the default, as in the reference code) returns psi: kept entries keep
-    their value. ``debias=False`` returns psi / (1 + l), the gradient of the smoothed
-    function :math:`f_l = (f^* + \tfrac{l}{2}\|\cdot\|^2)^*` with
-    :math:`f(x) = \tfrac12\sum_{i\le k}|x|_{[i]}^2`.
+    ``debias=True`` (the default, as in the reference code) returns what the reference
+    returns: kept entries keep their value. ``debias=False`` returns the gradient of the
+    smoothed function :math:`f_{l,p} = (f^* + \tfrac{l}{p}\|\cdot\|_p^p)^*` with
+    :math:`f(x) = \tfrac12\sum_{i\le k}|x|_{[i]}^2`; for p = 2 that is psi / (1 + l).
 
     Args:
         x: input of any shape, floating dtype.
         k: number of entries kept along ``dim``: an int in [0, n] or an integer-valued
             tensor of per-row budgets (batch shape of x).
         dim: the dimension to select along.
-        temperature: Sander et al.'s ``l`` > 0, dimensionless here: the transition band
-            is (tau, (1 + l) tau).
-        p: regulariser exponent; only p = 2 is implemented for the magnitude operator.
-        debias: return psi (True) or psi / (1 + l) (False).
+        temperature: Sander et al.'s ``l`` > 0. For p = 2 it is dimensionless (the
+            transition band is (tau, (1 + l) tau)); for p = 4/3 it has the units of x.
+        p: regulariser exponent, 2 or 4/3.
+        debias: return the reference's debiased output (True) or the gradient of the
+            smoothed function (False).
 
     Returns:
         Tensor of the same shape and dtype as x. Rows containing NaN, or more than k
@@ -205,8 +241,9 @@ def topk_mag(
     d = check_dim(dim, x.dim())
     l = check_positive(temperature, "temperature")
     p = check_p(p)
-    if p != 2.0:
-        raise ValueError(f"topk_mag implements p = 2 only, got p={p!r}")
+    if abs(p - 2.0) > 1e-12 and abs(p - 4.0 / 3.0) > 1e-12:
+        raise ValueError(f"topk_mag implements p = 2 and p = 4/3, got p={p!r}")
+    r = round(1.0 / (p - 1.0))
     if not isinstance(debias, bool):
         raise TypeError(f"debias must be a bool, got {type(debias).__name__} {debias!r}")
     cd = compute_dtype(x.dtype)
@@ -218,5 +255,5 @@ def topk_mag(
         raise ValueError(f"k must be integer-valued for topk_mag, got {k!r}")
     if rows.numel() == 0:
         return torch.zeros_like(x)
-    y = _TopKMag.apply(rows.to(cd), kvec, l, 1.0 if debias else 1.0 / (1.0 + l))[0]
+    y = _TopKMag.apply(rows.to(cd), kvec, l, r, debias)[0]
     return restore(y).to(x.dtype)

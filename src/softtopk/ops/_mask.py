@@ -18,9 +18,12 @@ from .._checks import (
     prepare_k,
     to_rows,
 )
+from ._dftopk import dftopk_mask
 from ._entropic import entropic_mask
 from ._hard import hard_mask
 from ._lapsum import lapsum_mask
+from ._perturbed import perturbation, perturbed_mask
+from ._soft import soft_mask
 from ._sparse import sparse_mask
 
 
@@ -30,15 +33,22 @@ class Method(NamedTuple):
     rows: Callable[..., Tensor]
     solvers: tuple[str, ...]
     uses_p: bool = False
+    uses_noise: bool = False
 
 
-#: Row functions take (x (B, n), k (B,), *, temperature, [p], solver) in the compute dtype.
+#: Row functions take (x (B, n), k (B,), *, temperature, [p], [pert], solver) in the compute dtype.
 METHODS: dict[str, Method] = {
     "sparse": Method(sparse_mask, ("auto", "newton", "sort", "pav", "dykstra"), uses_p=True),
     "entropic": Method(entropic_mask, ("auto", "newton")),
     "lapsum": Method(lapsum_mask, ("auto", "newton", "sort")),
     "hard": Method(hard_mask, ("auto",)),
+    "soft": Method(soft_mask, ("auto", "newton")),
+    "dftopk": Method(dftopk_mask, ("auto",)),
+    "perturbed": Method(perturbed_mask, ("auto",), uses_noise=True),
 }
+
+#: Monte-Carlo samples of method="perturbed" when neither num_samples nor noise_samples is given.
+PERTURBED_SAMPLES = 100
 
 
 def topk_mask(
@@ -50,6 +60,10 @@ def topk_mask(
     temperature: float = 0.1,
     p: float = 2.0,
     solver: str = "auto",
+    num_samples: int | None = None,
+    noise: str | None = None,
+    generator: torch.Generator | None = None,
+    noise_samples: Tensor | None = None,
 ) -> Tensor:
     r"""Soft top-k mask: a differentiable relaxation of the k-hot mask of the largest entries.
 
@@ -71,7 +85,22 @@ def topk_mask(
     ``entropic``  logistic 1/(1+e^{-z})                       SOFT's eps C_max/2  no
     ``lapsum``    Laplace CDF                                 LapSum's alpha     no
     ``hard``      the torch.topk mask (zero gradient)         unused             yes
+    ``soft``      logistic, SOFT's two-anchor transport       SOFT's eps         no
     ============  ==========================================  =================  ===========
+
+    ``soft`` is SOFT as published (Xie et al. 2020): the converged two-anchor Sinkhorn
+    plan with the cost normalised by its maximum C_max, i.e. ``entropic`` at
+    temperature eps * C_max / 2 per row, computed exactly by the threshold solver.
+
+    Two published methods are outside the threshold family:
+
+    * ``dftopk`` (Zhu et al. 2025): y = sigma((x - theta)/t) with theta the midpoint of
+      x_(k) and x_(k+1), found by selection. **Its sum is not k** (by design: the paper
+      relaxes the normalisation); it is not differentiable in k.
+    * ``perturbed`` (Berthet et al. 2020): the mean of the hard masks of x + t Z_m over
+      ``num_samples`` draws of Gaussian or Gumbel noise Z, with the paper's
+      score-function backward on the same draws (a Monte-Carlo estimate: the output is
+      random, sums to k and is sparse-ish). Not differentiable in k.
 
     Args:
         x: scores of any shape with a floating dtype (float16, bfloat16, float32, float64).
@@ -82,7 +111,8 @@ def topk_mask(
             budgets with the batch shape of x (x.shape without dim; size 1 at dim is also
             accepted). A floating k tensor that requires grad receives dy/dk = g/sum(g).
         dim: the dimension to select along.
-        method: ``"sparse"``, ``"entropic"``, ``"lapsum"`` or ``"hard"``.
+        method: ``"sparse"``, ``"entropic"``, ``"lapsum"``, ``"hard"``, ``"soft"``,
+            ``"dftopk"`` or ``"perturbed"``.
         temperature: t > 0, in the units of x. Smaller is closer to the hard mask.
         p: exponent of the sparse p-norm regulariser, in (1, 2]; only for ``"sparse"``.
             p = 2 is piecewise linear; p = 4/3 gives a C^1 mask.
@@ -93,6 +123,14 @@ def topk_mask(
             ``"sparse"`` with p = 2 also ``"pav"`` and ``"dykstra"``: Sander et al.'s own
             sort + isotonic regression routes (exact PAV; Dykstra certified, warning
             when it is not), see :mod:`softtopk.isotonic`.
+        num_samples: ``"perturbed"`` only: number of noise draws M (default
+            100, or the size of ``noise_samples``).
+        noise: ``"perturbed"`` only: ``"gaussian"`` (default) or ``"gumbel"``.
+        generator: ``"perturbed"`` only: the ``torch.Generator`` the noise is drawn from
+            (default: the global generator of x's device). The backward replays the
+            same draws from the state saved at the call.
+        noise_samples: ``"perturbed"`` only: explicit standard noise draws of shape
+            (num_samples, *x.shape), instead of a generator.
 
     Returns:
         Tensor with the shape and dtype of x.
@@ -106,7 +144,8 @@ def topk_mask(
 
     References:
         Sander et al. 2023 (sparse), Xie et al. 2020 (SOFT, entropic), Struski et al. 2025
-        (LapSum); see each method's module for the details.
+        (LapSum), Zhu et al. 2025 (DFTopK), Berthet et al. 2020 (perturbed); see each
+        method's module for the details.
     """
     x = check_tensor(x)
     d = check_dim(dim, x.dim())
@@ -119,11 +158,25 @@ def topk_mask(
     solver = check_choice(solver, "solver", spec.solvers)
     if solver in ("sort", "pav", "dykstra") and method == "sparse" and p != 2.0:
         raise ValueError(f"solver={solver!r} needs p = 2 for method='sparse', got p={p!r}")
+    given = {
+        "num_samples": num_samples,
+        "noise": noise,
+        "generator": generator,
+        "noise_samples": noise_samples,
+    }
+    if not spec.uses_noise:
+        for name, value in given.items():
+            if value is not None:
+                raise ValueError(
+                    f"{name} applies to method='perturbed' only, got {name}={value!r} with method={method!r}"
+                )
     cd = compute_dtype(x.dtype)
     rows, restore = to_rows(x, d)
     kvec = prepare_k(k, x, d, rows.shape[0], cd)
+    options: dict[str, object] = {"p": p} if spec.uses_p else {}
+    if spec.uses_noise:
+        options["pert"] = perturbation(x, d, rows.shape[0], **given, default_samples=PERTURBED_SAMPLES)
     if rows.numel() == 0:
         return torch.zeros_like(x)
-    options = {"p": p} if spec.uses_p else {}
     y = spec.rows(rows.to(cd), kvec, temperature=t, solver=solver, **options)
     return restore(y).to(x.dtype)

@@ -52,8 +52,15 @@ class Link:
             return torch.where(z <= 0, e, 1.0 - e), e
         raise ValueError(f"unknown link {self.name!r}")
 
-    def evaluate(self, z: Tensor, in_place: bool = False) -> tuple[Tensor, Tensor]:
-        """G(z) and G'(z); with ``in_place`` G(z) is written into z (one allocation less)."""
+    def evaluate(self, z: Tensor, in_place: bool = False, snap: float = 0.0) -> tuple[Tensor, Tensor]:
+        """G(z) and G'(z) at the solution; with ``in_place`` G(z) is written into z.
+
+        For a sparse link, ``snap`` sets z <= snap to 0: an entry that sits on the
+        threshold up to rounding (say z = 3e-8 where the exact value is 0) must not count
+        in the support. This changes y by at most ``snap``.
+        """
+        if self.sparse and snap > 0:
+            z = z.masked_fill_(z <= snap, 0.0) if in_place else z.masked_fill(z <= snap, 0.0)
         if not in_place:
             return self(z)
         if self.name == "sparse" and self.p == 2.0:

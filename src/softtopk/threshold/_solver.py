@@ -64,6 +64,11 @@ SPARSE_FRACTION = 6
 Evaluator = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
+def snap_below(dtype: torch.dtype) -> float:
+    """Entries of a sparse mask within 4 eps of zero are set to zero (see Link.evaluate)."""
+    return 4.0 * torch.finfo(dtype).eps
+
+
 class Solution(NamedTuple):
     """Output of a threshold solve on rows (B, n).
 
@@ -172,19 +177,16 @@ def newton(
         positive = f > 0  # tau is too small
         lo = torch.where(positive, tau, lo)
         hi = torch.where(positive, hi, tau)
-        delta = f / torch.where(d > 0, d, 1.0)
+        delta = f / d  # inf or NaN where d = 0: every comparison below is then False
         candidate = tau + delta
         # Newton inside the bracket and at least halving the step before last (as in
         # Numerical Recipes' rtsafe); otherwise bisection, which cannot cycle.
-        accept = (d > 0) & (candidate > lo) & (candidate < hi) & (2.0 * delta.abs() < dx_old.abs())
-        small = delta.abs() <= torch.maximum(2.0 * eps * tau.abs(), torch.full_like(tau, step_tol))
-        converged = (f == 0) | (hi - lo <= 2.0 * eps * (lo.abs() + hi.abs())) | ((d > 0) & small)
-        bisect = 0.5 * (lo + hi)
-        new_tau = torch.where(accept, candidate, torch.where(converged, tau, bisect))
+        accept = (candidate > lo) & (candidate < hi) & (2.0 * delta.abs() < dx_old.abs())
+        small = delta.abs() <= (2.0 * eps * tau.abs()).clamp(min=step_tol)
+        converged = (f == 0) | (hi - lo <= 2.0 * eps * (lo.abs() + hi.abs())) | small
+        new_tau = torch.where(accept, candidate, torch.where(converged | done, tau, 0.5 * (lo + hi)))
         new_tau = torch.where(done, tau, new_tau)
-        dx_old = dx.clone()  # while_loop forbids returning an input as it is
-        dx = torch.where(accept, delta, bisect - tau)
-        return it + 1, lo, hi, new_tau, done | converged, dx, dx_old
+        return it + 1, lo, hi, new_tau, done | converged, new_tau - tau, dx.clone()
 
     width = hi - lo
     state = (torch.zeros((), dtype=torch.long, device=tau.device), lo, hi, tau, done, width, width.clone())
@@ -296,7 +298,9 @@ def solve_dense(v: Tensor, k: Tensor, t: float, link: Link) -> tuple[Tensor, Ten
     tau0 = quantile_guess(v, k, lo, hi) if v.shape[-1] > 1024 else 0.5 * (lo + hi)
     evaluate, buffer = dense_evaluator(v, k, t, link)
     tau, _ = newton(evaluate, k, lo, hi, tau0, ~rules.regular, t=t, m=v.shape[-1], value_dtype=v.dtype)
-    y, gp = link.evaluate(shifted(v, tau, t, out=buffer), in_place=buffer is not None)
+    y, gp = link.evaluate(
+        shifted(v, tau, t, out=buffer), in_place=buffer is not None, snap=snap_below(v.dtype)
+    )
     y, g = apply_rules(v, y, gp.div_(t) if buffer is not None else gp / t, k, rules)
     return tau, y, g
 
@@ -413,7 +417,7 @@ def solve_sort(v: Tensor, k: Tensor, t: float, link: Link) -> tuple[Tensor, Tens
     else:
         raise ValueError(f"the sort route has no closed form for the {link.name!r} link")
     tau = torch.where(rules.regular, tau, 0.0)
-    y, gp = link(shifted(v, tau, t))
+    y, gp = link.evaluate(shifted(v, tau, t), snap=snap_below(v.dtype))
     y, g = apply_rules(v, y, gp / t, k, rules)
     return tau, y, g
 
@@ -422,23 +426,26 @@ def solve_sort(v: Tensor, k: Tensor, t: float, link: Link) -> tuple[Tensor, Tens
 
 
 def estimate_support(x: Tensor, order: float, lower: Callable[[Tensor], Tensor]) -> int:
-    """Estimates how many of the largest entries of each row a sparse output can touch.
+    """How many of the largest entries of each row a sparse output can touch.
 
     The support lies above ``lower(x_(order))``, a bound computed from the ``order``-th
-    largest entry (for the mask: x_(k+1) - t). The order statistic and the count above the
-    bound are estimated on a strided subsample of about 4096 entries per row, with a
-    margin. The estimate only decides how many candidates to select: the result is
-    checked afterwards.
+    largest entry (for the mask: x_(k+1) - t). On rows longer than 4096 entries the
+    order statistic and the count above the bound are estimated on a strided subsample
+    of about 4096 entries, with a margin. On shorter rows a selection would cost as much
+    as the solve itself, so the guess is simply 1.5 times the order plus 4. Either way the
+    guess only decides how many candidates to select: the result is checked afterwards
+    and rows with too few candidates are solved again.
     """
     n = x.shape[-1]
-    stride = max(1, n // 4096)
+    if n <= 4096:
+        return min(n, math.ceil(1.5 * order) + 4)
+    stride = n // 4096
     sub = x[:, ::stride]
-    m = sub.shape[-1]
-    ratio = n / m
+    ratio = n / sub.shape[-1]
     j = order / ratio
-    j = int(min(m, max(1, math.ceil(j + math.sqrt(j) + 1.0))))
+    j = int(min(sub.shape[-1], math.ceil(j + math.sqrt(j) + 1.0)))
     bound = lower(torch.topk(sub, j, dim=-1).values[:, -1:])
-    count = (sub > bound).sum(-1).amax().item()
+    count = int((sub > bound).sum(-1).amax().item())
     return int(min(n, math.ceil(1.1 * ratio * count + 16.0)))
 
 
@@ -448,9 +455,9 @@ def solve_candidates(
     """Solves a sparse link on the K largest entries of each row.
 
     Returns the candidate indices (B, K), the mask and slopes on them (B, K), the
-    thresholds (B,) in float64, and a (B,) flag of rows to solve again: those whose K-th value is
-    above the threshold (the support may reach beyond the candidates), with more than K
-    entries +inf, or with a NaN (so that the whole row becomes NaN).
+    thresholds (B,) in float64, and a (B,) flag of rows to solve again: those whose K-th
+    value is above the threshold (the support may reach beyond the candidates), with
+    more than K entries +inf, or with a NaN (so that the whole row becomes NaN).
     """
     n = x.shape[-1]
     vals, idx = torch.topk(x, K, dim=-1, sorted=True)
@@ -459,34 +466,41 @@ def solve_candidates(
     vals, k = vals.to(torch.float64), k.to(torch.float64)
     whole_row = K == n
     bottom = vals[:, -1]
-    nan = torch.isnan(vals[:, 0])
-    n_pos = (vals == math.inf).sum(-1).to(vals.dtype)
-    # The count of finite entries is exact when the candidates reach down to -inf;
-    # otherwise there are at least K of them (counted as n, which only matters for rules).
-    n_fin = torch.isfinite(vals).sum(-1).to(vals.dtype)
-    if not whole_row:
-        n_fin = torch.where(bottom == -math.inf, n_fin, float(n))
-    rules = classify_rows(k, n_fin, n_pos, nan)
-    regular = rules.regular
-    k_safe = torch.where(regular, k, 1.0)
-    if link.piecewise_linear:
-        tau = sorted_clip_tau(vals, k_safe, t)
+    # Sorted rows: all finite iff the first and last are (topk puts NaN first).
+    clean = bool(torch.isfinite(vals[:, [0, -1]]).all() & (k > 0).all() & (k < n).all())
+    if clean:
+        rules, regular, s, k_safe = None, None, vals, k
     else:
-        s = finite_stand_ins(vals, t + 1.0)
-        below = torch.floor(k_safe).long().clamp(max=K - 1).unsqueeze(-1)
-        above = (torch.ceil(k_safe).long() - 1).clamp(0, K - 1).unsqueeze(-1)
-        lo = s.gather(-1, below).squeeze(-1) - t
-        hi = s.gather(-1, above).squeeze(-1)
-        evaluate, _ = dense_evaluator(s, k_safe, t, link)
-        mid = 0.5 * (lo + hi)
-        tau, _ = newton(evaluate, k_safe, lo, hi, mid, ~regular, t=t, m=K, value_dtype=x.dtype)
-    tau = torch.where(regular, tau, 0.0)
-    y, gp = link((vals - tau.unsqueeze(-1)) / t)
-    y, g = apply_rules(vals, y, gp / t, k, rules)
+        nan = torch.isnan(vals[:, 0])
+        n_pos = (vals == math.inf).sum(-1).to(vals.dtype)
+        # The count of finite entries is exact when the candidates reach down to -inf;
+        # otherwise there are at least K of them (counted as n: it only matters for rules).
+        n_fin = torch.isfinite(vals).sum(-1).to(vals.dtype)
+        if not whole_row:
+            n_fin = torch.where(bottom == -math.inf, n_fin, float(n))
+        rules = classify_rows(k, n_fin, n_pos, nan)
+        regular = rules.regular
+        s, k_safe = finite_stand_ins(vals, t + 1.0), torch.where(regular, k, 1.0)
+    # tau lies in [x_(floor k + 1) - t, x_(ceil k)] for every sparse link.
+    below = torch.floor(k_safe).long().clamp(max=K - 1).unsqueeze(-1)
+    above = (torch.ceil(k_safe).long() - 1).clamp(0, K - 1).unsqueeze(-1)
+    lo = s.gather(-1, below).squeeze(-1) - t
+    hi = s.gather(-1, above).squeeze(-1)
+    evaluate, _ = dense_evaluator(s, k_safe, t, link)
+    done = torch.zeros_like(k, dtype=torch.bool) if regular is None else ~regular
+    tau, _ = newton(evaluate, k_safe, lo, hi, 0.5 * (lo + hi), done, t=t, m=K, value_dtype=x.dtype)
+    if rules is not None:
+        tau = torch.where(regular, tau, 0.0)
+    y, gp = link.evaluate((vals - tau.unsqueeze(-1)) / t, snap=snap_below(x.dtype))
+    g = gp / t
+    if rules is not None:
+        y, g = apply_rules(vals, y, g, k, rules)
     if whole_row:
-        failed = nan & False
+        failed = torch.zeros_like(bottom, dtype=torch.bool)
+    elif rules is None:
+        failed = bottom > tau
     else:
-        failed = (regular & (bottom > tau)) | (rules.pos & (bottom == math.inf)) | nan
+        failed = (regular & (bottom > tau)) | (rules.pos & (bottom == math.inf)) | rules.nan
     return idx, y.to(x.dtype), g.to(x.dtype), tau, failed
 
 
@@ -532,7 +546,7 @@ def solve(x: Tensor, k: Tensor, t: float, link: Link, solver: str = "auto") -> S
         return dense(y, g)
     if solver == "auto" and link.sparse and not is_tracing() and B > 0 and n > 0:
         k_max = float(k.amax().item())
-        K = n if n <= SHORT_ROW else estimate_support(x, k_max + 1.0, lambda kth: kth - t)
+        K = estimate_support(x, min(k_max + 1.0, n), lambda kth: kth - t)
         K = max(K, min(n, math.floor(k_max) + 1))
         if K * SPARSE_FRACTION <= n or n <= SHORT_ROW:
             idx, yc, gc, tau, failed = solve_candidates(x, k, t, link, K)

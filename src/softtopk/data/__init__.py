@@ -1,0 +1,31 @@
+"""Real data sets for the experiments, loaded offline from registry packages (see :mod:`._loaders`)."""
+
+from ._loaders import (
+    NAMES,
+    DataNotFoundError,
+    Dataset,
+    Ratings,
+    cache_dir,
+    load,
+    load_digits,
+    load_fashion_mnist,
+    load_letter,
+    load_movielens,
+    read_idx,
+    search_roots,
+)
+
+__all__ = [
+    "NAMES",
+    "DataNotFoundError",
+    "Dataset",
+    "Ratings",
+    "cache_dir",
+    "load",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_letter",
+    "load_movielens",
+    "read_idx",
+    "search_roots",
+]

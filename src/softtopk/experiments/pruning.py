@@ -1,0 +1,250 @@
+"""(d) Magnitude pruning at high sparsity (Sander et al. 2023's top-k-in-magnitude use).
+
+LeNet-300-100 (784-300-100-10) on Fashion-MNIST. Each weight matrix W with N entries
+keeps k = (1 - sparsity) N of them. During training the forward pass uses
+W_eff = op(W): a registered magnitude operator applied to W directly, or, for a mask
+operator, W * m_k(abs(W) / rms(W)) (the scale makes one temperature grid fit every layer).
+At test time every method is projected to the exact hard top-k in magnitude, so all
+rows of the table have the same true sparsity; the gap between the accuracy with
+op(W) and with the hard projection is reported too (train/test mismatch).
+Baselines: the dense network (reference), one-shot magnitude pruning of the dense
+network with and without fine-tuning of the surviving weights, and training through the
+hard top-k magnitude with a straight-through gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data import load
+from ..registry import Operator
+from ._common import Split, batches, pretty
+from ._runner import Method, RunResult, Setting, mask_operators, seed_everything, temperature_grid, timed
+
+NAME = "pruning"
+TITLE = "(d) Magnitude pruning"
+GRID = (0.1, 1.0, 10.0)
+
+WeightOp = Callable[[Tensor, int], Tensor]  # (W flattened, k) -> effective W flattened
+
+
+@dataclass(frozen=True)
+class Config:
+    """Data sizes, sparsity and training budget."""
+
+    dataset: str = "fashion-mnist"
+    sparsity: float = 0.95
+    hidden: tuple[int, ...] = (300, 100)
+    train_size: int | None = 10_000
+    test_size: int | None = 5_000
+    epochs: int = 5
+    finetune_epochs: int = 2
+    batch: int = 256
+    lr: float = 1e-3
+
+
+SIZES: dict[str, list[Config]] = {
+    "toy": [
+        Config(dataset="digits", sparsity=0.9, hidden=(64, 32), train_size=None, test_size=None, epochs=4)
+    ],
+    "default": [Config(sparsity=s) for s in (0.9, 0.98, 0.99)],
+}
+
+
+def hard_keep(w: Tensor, k: int) -> Tensor:
+    """The exact top-k-in-magnitude projection of a flattened weight."""
+    return torch.zeros_like(w).scatter(0, w.abs().topk(k).indices, 1.0) * w
+
+
+class PrunedMLP(nn.Module):
+    """An MLP whose weight matrices pass through ``weight_op`` (or the hard projection)."""
+
+    def __init__(self, sizes: list[int], sparsity: float, weight_op: WeightOp | None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+        self.ks = [max(1, round((1 - sparsity) * layer.weight.numel())) for layer in self.layers]
+        self.weight_op = weight_op
+        self.mode = "op"  # "op": W_eff = op(W); "hard": exact hard projection; "dense": W
+
+    def effective(self, i: int) -> Tensor:
+        w = self.layers[i].weight
+        if self.mode == "dense" or (self.mode == "op" and self.weight_op is None):
+            return w
+        flat = w.reshape(-1)
+        out = hard_keep(flat, self.ks[i]) if self.mode == "hard" else self.weight_op(flat, self.ks[i])
+        return out.reshape(w.shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = F.linear(x, self.effective(i), layer.bias)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+def _fit(
+    model: PrunedMLP, split: Split, epochs: int, lr: float, batch: int, g: torch.Generator
+) -> list[float]:
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for idx in batches(len(split.y_train), batch, g):
+            loss = F.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+        losses.append(total / count)
+    return losses
+
+
+@torch.no_grad()
+def _accuracy(model: PrunedMLP, x: Tensor, y: Tensor, mode: str) -> float:
+    model.mode = mode
+    acc = (model(x).argmax(-1) == y).float().mean().item()
+    model.mode = "op"
+    return acc
+
+
+def _result(model: PrunedMLP, split: Split, losses: list[float], soft: bool = True) -> RunResult:
+    hard_test = _accuracy(model, split.x_test, split.y_test, "hard")
+    soft_test = _accuracy(model, split.x_test, split.y_test, "op") if soft else hard_test
+    return RunResult(
+        test={"accuracy (hard)": hard_test, "mismatch": soft_test - hard_test},
+        val={"accuracy (hard)": _accuracy(model, split.x_val, split.y_val, "hard")},
+        losses=losses,
+    )
+
+
+def train_pruned(split: Split, cfg: Config, weight_op: WeightOp, seed: int) -> RunResult:
+    g = seed_everything(seed)
+    model = PrunedMLP([split.features, *cfg.hidden, split.classes], cfg.sparsity, weight_op)
+    return _result(model, split, _fit(model, split, cfg.epochs, cfg.lr, cfg.batch, g))
+
+
+def straight_through(w: Tensor, k: int) -> Tensor:
+    """Hard top-k magnitude forward, identity backward (pruned weights can come back)."""
+    return w + (hard_keep(w, k) - w).detach()
+
+
+def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None) -> Setting:  # noqa: ANN001
+    data = load(cfg.dataset, data_dir)
+    split = Split(data, train_size=cfg.train_size, test_size=cfg.test_size)
+    sizes = [split.features, *cfg.hidden, split.classes]
+    largest = max(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+    ops, notes = mask_operators(only, shape=(1, largest), kinds=("mask", "magnitude"))
+    dense_models: dict[int, tuple[PrunedMLP, list[float]]] = {}
+
+    def dense(seed: int) -> tuple[PrunedMLP, list[float]]:
+        if seed not in dense_models:
+            g = seed_everything(seed)
+            model = PrunedMLP(sizes, cfg.sparsity, None)
+            dense_models[seed] = (model, _fit(model, split, cfg.epochs, cfg.lr, cfg.batch, g))
+        return dense_models[seed]
+
+    def run_dense(temperature: float | None, seed: int) -> RunResult:
+        def go() -> RunResult:
+            model, losses = dense(seed)
+            acc = _accuracy(model, split.x_test, split.y_test, "dense")
+            val = _accuracy(model, split.x_val, split.y_val, "dense")
+            return RunResult({"accuracy (hard)": acc, "mismatch": 0.0}, {"accuracy (hard)": val}, losses)
+
+        return timed(go)
+
+    def run_oneshot(temperature: float | None, seed: int) -> RunResult:
+        return timed(lambda: _result(dense(seed)[0], split, dense(seed)[1], soft=False))
+
+    def run_finetune(temperature: float | None, seed: int) -> RunResult:
+        def go() -> RunResult:
+            base, losses = dense(seed)
+            model = PrunedMLP(sizes, cfg.sparsity, None)
+            model.load_state_dict(base.state_dict())
+            model.mode = "hard"
+            g = seed_everything(1000 + seed)
+            opt_losses = _fit_hard(model, split, cfg, g)
+            model.mode = "op"
+            return _result(model, split, losses + opt_losses, soft=False)
+
+        return timed(go)
+
+    def run_ste(temperature: float | None, seed: int) -> RunResult:
+        return timed(lambda: train_pruned(split, cfg, straight_through, seed))
+
+    def run_op(op: Operator):  # noqa: ANN202
+        def run(temperature: float | None, seed: int) -> RunResult:
+            t = float(temperature)
+            if op.kind == "magnitude":
+
+                def weight_op(w: Tensor, k: int) -> Tensor:
+                    return op.fn(w, k, dim=-1, temperature=t)
+            else:
+
+                def weight_op(w: Tensor, k: int) -> Tensor:
+                    scale = w.detach().pow(2).mean().sqrt().clamp_min(1e-12)
+                    return w * op.fn(w.abs() / scale, k, dim=-1, temperature=t)
+
+            return timed(lambda: train_pruned(split, cfg, weight_op, seed))
+
+        return run
+
+    pct = f"{cfg.sparsity:.0%}"
+    methods = [
+        Method("dense (no pruning)", "baseline", run_dense, note="reference: 0% sparsity"),
+        Method("one-shot magnitude", "baseline", run_oneshot, note="dense training, then hard top-k"),
+        Method(f"one-shot + {cfg.finetune_epochs} ep fine-tune", "baseline", run_finetune),
+        Method("hard top-k, straight-through", "baseline", run_ste),
+    ]
+    methods += [
+        Method(
+            f"{'topk_mag' if op.kind == 'magnitude' else 'W * mask'} [{op.name}]",
+            "operator",
+            run_op(op),
+            temperature_grid(op, grid),
+            note=op.paper,
+        )
+        for op in ops
+    ]
+    return Setting(
+        key=f"{cfg.dataset}-sparsity{round(cfg.sparsity * 100)}",
+        title=f"{pretty(cfg.dataset)}, {pct} sparsity per layer",
+        methods=methods,
+        select="accuracy (hard)",
+        metrics=["accuracy (hard)", "mismatch"],
+        description=(
+            f"MLP {'-'.join(map(str, sizes))}, Adam {cfg.lr:g}, batch {cfg.batch}, {cfg.epochs} epochs on "
+            f"{len(split.y_train)} rows; every weight matrix keeps {1 - cfg.sparsity:.0%} of its entries; "
+            f"test accuracy after the exact hard projection on {len(split.y_test)} rows; "
+            "'mismatch' = accuracy with op(W) minus accuracy after projection."
+            + (" " + "; ".join(notes) if notes else "")
+        ),
+    )
+
+
+def _fit_hard(model: PrunedMLP, split: Split, cfg: Config, g: torch.Generator) -> list[float]:
+    """Fine-tunes the surviving weights of a hard-projected model (the mask is fixed)."""
+    masks = [(model.effective(i) != 0).float().detach() for i in range(len(model.layers))]
+    model.mode = "dense"
+    with torch.no_grad():
+        for layer, m in zip(model.layers, masks, strict=True):
+            layer.weight.mul_(m)
+    hooks = [
+        layer.weight.register_hook(lambda grad, m=m: grad * m)
+        for layer, m in zip(model.layers, masks, strict=True)
+    ]
+    try:
+        return _fit(model, split, cfg.finetune_epochs, cfg.lr, cfg.batch, g)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def settings(size: str = "default", *, only=None, grid=None, data_dir=None) -> list[Setting]:  # noqa: ANN001
+    """The settings of this experiment at ``size`` (``"toy"`` or ``"default"``)."""
+    return [make_setting(c, only=only, grid=grid or GRID, data_dir=data_dir) for c in SIZES[size]]

