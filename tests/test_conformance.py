@@ -108,8 +108,10 @@ def test_hard_limit(name):
 @pytest.mark.parametrize("name", [n for n in MASKS if n != "hard" and OPERATORS[n].uniform_limit])
 def test_uniform_limit(name):
     """t -> inf spreads the budget evenly: y -> k/n."""
-    x = torch.randn(3, 10, dtype=torch.float64)
-    y = run(name, x, 4, temperature=1e6)
+    x = torch.randn(3, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    # The distance to k/n shrinks like n max|x| / t (NeuralSort's row scores (n + 1 - 2i) x
+    # are the widest): t = 1e7 puts every operator within 1e-5.
+    y = run(name, x, 4, temperature=1e7)
     torch.testing.assert_close(y, torch.full_like(x, 0.4), atol=1e-5, rtol=0)
 
 
