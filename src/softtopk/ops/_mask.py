@@ -78,15 +78,15 @@ def topk_mask(
 
     with g_i = G'((x_i - tau)/t)/t, tau found per row without sorting it.
 
-    ============  ==========================================  =================  ===========
-    method        G(z)                                        temperature is     sparse
-    ============  ==========================================  =================  ===========
-    ``sparse``    clip(max(z, 0)^(1/(p-1)), 0, 1)             Sander's l         yes
-    ``entropic``  logistic 1/(1+e^{-z})                       SOFT's eps C_max/2  no
-    ``lapsum``    Laplace CDF                                 LapSum's alpha     no
-    ``hard``      the torch.topk mask (zero gradient)         unused             yes
-    ``soft``      logistic, SOFT's two-anchor transport       SOFT's eps         no
-    ============  ==========================================  =================  ===========
+    ============  ==========================================  ====================  ===========
+    method        G(z)                                        temperature is        sparse
+    ============  ==========================================  ====================  ===========
+    ``sparse``    clip(max(z, 0)^(1/(p-1)), 0, 1)             Sander's l            yes
+    ``entropic``  logistic 1/(1+e^{-z})                       SOFT's eps C_max/2    no
+    ``lapsum``    Laplace CDF                                 LapSum's alpha        no
+    ``hard``      the torch.topk mask (zero gradient)         unused                yes
+    ``soft``      logistic, SOFT's two-anchor transport       SOFT's eps            no
+    ============  ==========================================  ====================  ===========
 
     ``soft`` is SOFT as published (Xie et al. 2020): the converged two-anchor Sinkhorn
     plan with the cost normalised by its maximum C_max, i.e. ``entropic`` at
