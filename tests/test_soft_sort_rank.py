@@ -16,6 +16,8 @@ import torch
 
 import softtopk
 from softtopk.isotonic import _function as iso_function
+from softtopk.isotonic import _pav
+from softtopk.isotonic._permutahedron import _bits
 from tests.conftest import cuda_available
 from tests.reference import oracles
 
@@ -287,6 +289,47 @@ def test_nan_rows_stay_in_their_row():
     for op in (softtopk.soft_rank, softtopk.soft_sort):
         y = op(x, temperature=0.01)
         assert torch.isnan(y[0]).all() and torch.isnan(y[2]).all() and torch.isfinite(y[1]).all()
+
+
+@pytest.mark.skipif(not _pav.HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 2, 17, 1000, 4095, 4096, 30_000])
+def test_radix_argsort_is_a_stable_sort(rng, dtype, n):
+    """The fused route's radix sort equals numpy's stable argsort, special values included."""
+    finfo = np.finfo(dtype)
+    x = rng.normal(size=n) * rng.choice([1e-3, 1.0, 1e3], size=n)
+    tied = rng.random(n) < 0.3
+    x[tied] = np.round(x[tied] * 2) / 2
+    specials = [0.0, -0.0, finfo.tiny / 4, -finfo.tiny / 4, finfo.max, -finfo.max, finfo.tiny, 1.0, -1.0]
+    x[: min(n, len(specials))] = specials[: min(n, len(specials))]
+    x = rng.permutation(x).astype(dtype)
+    t = torch.from_numpy(x.copy()).unsqueeze(0)
+    xn, bits, masks = _bits(t)
+    for descending in (False, True):
+        perm = np.empty((1, n), dtype=np.int32)
+        got = _pav._sorted_row(xn[0], bits[0], masks, descending, perm[0])
+        # -0.0 sorts before +0.0 here (bit order); numpy treats them as equal: compare values
+        # everywhere and the permutation itself with signed zeros made equal.
+        key = np.where(x == 0, 0.0, x).astype(np.float64)
+        ref = np.argsort(-key if descending else key, kind="stable")
+        np.testing.assert_array_equal(got, x[ref].astype(np.float64))
+        zero = x[perm[0]] == 0
+        np.testing.assert_array_equal(perm[0][~zero], ref[~zero])
+        assert sorted(perm[0].tolist()) == list(range(n))
+
+
+@pytest.mark.skipif(not _pav.HAVE_NUMBA, reason="numba not installed")
+def test_numba_follows_torch_threads():
+    """numba's parallel loops use torch's thread count; the previous setting comes back."""
+    before = _pav.numba.get_num_threads()
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with _pav.numba_threads():
+            assert _pav.numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+    assert _pav.numba.get_num_threads() == before
 
 
 def test_dykstra_route_matches(rng):

@@ -35,7 +35,9 @@ Two implementations:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -129,25 +131,97 @@ if HAVE_NUMBA:
                     bid[b, i] = j
                     aux[b, i] = s1[j] if kl else s2[j]
 
-    @numba.njit(cache=True, parallel=True)
-    def _rank_forward(s, perm, c, kl, out, bid, coef):  # pragma: no cover
-        """soft_rank on rows whose z = c * s is sorted decreasingly; writes in input order.
+    @numba.njit(cache=True, nogil=True)
+    def _radix_argsort(
+        bits, masks, digit_bits, descending, key, key2, perm, perm2, count
+    ):  # pragma: no cover
+        """Stable LSD radix argsort of one row of floats, given as their bit patterns.
 
+        ``bits`` is the row viewed as uint32 or uint64; ``masks`` = (sign bit, all bits)
+        of that width as uint64. Each float is mapped to an unsigned key with the same
+        order (negative: flip every bit; otherwise: set the sign bit), reversed for
+        ``descending``; then ceil(width / digit_bits) stable counting passes, skipping a
+        pass where every key has the same digit. O(n + 2^digit_bits) per pass. Ties keep
+        their input order. Writes the sorting permutation into ``perm`` (int32).
+        """
+        n = bits.shape[0]
+        sign = masks[0]
+        full = masks[1]
+        for i in range(n):
+            u = np.uint64(bits[i])
+            if u & sign:
+                u = ~u & full
+            else:
+                u = u | sign
+            if descending:
+                u = full - u
+            key[i] = u
+            perm[i] = i
+        radix = 1 << digit_bits
+        dmask = np.uint64(radix - 1)
+        width = 64 if full == np.uint64(0xFFFFFFFFFFFFFFFF) else 32
+        shift = 0
+        while shift < width:
+            sh = np.uint64(shift)
+            count[:] = 0
+            for i in range(n):
+                count[np.intp((key[i] >> sh) & dmask)] += 1
+            if count[np.intp((key[0] >> sh) & dmask)] != n:  # otherwise the pass is the identity
+                total = 0
+                for d in range(radix):
+                    c = count[d]
+                    count[d] = total
+                    total += c
+                for i in range(n):
+                    d = np.intp((key[i] >> sh) & dmask)
+                    j = count[d]
+                    count[d] = j + 1
+                    key2[j] = key[i]
+                    perm2[j] = perm[i]
+                key, key2 = key2, key
+                perm, perm2 = perm2, perm
+            shift += digit_bits
+        return perm
+
+    @numba.njit(cache=True, nogil=True)
+    def _sorted_row(x, bits, masks, descending, perm_out):  # pragma: no cover
+        """Sort one row (radix on the bit patterns): writes perm_out, returns x[perm] (float64)."""
+        n = x.shape[0]
+        digit_bits = 8 if n < 4096 else 11
+        key = np.empty(n, dtype=np.uint64)
+        key2 = np.empty(n, dtype=np.uint64)
+        perm = np.empty(n, dtype=np.int32)
+        perm2 = np.empty(n, dtype=np.int32)
+        count = np.empty(1 << digit_bits, dtype=np.int64)
+        p = _radix_argsort(bits, masks, digit_bits, descending, key, key2, perm, perm2, count)
+        s = np.empty(n, dtype=np.float64)
+        for i in range(n):
+            perm_out[i] = p[i]
+            s[i] = np.float64(x[p[i]])
+        return s
+
+    @numba.njit(cache=True, parallel=True)
+    def _rank_forward(x, bits, masks, c, kl, out, perm, bid, coef):  # pragma: no cover
+        """soft_rank of rows x (B, n) in one pass per row: sort, PAV, write in input order.
+
+        The row is sorted so that z = c * x decreases (perm: the sorting permutation).
         out[perm[j]] = z_j - v_j (L2) or exp(z_j - v_j) (KL), with v the decreasing
         isotonic regression of z - rho (L2) or of z - log rho with log-weights log rho
         (KL); coef_j = 1/|B| (L2) or softmax_B(z)_j (KL) for the backward.
         """
-        B, n = s.shape
+        B, n = x.shape
         for b in numba.prange(B):
+            z = _sorted_row(x[b], bits[b], masks, c > 0, perm[b])
             y = np.empty(n, dtype=np.float64)
             lw = np.empty(n, dtype=np.float64)
             for i in range(n):
+                z[i] *= c
                 rho = np.float64(n - i)
                 if kl:
                     lw[i] = math.log(rho)
-                    y[i] = c * np.float64(s[b, i]) - lw[i]
+                    y[i] = z[i] - lw[i]
                 else:
-                    y[i] = c * np.float64(s[b, i]) - rho
+                    y[i] = z[i] - rho
             s1 = np.empty(n, dtype=np.float64)
             s2 = np.empty(n, dtype=np.float64)
             s_val = np.empty(n, dtype=np.float64)
@@ -157,30 +231,30 @@ if HAVE_NUMBA:
             for j in range(nb):
                 size = s_start[j + 1] - s_start[j]
                 for i in range(s_start[j], s_start[j + 1]):
-                    z = c * np.float64(s[b, i])
                     bid[b, i] = j
                     if kl:
-                        out[b, perm[b, i]] = math.exp(z - s_val[j])
-                        coef[b, i] = math.exp(z - s1[j])
+                        out[b, perm[b, i]] = math.exp(z[i] - s_val[j])
+                        coef[b, i] = math.exp(z[i] - s1[j])
                     else:
-                        out[b, perm[b, i]] = z - s_val[j]
+                        out[b, perm[b, i]] = z[i] - s_val[j]
                         coef[b, i] = 1.0 / size
 
     @numba.njit(cache=True, parallel=True)
-    def _sort_forward(s, inv_t, sign, kl, out, bid, coef):  # pragma: no cover
-        """soft_sort on rows s sorted decreasingly: out_j = sign (w_j - v_j), w = rho / t.
+    def _sort_forward(x, bits, masks, descending, inv_t, kl, out, perm, bid, coef):  # pragma: no cover
+        """soft_sort of rows x (B, n) in one pass per row: out_j = sign (w_j - v_j), w = rho / t.
 
+        s = sign * x sorted decreasingly (sign = +1 for ``descending``, -1 otherwise);
         v is the decreasing isotonic regression of w - s (L2; coef_j = 1/|B|) or its KL
         version with log-weights s (coef_j = softmax_B(s)_j).
         """
-        B, n = s.shape
+        B, n = x.shape
+        sign = 1.0 if descending else -1.0
         for b in numba.prange(B):
+            lw = _sorted_row(x[b], bits[b], masks, descending, perm[b])
             y = np.empty(n, dtype=np.float64)
-            lw = np.empty(n, dtype=np.float64)
             for i in range(n):
-                si = np.float64(s[b, i])
-                lw[i] = si
-                y[i] = np.float64(n - i) * inv_t - si
+                lw[i] *= sign
+                y[i] = np.float64(n - i) * inv_t - lw[i]
             s1 = np.empty(n, dtype=np.float64)
             s2 = np.empty(n, dtype=np.float64)
             s_val = np.empty(n, dtype=np.float64)
@@ -226,6 +300,21 @@ if HAVE_NUMBA:
                 start = end
 
 
+@contextlib.contextmanager
+def numba_threads() -> Iterator[None]:
+    """Run numba's parallel loops on as many threads as torch uses (``torch.set_num_threads``).
+
+    numba would otherwise use every core whatever torch was told, which oversubscribes a
+    machine shared with other work and makes timings against torch unfair.
+    """
+    previous = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
 def pav_numba(y: Tensor, w: Tensor | None, loss: str) -> tuple[Tensor, Tensor, Tensor]:
     """Stack PAV on CPU rows (B, n) of float32/float64, compiled by numba.
 
@@ -246,7 +335,8 @@ def pav_numba(y: Tensor, w: Tensor | None, loss: str) -> tuple[Tensor, Tensor, T
     aux = np.empty_like(yn)
     bid = np.empty(yn.shape, dtype=np.int64)
     if yn.size:
-        _pav_rows(yn, wn, weighted, loss == "kl", v, bid, aux)
+        with numba_threads():
+            _pav_rows(yn, wn, weighted, loss == "kl", v, bid, aux)
     return torch.from_numpy(v), torch.from_numpy(bid), torch.from_numpy(aux)
 
 

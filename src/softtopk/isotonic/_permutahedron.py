@@ -82,33 +82,43 @@ def _spread(
     g = g.contiguous()
     out = torch.empty_like(g)
     fac = factor.numpy() if factor is not None else np.ones((1, 1), dtype=g.numpy().dtype)
-    _pav._spread_backward(
-        g.numpy(),
-        fac,
-        factor is not None,
-        perm.numpy(),
-        read_sorted,
-        bid.numpy(),
-        coef.numpy(),
-        alpha,
-        beta,
-        out.numpy(),
-    )
+    with _pav.numba_threads():
+        _pav._spread_backward(
+            g.numpy(),
+            fac,
+            factor is not None,
+            perm.numpy(),
+            read_sorted,
+            bid.numpy(),
+            coef.numpy(),
+            alpha,
+            beta,
+            out.numpy(),
+        )
     return out
 
 
+def _bits(x: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x as a numpy array, its bit patterns as unsigned ints, (sign bit, all bits))."""
+    xn = x.numpy()
+    if xn.dtype == np.float32:
+        return xn, xn.view(np.uint32), np.array([1 << 31, (1 << 32) - 1], dtype=np.uint64)
+    return xn, xn.view(np.uint64), np.array([1 << 63, (1 << 64) - 1], dtype=np.uint64)
+
+
 class FusedSoftRank(torch.autograd.Function):
-    """soft_rank of CPU rows (B, n) in one numba pass after torch.sort (float64 inside)."""
+    """soft_rank of CPU rows (B, n): radix sort + PAV + unsort in one numba pass per row."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, t: float, kl: bool, descending: bool) -> Tensor:  # type: ignore[override]
         c = (-1.0 if descending else 1.0) / t
-        s, perm = x.detach().sort(-1, descending=not descending)
-        s, perm = s.contiguous(), perm.contiguous()
-        out = torch.empty_like(s)
-        bid = torch.empty(s.shape, dtype=torch.int32)
-        coef = torch.empty_like(s)
-        _pav._rank_forward(s.numpy(), perm.numpy(), c, kl, out.numpy(), bid.numpy(), coef.numpy())
+        xn, bits, masks = _bits(x.detach().contiguous())
+        out = torch.empty(x.shape, dtype=x.dtype)
+        perm = torch.empty(x.shape, dtype=torch.int32)
+        bid = torch.empty(x.shape, dtype=torch.int32)
+        coef = torch.empty(x.shape, dtype=x.dtype)
+        with _pav.numba_threads():
+            _pav._rank_forward(xn, bits, masks, c, kl, out.numpy(), perm.numpy(), bid.numpy(), coef.numpy())
         ctx.c, ctx.kl = c, kl
         ctx.save_for_backward(perm, bid, coef, out if kl else out.new_empty(0))
         return out
@@ -122,18 +132,19 @@ class FusedSoftRank(torch.autograd.Function):
 
 
 class FusedSoftSort(torch.autograd.Function):
-    """soft_sort of CPU rows (B, n) in one numba pass after torch.sort (float64 inside)."""
+    """soft_sort of CPU rows (B, n): radix sort + PAV in one numba pass per row."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, t: float, kl: bool, descending: bool) -> Tensor:  # type: ignore[override]
-        s, perm = x.detach().sort(-1, descending=descending)
-        s = s if descending else -s
-        s, perm = s.contiguous(), perm.contiguous()
-        out = torch.empty_like(s)
-        bid = torch.empty(s.shape, dtype=torch.int32)
-        coef = torch.empty_like(s)
-        sign = 1.0 if descending else -1.0
-        _pav._sort_forward(s.numpy(), 1.0 / t, sign, kl, out.numpy(), bid.numpy(), coef.numpy())
+        xn, bits, masks = _bits(x.detach().contiguous())
+        out = torch.empty(x.shape, dtype=x.dtype)
+        perm = torch.empty(x.shape, dtype=torch.int32)
+        bid = torch.empty(x.shape, dtype=torch.int32)
+        coef = torch.empty(x.shape, dtype=x.dtype)
+        with _pav.numba_threads():
+            _pav._sort_forward(
+                xn, bits, masks, descending, 1.0 / t, kl, out.numpy(), perm.numpy(), bid.numpy(), coef.numpy()
+            )
         ctx.save_for_backward(perm, bid, coef)
         return out
 
