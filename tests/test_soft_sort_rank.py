@@ -10,6 +10,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -320,7 +324,7 @@ def test_radix_argsort_is_a_stable_sort(rng, dtype, n):
 
 @pytest.mark.skipif(not _pav.HAVE_NUMBA, reason="numba not installed")
 def test_numba_follows_torch_threads():
-    """numba's parallel loops use torch's thread count; the previous setting comes back."""
+    """numba's loops use torch's thread count, and the caller's numba setting comes back."""
     before = _pav.numba.get_num_threads()
     previous = torch.get_num_threads()
     try:
@@ -330,6 +334,19 @@ def test_numba_follows_torch_threads():
     finally:
         torch.set_num_threads(previous)
     assert _pav.numba.get_num_threads() == before
+
+
+@pytest.mark.skipif(not _pav.HAVE_NUMBA, reason="numba not installed")
+def test_a_call_leaves_torch_threads_alone():
+    """numba's OpenMP layer shares torch's pool; its first launch used to reset torch's count."""
+    code = (
+        "import torch, softtopk; x = torch.randn(8, 300, requires_grad=True); "
+        "softtopk.soft_rank(x).sum().backward(); softtopk.isotonic_regression(x.detach()); "
+        "print(torch.get_num_threads())"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "1"
 
 
 def test_dykstra_route_matches(rng):

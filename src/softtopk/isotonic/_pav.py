@@ -302,17 +302,22 @@ if HAVE_NUMBA:
 
 @contextlib.contextmanager
 def numba_threads() -> Iterator[None]:
-    """Run numba's parallel loops on as many threads as torch uses (``torch.set_num_threads``).
+    """Run numba's parallel loops on as many threads as torch uses, and leave torch's count alone.
 
-    numba would otherwise use every core whatever torch was told, which oversubscribes a
-    machine shared with other work and makes timings against torch unfair.
+    numba would otherwise use every core whatever ``torch.set_num_threads`` said, which
+    oversubscribes a machine shared with other work and makes timings against torch unfair.
+    With numba's OpenMP threading layer (the usual one next to torch) a parallel launch also
+    resets the OpenMP thread count that torch reads; it is put back afterwards.
     """
+    torch_threads = torch.get_num_threads()
     previous = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS)))
     try:
         yield
     finally:
         numba.set_num_threads(previous)
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
 
 def pav_numba(y: Tensor, w: Tensor | None, loss: str) -> tuple[Tensor, Tensor, Tensor]:
