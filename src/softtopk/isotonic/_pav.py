@@ -201,40 +201,40 @@ if HAVE_NUMBA:
         return s
 
     @numba.njit(cache=True, parallel=True)
-    def _rank_forward(x, bits, masks, c, kl, out, perm, bid, coef):  # pragma: no cover
+    def _rank_forward(x, bits, masks, c, kl, log_rho, out, perm, bid, coef):  # pragma: no cover
         """soft_rank of rows x (B, n) in one pass per row: sort, PAV, write in input order.
 
         The row is sorted so that z = c * x decreases (perm: the sorting permutation).
         out[perm[j]] = z_j - v_j (L2) or exp(z_j - v_j) (KL), with v the decreasing
         isotonic regression of z - rho (L2) or of z - log rho with log-weights log rho
-        (KL); coef_j = 1/|B| (L2) or softmax_B(z)_j (KL) for the backward.
+        (KL; ``log_rho`` = log(n, ..., 1), shared by the rows); coef_j = 1/|B| (L2) or
+        softmax_B(z)_j = exp(z_j - v_B) / sum_B rho (KL) for the backward.
         """
         B, n = x.shape
         for b in numba.prange(B):
             z = _sorted_row(x[b], bits[b], masks, c > 0, perm[b])
             y = np.empty(n, dtype=np.float64)
-            lw = np.empty(n, dtype=np.float64)
             for i in range(n):
                 z[i] *= c
-                rho = np.float64(n - i)
-                if kl:
-                    lw[i] = math.log(rho)
-                    y[i] = z[i] - lw[i]
-                else:
-                    y[i] = z[i] - rho
+                y[i] = z[i] - (log_rho[i] if kl else np.float64(n - i))
             s1 = np.empty(n, dtype=np.float64)
             s2 = np.empty(n, dtype=np.float64)
             s_val = np.empty(n, dtype=np.float64)
             s_start = np.empty(n + 1, dtype=np.int64)
-            nb = _pav_stack(y, lw, kl, kl, s1, s2, s_val, s_start)
+            nb = _pav_stack(y, log_rho, kl, kl, s1, s2, s_val, s_start)
             s_start[nb] = n
             for j in range(nb):
-                size = s_start[j + 1] - s_start[j]
-                for i in range(s_start[j], s_start[j + 1]):
+                start = s_start[j]
+                size = s_start[j + 1] - start
+                # sum of rho = n - i over the block's positions i = start, ..., start + size - 1
+                rho_sum = size * (n - start) - 0.5 * size * (size - 1)
+                for i in range(start, start + size):
                     bid[b, i] = j
                     if kl:
-                        out[b, perm[b, i]] = math.exp(z[i] - s_val[j])
-                        coef[b, i] = math.exp(z[i] - s1[j])
+                        e = math.exp(z[i] - s_val[j])
+                        out[b, perm[b, i]] = e
+                        # a block of one: softmax is exactly 1 (keeps saturated gradients at 0)
+                        coef[b, i] = e / rho_sum if size > 1 else 1.0
                     else:
                         out[b, perm[b, i]] = z[i] - s_val[j]
                         coef[b, i] = 1.0 / size

@@ -118,7 +118,10 @@ class FusedSoftRank(torch.autograd.Function):
         bid = torch.empty(x.shape, dtype=torch.int32)
         coef = torch.empty(x.shape, dtype=x.dtype)
         with _pav.numba_threads():
-            _pav._rank_forward(xn, bits, masks, c, kl, out.numpy(), perm.numpy(), bid.numpy(), coef.numpy())
+            log_rho = np.log(np.arange(x.shape[-1], 0, -1, dtype=np.float64))
+            _pav._rank_forward(
+                xn, bits, masks, c, kl, log_rho, out.numpy(), perm.numpy(), bid.numpy(), coef.numpy()
+            )
         ctx.c, ctx.kl = c, kl
         ctx.save_for_backward(perm, bid, coef, out if kl else out.new_empty(0))
         return out
