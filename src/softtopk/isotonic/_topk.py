@@ -87,7 +87,10 @@ def isotonic_sparse_mask(
     w = _capped_steps(k_safe, n)
     max_iter = TOPK_DYKSTRA_MAX_ITER
     v = isotonic_rows(s - t * w, None, "l2", solver, max_iter, 1e-6)[0]
-    ys = ((s - v) / t).clamp(0.0, 1.0)
+    ys = (s - v) / t
+    # y lies in [0, 1] exactly; the clamp removes rounding only, so it must not cut the
+    # gradient of an entry that rounding put a hair above 1 or below 0.
+    ys = ys + (ys.detach().clamp(0.0, 1.0) - ys.detach())
     y = torch.zeros_like(ys).scatter(-1, perm, ys)
     y, _ = apply_rules(x.detach(), y, torch.zeros_like(y.detach()), k, rules)
     return y
