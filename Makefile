@@ -75,7 +75,7 @@ $(VENV)/.docs: $(VENV)/.installed
 # Built offline from the docstrings; the operator table is generated from the registry.
 docs: $(VENV)/.docs
 	rm -rf site
-	$(BIN)/sphinx-build -q -b html docs site
+	$(BIN)/sphinx-build -q -W --keep-going -b html docs site
 	test -f site/index.html && test -f site/which-operator.html && test -f site/operators.html
 
 format: $(VENV)/.installed

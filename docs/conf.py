@@ -33,6 +33,9 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
+# NamedTuple fields are documented by autodoc already; "Attributes:" sections become
+# :ivar: fields so that the two do not describe the same object twice.
+napoleon_use_ivar = True
 suppress_warnings = ["myst.header"]
 try:
     import furo  # noqa: F401
@@ -83,6 +86,17 @@ def write_results_page() -> None:
             ":maxdepth: 3",
             "",
             "experiments/report",
+            "```",
+        ]
+    if (HERE / "experiments" / "other-operators-partial.md").is_file():
+        lines += [
+            "",
+            "Tables from a run of the other operators that was stopped before its end (labelled as partial):",
+            "",
+            "```{toctree}",
+            ":maxdepth: 1",
+            "",
+            "experiments/other-operators-partial",
             "```",
         ]
     else:

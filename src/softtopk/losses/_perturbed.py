@@ -48,7 +48,7 @@ def fenchel_young_topk_loss(
         num_samples: noise draws M (default 100).
         noise: ``"gaussian"`` (default) or ``"gumbel"``.
         generator: torch.Generator for the noise.
-        noise_samples: explicit noise (num_samples, *x.shape).
+        noise_samples: explicit noise ``(num_samples, *x.shape)``.
         reduction: ``"mean"`` (default, over rows), ``"sum"`` or ``"none"`` (x's shape
             without ``dim``).
 

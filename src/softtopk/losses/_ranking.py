@@ -258,7 +258,7 @@ class CascadeLoss(nn.Module):
 
 
 def uncertainty_weighted(stages: Tensor, joint: Tensor, weights: Tensor) -> Tensor:
-    r"""sum_s L_s / (2 w_s^2) + L_joint + log prod_s |w_s| (the combination of DFTopK and LCRON).
+    r"""sum_s L_s / (2 w_s^2) + L_joint + log prod_s abs(w_s) (the combination of DFTopK and LCRON).
 
     .. math::
 
@@ -299,8 +299,8 @@ def lambda_loss(
         \rho_{ij} = \Big|\frac{1}{D_i} - \frac{1}{D_j}\Big|,\quad
         \delta_{ij} = \Big|\frac{1}{D(|r_i - r_j|)} - \frac{1}{D(|r_i - r_j| + 1)}\Big|
 
-    with w = rho |G_i - G_j| (``"lambdarank"``, the |Delta NDCG| of LambdaRank),
-    delta |G_i - G_j| (``"ndcg2"``, NDCG-Loss2) or (rho + mu delta)|G_i - G_j|
+    with w = rho abs(G_i - G_j) (``"lambdarank"``, the abs(Delta NDCG) of LambdaRank),
+    delta abs(G_i - G_j) (``"ndcg2"``, NDCG-Loss2) or (rho + mu delta) abs(G_i - G_j)
     (``"ndcg2++"``, NDCG-Loss2++). With k, maxDCG is taken at k and only pairs with an
     item ranked in the top k count (NDCG@k): at least one of the two (``"either"``, as
     LambdaMART's truncation level) or both (``"both"``, as allRank's ``lambdaLoss``).

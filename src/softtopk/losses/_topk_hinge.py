@@ -59,8 +59,8 @@ def smoothed_kth_value(
         num_samples: M (default 5, as pytopk; or the size of ``noise_samples``).
         noise: ``"gaussian"`` (default, as pytopk) or ``"gumbel"``.
         generator: torch.Generator the noise is drawn from (default: the global one).
-        noise_samples: explicit standard noise of shape (num_samples, *x.shape);
-            pytopk's Z of shape (*x.shape, M) is ``Z.movedim(-1, 0)``.
+        noise_samples: explicit standard noise of shape ``(num_samples, *x.shape)``;
+            pytopk's Z of shape ``(*x.shape, M)`` is ``Z.movedim(-1, 0)``.
 
     Returns:
         Tensor of x's shape without ``dim``, x's dtype.
@@ -167,7 +167,7 @@ def balanced_topk_hinge_loss(
         num_samples: noise draws (default 5, as pytopk).
         noise: ``"gaussian"`` (default) or ``"gumbel"``.
         generator: torch.Generator for the noise.
-        noise_samples: explicit noise (num_samples, *scores.shape).
+        noise_samples: explicit noise ``(num_samples, *scores.shape)``.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
 
     Example:
@@ -261,7 +261,7 @@ def imbalanced_topk_hinge_loss(
         num_samples: noise draws (default 5, as pytopk).
         noise: ``"gaussian"`` (default) or ``"gumbel"``.
         generator: torch.Generator for the noise.
-        noise_samples: explicit noise (num_samples, *scores.shape).
+        noise_samples: explicit noise ``(num_samples, *scores.shape)``.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
 
     Example:

@@ -70,7 +70,7 @@ def topk_indicators(
       does not rescale the scores: their scale sets how soft Y is.
     * ``"perturbed"`` (Berthet et al. 2020): Y = E[one-hot rows of topk(x + tZ)] over
       ``num_samples`` (default 100) Gaussian or Gumbel draws (``noise``, ``generator``
-      or explicit ``noise_samples`` of shape (num_samples, *x.shape)), score-function
+      or explicit ``noise_samples`` of shape ``(num_samples, *x.shape)``), score-function
       backward on the same draws.
     * ``"neuralsort"``, ``"softsort"``, ``"odd_even"``, ``"bitonic"``: the first k rows
       of the relaxed permutation matrix (see :func:`softtopk.permutation_topk_mask`;
@@ -92,7 +92,7 @@ def topk_indicators(
         num_samples: ``"perturbed"`` only: number of noise draws (default 100).
         noise: ``"perturbed"`` only: ``"gaussian"`` (default) or ``"gumbel"``.
         generator: ``"perturbed"`` only: the torch.Generator to draw from.
-        noise_samples: ``"perturbed"`` only: explicit draws (num_samples, *x.shape).
+        noise_samples: ``"perturbed"`` only: explicit draws ``(num_samples, *x.shape)``.
         power: ``"softsort"`` only (see :func:`softtopk.permutation_topk_mask`).
         distribution: ``"odd_even"`` and ``"bitonic"`` only (idem).
         art_lambda: ``"odd_even"`` and ``"bitonic"`` only (idem).

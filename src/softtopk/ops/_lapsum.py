@@ -17,7 +17,7 @@ def lapsum_mask(x: Tensor, k: Tensor, *, temperature: float, solver: str = "auto
         \qquad \sum_i y_i = k.
 
     The temperature is LapSum's ``alpha`` (the paper selects the largest entries with
-    alpha < 0; here t = |alpha| > 0 and the largest entries are selected). LapSum finds b
+    alpha < 0; here t = abs(alpha) > 0 and the largest entries are selected). LapSum finds b
     after a sort; the default solver finds the same b without one, and ``solver="sort"``
     runs the paper's closed form. Dense: every entry is in (0, 1).
 

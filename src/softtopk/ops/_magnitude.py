@@ -183,10 +183,10 @@ def topk_mag(
     p: float = 2.0,
     debias: bool = True,
 ) -> Tensor:
-    r"""Sparse soft top-k in magnitude: keeps the k largest |x| with a smooth transition.
+    r"""Sparse soft top-k in magnitude: keeps the k largest abs(x) with a smooth transition.
 
-    The hard operator is ``x * topk_mask(|x|)``. Sander et al. (2023) smooth it with a
-    p-norm regulariser; with s = |x| the result is a threshold of s with one scalar tau
+    The hard operator is ``x * topk_mask(abs(x))``. Sander et al. (2023) smooth it with a
+    p-norm regulariser; with s = abs(x) the result is a threshold of s with one scalar tau
     per row. For p = 2 it is a firm threshold:
 
     .. math::
@@ -203,10 +203,10 @@ def topk_mag(
     the other top-k entries keep s, and tau solves
     :math:`\sum_{i\le k}\min((s_i-\tau)_+^3 - l^3\tau, 0) + \sum_{i>k}(s_i - \tau)_+^3 = 0`
     (i the rank by magnitude).
-    Either way tau is found by one selection of the largest |x| (no sort of the row) and
+    Either way tau is found by one selection of the largest abs(x) (no sort of the row) and
     an exact solve on those, and the output equals the reference's sort + (weighted)
     isotonic regression route. For p = 2 the result is exactly the hard operator when
-    |x|_(k) >= (1 + l) |x|_(k+1).
+    ``abs(x)_(k) >= (1 + l) abs(x)_(k+1)`` (sorted magnitudes).
 
     ``debias=True`` (the default, as in the reference code) returns what the reference
     returns: kept entries keep their value. ``debias=False`` returns the gradient of the

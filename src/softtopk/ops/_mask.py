@@ -130,7 +130,7 @@ def topk_mask(
             (default: the global generator of x's device). The backward replays the
             same draws from the state saved at the call.
         noise_samples: ``"perturbed"`` only: explicit standard noise draws of shape
-            (num_samples, *x.shape), instead of a generator.
+            ``(num_samples, *x.shape)``, instead of a generator.
 
     Returns:
         Tensor with the shape and dtype of x.

@@ -83,7 +83,7 @@ def neuralsort_rows(x: Tensor, K: int, temperature: float) -> Tensor:
 
     (Grover et al. 2019, row r a soft one-hot of the r-th largest). The row sums A 1 come
     from a sort and prefix sums; the logits are formed in float64 because they are
-    O(n |x| / tau) while the differences that matter are O(|x| / tau). -inf entries are
+    O(n max abs(x) / tau) while the differences that matter are O(max abs(x) / tau). -inf entries are
     absent (n counts the others); rows r beyond that count are zero.
     """
     present, count, xs = _present(x)
@@ -390,8 +390,8 @@ def permutation_topk_mask(
     where row r of the relaxed permutation P is a soft one-hot of the r-th largest entry:
 
     * ``"neuralsort"`` (Grover et al. 2019): P_r = softmax(((n + 1 - 2r) x - A 1)/t),
-      A_jl = |x_j - x_l|; row-stochastic only, so entries of y can exceed 1.
-    * ``"softsort"`` (Prillo and Akinola 2020): P_r = softmax(-|x_(r) - x|^power / t);
+      A_jl = abs(x_j - x_l); row-stochastic only, so entries of y can exceed 1.
+    * ``"softsort"`` (Prillo and Akinola 2020): P_r = softmax(-abs(x_(r) - x)^power / t);
       row-stochastic only.
     * ``"odd_even"``, ``"bitonic"`` (Petersen et al. 2021, 2022): relaxed comparators
       min' = alpha a + (1 - alpha) b, max' = (1 - alpha) a + alpha b with
@@ -413,7 +413,7 @@ def permutation_topk_mask(
         dim: dimension to select along.
         method: ``"neuralsort"``, ``"softsort"``, ``"odd_even"`` or ``"bitonic"``.
         temperature: t > 0 (NeuralSort's and SoftSort's tau; 1 / steepness for networks).
-        power: SoftSort's exponent of |x_(r) - x_j| (default 1).
+        power: SoftSort's exponent of abs(x_(r) - x_j) (default 1).
         distribution: the comparator CDF of a network (default ``"cauchy"``).
         art_lambda: lambda of ``"logistic_phi"`` (default 0.25).
 

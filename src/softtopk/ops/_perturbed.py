@@ -120,7 +120,7 @@ def perturbation(
         noise: None (``"gaussian"``), ``"gaussian"`` or ``"gumbel"``.
         generator: None (draws from the default generator of x's device, advancing it)
             or a ``torch.Generator`` on x's device.
-        noise_samples: None or a tensor (num_samples, *x.shape) of standard noise draws.
+        noise_samples: None or a tensor ``(num_samples, *x.shape)`` of standard noise draws.
         default_samples: num_samples when neither it nor noise_samples is given.
     """
     noise = "gaussian" if noise is None else check_choice(noise, "noise", NOISES)
@@ -130,7 +130,7 @@ def perturbation(
             raise ValueError("pass either generator or noise_samples, not both")
         if z.dim() != x.dim() + 1 or tuple(z.shape[1:]) != tuple(x.shape):
             raise ValueError(
-                "noise_samples must have shape (num_samples, *x.shape) = "
+                "noise_samples must have shape ``(num_samples, *x.shape)`` = "
                 f"(M, {', '.join(map(str, x.shape))}); got {tuple(z.shape)}"
             )
         if z.device != x.device:
