@@ -21,7 +21,7 @@ import torch
 import softtopk
 from softtopk.isotonic import _function as iso_function
 from softtopk.isotonic import _pav
-from softtopk.isotonic._permutahedron import _bits
+from softtopk.isotonic._permutahedron import _fused_buffers
 from tests.conftest import cuda_available
 from tests.reference import oracles
 
@@ -308,10 +308,10 @@ def test_radix_argsort_is_a_stable_sort(rng, dtype, n):
     x[: min(n, len(specials))] = specials[: min(n, len(specials))]
     x = rng.permutation(x).astype(dtype)
     t = torch.from_numpy(x.copy()).unsqueeze(0)
-    xn, bits, masks = _bits(t)
+    f = _fused_buffers(t)
     for descending in (False, True):
         perm = np.empty((1, n), dtype=np.int32)
-        got = _pav._sorted_row(xn[0], bits[0], masks, descending, perm[0])
+        got = _pav._sorted_row(f.x[0], f.bits[0], f.masks, descending, perm[0])
         # -0.0 sorts before +0.0 here (bit order); numpy treats them as equal: compare values
         # everywhere and the permutation itself with signed zeros made equal.
         key = np.where(x == 0, 0.0, x).astype(np.float64)

@@ -15,7 +15,7 @@ the outputs are differences of large numbers, which float32 would round to the u
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -98,12 +98,30 @@ def _spread(
     return out
 
 
-def _bits(x: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x as a numpy array, its bit patterns as unsigned ints, (sign bit, all bits))."""
-    xn = x.numpy()
+class _Fused(NamedTuple):
+    """What a fused numba pass reads and writes, for rows x (B, n) on the CPU."""
+
+    x: np.ndarray  # the rows, float32 or float64
+    bits: np.ndarray  # the same memory as unsigned ints (the radix sort's keys)
+    masks: np.ndarray  # (sign bit, all bits) of that width, uint64
+    out: Tensor  # the result, x's dtype
+    perm: Tensor  # the sorting permutation, int32
+    bid: Tensor  # block index of every sorted position, int32
+    coef: Tensor  # the backward's per-position block weight, x's dtype
+
+    def kernel_outputs(self) -> tuple[np.ndarray, ...]:
+        return self.out.numpy(), self.perm.numpy(), self.bid.numpy(), self.coef.numpy()
+
+
+def _fused_buffers(x: Tensor) -> _Fused:
+    xn = x.detach().contiguous().numpy()
     if xn.dtype == np.float32:
-        return xn, xn.view(np.uint32), np.array([1 << 31, (1 << 32) - 1], dtype=np.uint64)
-    return xn, xn.view(np.uint64), np.array([1 << 63, (1 << 64) - 1], dtype=np.uint64)
+        bits, masks = xn.view(np.uint32), np.array([1 << 31, (1 << 32) - 1], dtype=np.uint64)
+    else:
+        bits, masks = xn.view(np.uint64), np.array([1 << 63, (1 << 64) - 1], dtype=np.uint64)
+    out, coef = torch.empty(x.shape, dtype=x.dtype), torch.empty(x.shape, dtype=x.dtype)
+    perm, bid = torch.empty(x.shape, dtype=torch.int32), torch.empty(x.shape, dtype=torch.int32)
+    return _Fused(xn, bits, masks, out, perm, bid, coef)
 
 
 class FusedSoftRank(torch.autograd.Function):
@@ -112,16 +130,11 @@ class FusedSoftRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, t: float, kl: bool, descending: bool) -> Tensor:  # type: ignore[override]
         c = (-1.0 if descending else 1.0) / t
-        xn, bits, masks = _bits(x.detach().contiguous())
-        out = torch.empty(x.shape, dtype=x.dtype)
-        perm = torch.empty(x.shape, dtype=torch.int32)
-        bid = torch.empty(x.shape, dtype=torch.int32)
-        coef = torch.empty(x.shape, dtype=x.dtype)
+        f = _fused_buffers(x)
+        log_rho = np.log(np.arange(x.shape[-1], 0, -1, dtype=np.float64))
         with _pav.numba_threads():
-            log_rho = np.log(np.arange(x.shape[-1], 0, -1, dtype=np.float64))
-            _pav._rank_forward(
-                xn, bits, masks, c, kl, log_rho, out.numpy(), perm.numpy(), bid.numpy(), coef.numpy()
-            )
+            _pav._rank_forward(f.x, f.bits, f.masks, c, kl, log_rho, *f.kernel_outputs())
+        out, perm, bid, coef = f.out, f.perm, f.bid, f.coef
         ctx.c, ctx.kl = c, kl
         ctx.save_for_backward(perm, bid, coef, out if kl else out.new_empty(0))
         return out
@@ -139,15 +152,10 @@ class FusedSoftSort(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, t: float, kl: bool, descending: bool) -> Tensor:  # type: ignore[override]
-        xn, bits, masks = _bits(x.detach().contiguous())
-        out = torch.empty(x.shape, dtype=x.dtype)
-        perm = torch.empty(x.shape, dtype=torch.int32)
-        bid = torch.empty(x.shape, dtype=torch.int32)
-        coef = torch.empty(x.shape, dtype=x.dtype)
+        f = _fused_buffers(x)
         with _pav.numba_threads():
-            _pav._sort_forward(
-                xn, bits, masks, descending, 1.0 / t, kl, out.numpy(), perm.numpy(), bid.numpy(), coef.numpy()
-            )
+            _pav._sort_forward(f.x, f.bits, f.masks, descending, 1.0 / t, kl, *f.kernel_outputs())
+        out, perm, bid, coef = f.out, f.perm, f.bid, f.coef
         ctx.save_for_backward(perm, bid, coef)
         return out
 
