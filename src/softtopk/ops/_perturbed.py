@@ -130,7 +130,7 @@ def perturbation(
             raise ValueError("pass either generator or noise_samples, not both")
         if z.dim() != x.dim() + 1 or tuple(z.shape[1:]) != tuple(x.shape):
             raise ValueError(
-                "noise_samples must have shape ``(num_samples, *x.shape)`` = "
+                "noise_samples must have shape (num_samples, *x.shape) = "
                 f"(M, {', '.join(map(str, x.shape))}); got {tuple(z.shape)}"
             )
         if z.device != x.device:
