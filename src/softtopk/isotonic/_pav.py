@@ -67,14 +67,19 @@ if HAVE_NUMBA:
         return a + math.log1p(math.exp(b - a))
 
     @numba.njit(cache=True, nogil=True)
-    def _pav_stack(y, wt, weighted, kl, s1, s2, s_val, s_start):  # pragma: no cover
+    def _pav_stack(y, wt, weighted, kl):  # pragma: no cover
         """Stack PAV of one float64 row (decreasing fit, strict pooling).
 
-        Leaves one entry per block on the stacks: s_start (first position), s_val (value)
-        and the block statistics s1, s2: (sum w y, sum w) for L2, (LSE(y + lw), LSE(lw))
-        for KL (wt holds w for L2, log w for KL). Returns the number of blocks.
+        Returns (nb, s1, s2, s_val, s_start): the number of blocks and one stack entry per
+        block, s_start (first position; s_start[nb] = n), s_val (value) and the block
+        statistics s1, s2: (sum w y, sum w) for L2, (LSE(y + lw), LSE(lw)) for KL (wt
+        holds w for L2, log w for KL).
         """
         n = y.shape[0]
+        s1 = np.empty(n, dtype=np.float64)
+        s2 = np.empty(n, dtype=np.float64)
+        s_val = np.empty(n, dtype=np.float64)
+        s_start = np.empty(n + 1, dtype=np.int64)
         # Differences at rounding level (a pooled mean of tied values vs the next tie) are
         # not violations: tied entries are not pooled because of rounding.
         tie = 0.0
@@ -107,7 +112,8 @@ if HAVE_NUMBA:
             s2[top] = c
             s_val[top] = val
             s_start[top] = start
-        return top + 1
+        s_start[top + 1] = n
+        return top + 1, s1, s2, s_val, s_start
 
     @numba.njit(cache=True, parallel=True)
     def _pav_rows(y, wt, weighted, kl, v, bid, aux):  # pragma: no cover
@@ -119,12 +125,7 @@ if HAVE_NUMBA:
                 yy[i] = y[b, i]
                 if weighted:
                     ww[i] = wt[b, i]
-            s1 = np.empty(n, dtype=np.float64)
-            s2 = np.empty(n, dtype=np.float64)
-            s_val = np.empty(n, dtype=np.float64)
-            s_start = np.empty(n + 1, dtype=np.int64)
-            nb = _pav_stack(yy, ww, weighted, kl, s1, s2, s_val, s_start)
-            s_start[nb] = n
+            nb, s1, s2, s_val, s_start = _pav_stack(yy, ww, weighted, kl)
             for j in range(nb):
                 for i in range(s_start[j], s_start[j + 1]):
                     v[b, i] = s_val[j]
@@ -217,12 +218,7 @@ if HAVE_NUMBA:
             for i in range(n):
                 z[i] *= c
                 y[i] = z[i] - (log_rho[i] if kl else np.float64(n - i))
-            s1 = np.empty(n, dtype=np.float64)
-            s2 = np.empty(n, dtype=np.float64)
-            s_val = np.empty(n, dtype=np.float64)
-            s_start = np.empty(n + 1, dtype=np.int64)
-            nb = _pav_stack(y, log_rho, kl, kl, s1, s2, s_val, s_start)
-            s_start[nb] = n
+            nb, s1, s2, s_val, s_start = _pav_stack(y, log_rho, kl, kl)
             for j in range(nb):
                 start = s_start[j]
                 size = s_start[j + 1] - start
@@ -255,12 +251,7 @@ if HAVE_NUMBA:
             for i in range(n):
                 lw[i] *= sign
                 y[i] = np.float64(n - i) * inv_t - lw[i]
-            s1 = np.empty(n, dtype=np.float64)
-            s2 = np.empty(n, dtype=np.float64)
-            s_val = np.empty(n, dtype=np.float64)
-            s_start = np.empty(n + 1, dtype=np.int64)
-            nb = _pav_stack(y, lw, kl, kl, s1, s2, s_val, s_start)
-            s_start[nb] = n
+            nb, s1, s2, s_val, s_start = _pav_stack(y, lw, kl, kl)
             for j in range(nb):
                 size = s_start[j + 1] - s_start[j]
                 for i in range(s_start[j], s_start[j + 1]):
