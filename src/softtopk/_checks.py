@@ -41,12 +41,27 @@ def check_tensor(x: object, name: str = "x") -> Tensor:
 
 def check_dim(dim: object, ndim: int) -> int:
     """Returns ``dim`` as a non-negative index into a tensor of rank ``ndim``."""
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__} {dim!r}")
-    dim = int(dim)
+    dim = check_int(dim, "dim")
     if not -ndim <= dim < ndim:
         raise ValueError(f"dim must be in [{-ndim}, {ndim - 1}] for a {ndim}-d input, got {dim}")
     return dim % ndim
+
+
+def check_int(value: object, name: str) -> int:
+    """Checks an integer (Python or NumPy; not a bool) and returns it as a Python int.
+
+    Ranges differ from argument to argument, so callers check them with their own message.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def check_bool(value: object, name: str) -> bool:
+    """Checks a Python bool (not a number or a tensor standing for one)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
 
 
 def check_positive(value: object, name: str) -> float:

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._checks import check_bool
+
 
 def topk_sparsify(acc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     r"""The k largest entries of a flat tensor in magnitude, and what is left.
@@ -89,8 +91,7 @@ class TopKCompressionState:
             or not 0 < self.ratio <= 1
         ):
             raise ValueError(f"ratio must be in (0, 1], got {self.ratio!r}")
-        if not isinstance(self.error_feedback, bool):
-            raise TypeError(f"error_feedback must be a bool, got {self.error_feedback!r}")
+        check_bool(self.error_feedback, "error_feedback")
         if (
             isinstance(self.warmup_steps, bool)
             or not isinstance(self.warmup_steps, int)

@@ -21,7 +21,16 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_choice, check_dim, check_tensor, compute_dtype, is_tracing, to_rows
+from .._checks import (
+    check_bool,
+    check_choice,
+    check_dim,
+    check_int,
+    check_tensor,
+    compute_dtype,
+    is_tracing,
+    to_rows,
+)
 from ._dykstra import dykstra
 from ._pav import HAVE_NUMBA, pav_numba, pav_torch, segment_sum
 
@@ -154,9 +163,8 @@ def isotonic_rows(
     return v, bid, converged, iterations, route
 
 
-def check_int(value: object, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+def check_int_at_least(value: object, name: str, low: int) -> int:
+    value = check_int(value, name)
     if value < low:
         raise ValueError(f"{name} must be at least {low}, got {value!r}")
     return value
@@ -238,11 +246,10 @@ def isotonic_regression(
     """
     y = check_tensor(y, "y")
     d = check_dim(dim, y.dim())
-    if not isinstance(increasing, bool):
-        raise TypeError(f"increasing must be a bool, got {type(increasing).__name__} {increasing!r}")
+    check_bool(increasing, "increasing")
     loss = check_choice(loss, "loss", LOSSES)
     solver = check_choice(solver, "solver", SOLVERS)
-    max_iter = check_int(max_iter, "max_iter", 0)
+    max_iter = check_int_at_least(max_iter, "max_iter", 0)
     tol = check_tol(tol)
     cd = compute_dtype(y.dtype)
     rows, restore = to_rows(y, d)

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._checks import (
+    check_bool,
     check_choice,
     check_dim,
     check_positive,
@@ -190,12 +191,6 @@ def _check_common(
     return x, d, regularization, solver
 
 
-def _check_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
-
-
 def permutahedron_projection(
     x: Tensor,
     w: Tensor,
@@ -320,7 +315,7 @@ def soft_rank(
     """
     x, d, regularization, solver = _check_common(x, dim, regularization, solver)
     t = check_positive(temperature, "temperature")
-    descending = _check_bool(descending, "descending")
+    descending = check_bool(descending, "descending")
     rows, restore = to_rows(x, d)
     if rows.numel() == 0:
         return torch.zeros_like(x)
@@ -391,7 +386,7 @@ def soft_sort(
     """
     x, d, regularization, solver = _check_common(x, dim, regularization, solver)
     t = check_positive(temperature, "temperature")
-    descending = _check_bool(descending, "descending")
+    descending = check_bool(descending, "descending")
     n = x.shape[d]
     if k is not None:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral):

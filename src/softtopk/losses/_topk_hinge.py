@@ -9,7 +9,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_dim, check_positive, check_tensor, compute_dtype, prepare_k, to_rows
+from .._checks import (
+    check_choice,
+    check_dim,
+    check_int,
+    check_positive,
+    check_tensor,
+    compute_dtype,
+    prepare_k,
+    to_rows,
+)
 from ..ops._perturbed import perturbation, smoothed_kth_rows
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -124,13 +133,12 @@ def _class_scores(scores: Tensor, target: Tensor, d: int) -> Tensor:
 
 
 def _check_hinge_k(k: object, n: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}")
-    if not 1 <= int(k) <= n - 1:
+    k = check_int(k, "k")
+    if not 1 <= k <= n - 1:
         raise ValueError(
             f"k must be an int in [1, n - 1] = [1, {n - 1}] (the loss uses the (k+1)-th value), got {k}"
         )
-    return int(k)
+    return k
 
 
 def balanced_topk_hinge_loss(

@@ -8,13 +8,12 @@ last dimension and returns one value per row (``reduction="none"``) or their mea
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_tensor
+from .._checks import check_choice, check_int, check_tensor
 
 
 def _reduce(values: Tensor, reduction: str) -> Tensor:
@@ -25,11 +24,10 @@ def _reduce(values: Tensor, reduction: str) -> Tensor:
 
 
 def _check_count(value: object, name: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if not lo <= int(value) <= hi:
+    value = check_int(value, name)
+    if not lo <= value <= hi:
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return int(value)
+    return value
 
 
 def _check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_dim, check_positive, check_tensor
+from .._checks import check_bool, check_dim, check_positive, check_tensor
 from ..ops import soft_threshold_p_mask, threshold_p_mask, topk_mask
 from ..registry import resolve
 
@@ -112,8 +112,7 @@ def depth_route(
     d = check_dim(dim, logits.dim())
     if (capacity is None) == (p is None):
         raise ValueError(f"give exactly one of capacity and p, got capacity={capacity!r}, p={p!r}")
-    if not isinstance(per_token, bool):
-        raise TypeError(f"per_token must be a bool, got {type(per_token).__name__} {per_token!r}")
+    check_bool(per_token, "per_token")
     op = resolve(method)
     t = op.temperature if temperature is None else check_positive(temperature, "temperature")
     scores = torch.sigmoid(logits)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_positive, check_tensor, compute_dtype
+from .._checks import check_bool, check_choice, check_positive, check_tensor, compute_dtype
 from ..registry import resolve
 
 
@@ -124,8 +124,7 @@ def topk_route(
     op = resolve(method, kinds=("mask", "magnitude"))
     t = op.temperature if temperature is None else check_positive(temperature, "temperature")
     priority = check_choice(priority, "priority", ("gate", "position"))
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__} {normalize!r}")
+    check_bool(normalize, "normalize")
     E = logits.shape[-1]
     cd = compute_dtype(logits.dtype)
     flat = logits.reshape(-1, E).to(cd)

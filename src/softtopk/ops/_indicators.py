@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_dim, check_positive, check_tensor, compute_dtype
+from .._checks import check_choice, check_dim, check_int, check_positive, check_tensor, compute_dtype
 from ._permutation import PERMUTATION_METHODS, _method_options, permutation_rows
 from ._perturbed import perturbation, perturbed_indicators
 from ._soft import sorted_soft_indicators
@@ -19,9 +18,7 @@ PERTURBED_SAMPLES = 100
 
 
 def _check_int(value: object, name: str, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    value = int(value)
+    value = check_int(value, name)
     if value < lo or (hi is not None and value > hi):
         bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be an int in {bound}, got {value}")

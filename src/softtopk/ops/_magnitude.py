@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .._checks import (
+    check_bool,
     check_dim,
     check_p,
     check_positive,
@@ -244,8 +245,7 @@ def topk_mag(
     if abs(p - 2.0) > 1e-12 and abs(p - 4.0 / 3.0) > 1e-12:
         raise ValueError(f"topk_mag implements p = 2 and p = 4/3, got p={p!r}")
     r = round(1.0 / (p - 1.0))
-    if not isinstance(debias, bool):
-        raise TypeError(f"debias must be a bool, got {type(debias).__name__} {debias!r}")
+    check_bool(debias, "debias")
     cd = compute_dtype(x.dtype)
     rows, restore = to_rows(x, d)
     kvec = prepare_k(k, x, d, rows.shape[0], cd)

@@ -7,7 +7,16 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import check_dim, check_positive, check_tensor, compute_dtype, is_tracing, prepare_k, to_rows
+from .._checks import (
+    check_bool,
+    check_dim,
+    check_positive,
+    check_tensor,
+    compute_dtype,
+    is_tracing,
+    prepare_k,
+    to_rows,
+)
 from ._perturbed import default_generator, draw
 from ._rows import classify, finish, regular_rows
 
@@ -104,8 +113,7 @@ def relaxed_subset(
     x = check_tensor(x)
     d = check_dim(dim, x.dim())
     t = check_positive(temperature, "temperature")
-    if not isinstance(hard, bool):
-        raise TypeError(f"hard must be a bool, got {type(hard).__name__} {hard!r}")
+    check_bool(hard, "hard")
     cd = compute_dtype(x.dtype)
     rows, restore = to_rows(x, d)
     kvec = prepare_k(k, x, d, rows.shape[0], cd)
