@@ -26,15 +26,15 @@ def test_cuda_matches_cpu(name, n):
         pytest.skip(f"more than {op.bench_max_elements} elements for an O(n^2)-memory operator")
     x = torch.randn(4, n, dtype=torch.float64)
     k = max(1, n // 100)
-    y_cpu = op.fn(x, k, dim=-1, temperature=0.1)
+    y_cpu = op(x, k, temperature=0.1)
     xg = x.cuda().requires_grad_()
-    y_gpu = op.fn(xg, k, dim=-1, temperature=0.1)
+    y_gpu = op(xg, k, temperature=0.1)
     assert y_gpu.device.type == "cuda"
     torch.testing.assert_close(y_gpu.cpu(), y_cpu, atol=1e-9, rtol=0)
     v = torch.randn_like(x)
     y_gpu.backward(v.cuda())
     xc = x.clone().requires_grad_()
-    op.fn(xc, k, dim=-1, temperature=0.1).backward(v)
+    op(xc, k, temperature=0.1).backward(v)
     torch.testing.assert_close(xg.grad.cpu(), xc.grad, atol=1e-9, rtol=0)
 
 

@@ -2,21 +2,21 @@
 
 The conformance test suite, the benchmark and the experiments iterate over
 :data:`OPERATORS`, so adding an operator means adding one entry here (plus the
-operator's own oracle tests). Each entry's ``fn(x, k, *, dim, temperature)`` returns a
-tensor of the shape of x.
+operator's own oracle tests). An entry is called as ``op(x, k, dim, temperature=...)``
+(``generator=...`` for the stochastic ones) and returns a tensor of the shape of x.
 
 Example:
     >>> import torch
     >>> from softtopk.registry import OPERATORS
     >>> op = OPERATORS["sparse"]
-    >>> op.fn(torch.tensor([3.0, 1.0, 2.0]), 2, dim=-1, temperature=0.01)
+    >>> op(torch.tensor([3.0, 1.0, 2.0]), 2, temperature=0.01)
     tensor([1., 0., 1.])
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -25,27 +25,14 @@ from torch import Tensor
 from .ops import permutation_topk_mask, relaxed_subset, topk_mag, topk_mask
 
 
-class Seeded:
-    """``fn(x, k, *, dim, temperature)`` of a stochastic operator, reproducible per call.
-
-    Each call draws from a fresh ``torch.Generator`` on x's device seeded with ``seed``.
-    """
-
-    def __init__(self, fn: Callable[..., Tensor], seed: int = 0, **options: object) -> None:
-        self.fn, self.seed, self.options = fn, seed, options
-
-    def __call__(self, x: Tensor, k: float | Tensor, *, dim: int = -1, temperature: float = 0.1) -> Tensor:
-        generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        return self.fn(x, k, dim=dim, temperature=temperature, generator=generator, **self.options)
-
-
 @dataclass(frozen=True)
 class Operator:
     """A registered operator and its contract.
 
     Attributes:
         name: registry key.
-        fn: ``fn(x, k, *, dim, temperature) -> Tensor``.
+        fn: ``fn(x, k, dim=-1, *, temperature) -> Tensor``; a stochastic operator's
+            ``fn`` also takes ``generator`` (a ``torch.Generator`` or None for the global one).
         kind: ``"mask"`` (values in [0, 1]) or ``"magnitude"`` (values of x, kept or shrunk).
         paper: the publication the operator reproduces.
         sums_to_k: a mask whose rows sum to k exactly.
@@ -57,11 +44,12 @@ class Operator:
         temperature: a default that suits standard-normal scores.
         bench_max_elements: the benchmark skips larger inputs (for O(n^2) methods), and
             says so in its table.
-        stochastic: the output depends on random noise. ``fn`` then seeds a fresh
-            generator with 0 on every call, so calls are reproducible; the conformance
-            suite skips the properties that only hold in distribution (permutation
-            equivariance, batch == loop, -inf padding, the uniform limit) and the
-            operator's own tests check them statistically.
+        stochastic: the output depends on random noise drawn from ``generator`` (the
+            global generator by default), so two calls differ. :meth:`seeded` gives a
+            reproducible view for tests and benchmarks; the conformance suite skips the
+            properties that only hold in distribution (permutation equivariance,
+            batch == loop, -inf padding, the uniform limit) and the operator's own tests
+            check them statistically.
         equivariant: permuting the entries of x permutes the output the same way (False
             for sorting networks, whose soft comparisons depend on the wire order).
         bounded: mask entries lie in [0, 1] (sums of rows of a soft permutation, and
@@ -72,7 +60,7 @@ class Operator:
         uniform_limit: t -> inf gives k/n everywhere.
         exact_gradient: the backward is the derivative of the forward (False for a
             Monte-Carlo estimate of the derivative of the expected output).
-        note: what the entry fixes beyond ``fn(x, k, *, dim, temperature)``.
+        note: what the entry fixes beyond ``fn(x, k, dim, *, temperature)``.
     """
 
     name: str
@@ -95,6 +83,42 @@ class Operator:
     uniform_limit: bool = True
     exact_gradient: bool = True
     note: str = ""
+
+    def __call__(
+        self,
+        x: Tensor,
+        k: float | Tensor,
+        dim: int = -1,
+        *,
+        temperature: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Runs the operator; ``temperature=None`` takes the entry's default.
+
+        ``generator`` feeds a stochastic operator and is ignored by the others, so a
+        layer can pass its generator whatever operator it was given.
+        """
+        t = self.temperature if temperature is None else temperature
+        if self.stochastic:
+            return self.fn(x, k, dim=dim, temperature=t, generator=generator)
+        return self.fn(x, k, dim=dim, temperature=t)
+
+    def seeded(self, seed: int = 0) -> Operator:
+        """This operator with every call drawn from a fresh generator seeded with ``seed``.
+
+        For tests and benchmarks, which need the same draws on every call. Training
+        code passes a ``generator`` (or none) instead: a seeded view gives every call
+        the same noise.
+        """
+        if not self.stochastic:
+            return self
+        fn = self.fn
+
+        def seeded_fn(x: Tensor, k: float | Tensor, dim: int = -1, *, temperature: float, generator=None):
+            gen = torch.Generator(device=x.device).manual_seed(seed)
+            return fn(x, k, dim=dim, temperature=temperature, generator=gen)
+
+        return replace(self, fn=seeded_fn)
 
 
 OPERATORS: dict[str, Operator] = {
@@ -141,7 +165,7 @@ OPERATORS: dict[str, Operator] = {
         ),
         Operator(
             "perturbed",
-            Seeded(topk_mask, method="perturbed", num_samples=100),
+            partial(topk_mask, method="perturbed", num_samples=100),
             paper="Berthet et al. 2020 (perturbed optimizers)",
             k_grad=False,
             compiles=False,
@@ -153,7 +177,7 @@ OPERATORS: dict[str, Operator] = {
         ),
         Operator(
             "subset",
-            Seeded(relaxed_subset),
+            relaxed_subset,
             paper="Xie and Ermon 2019 (Gumbel top-k relaxed subset sampling)",
             compiles=False,
             vmaps=False,
@@ -237,8 +261,8 @@ def resolve(method: object, *, name: str = "method", kinds: tuple[str, ...] = ("
     """The operator a layer or loss should call: a registry name or a callable.
 
     Layers and losses take ``method`` as a registry name, so that comparing operators
-    means changing one string; a callable ``fn(x, k, *, dim, temperature)`` is accepted
-    too (for an operator outside the registry) and is wrapped with no promises.
+    means changing one string; a callable ``fn(x, k, dim=-1, *, temperature)`` is
+    accepted too (for an operator outside the registry) and is wrapped with no promises.
 
     Args:
         method: a key of :data:`OPERATORS` or a callable.

@@ -117,7 +117,7 @@ def contenders(temperature: float | None, peers: bool = True) -> list[Contender]
     def op(name: str) -> Callable[[Tensor, int], Tensor]:
         spec = OPERATORS[name]
         t = spec.temperature if temperature is None else temperature
-        return lambda x, k: spec.fn(x, k, dim=-1, temperature=t)
+        return lambda x, k: spec(x, k, temperature=t)
 
     def sort_route(method: str) -> Callable[[Tensor, int], Tensor]:
         t = 0.1 if temperature is None else temperature

@@ -34,7 +34,7 @@ def curve(op: Operator, s: Tensor, k: int, temperature: float) -> tuple[Tensor, 
     """y_1(s) and dy_1/ds for ``op`` on :func:`family` (float64)."""
     x = family(s).requires_grad_()
     torch.manual_seed(0)
-    y = op.fn(x, k, dim=-1, temperature=temperature)
+    y = op(x, k, dim=-1, temperature=temperature)
     (grad,) = torch.autograd.grad(y[:, 0].sum(), x, allow_unused=True)
     d = torch.zeros_like(s) if grad is None else grad[:, 0]
     return y[:, 0].detach(), d.detach()
@@ -54,7 +54,7 @@ def summary(op: Operator, s: Tensor, k: int, temperature: float) -> str:
     x = family(s)
     torch.manual_seed(0)
     with torch.no_grad():
-        y = op.fn(x, k, dim=-1, temperature=temperature)
+        y = op(x, k, dim=-1, temperature=temperature)
     _, d = curve(op, s, k, temperature)
     zeros = (y == 0).double().mean().item()
     return (

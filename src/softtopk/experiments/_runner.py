@@ -146,9 +146,9 @@ def depends_on_temperature(op: Operator) -> bool:
     probe = torch.tensor([[0.3, -1.2, 2.0, 0.9, 0.1, -0.4]], dtype=torch.float64)
     with torch.no_grad():
         torch.manual_seed(0)
-        a = op.fn(probe, 2, dim=-1, temperature=op.temperature)
+        a = op(probe, 2, dim=-1, temperature=op.temperature)
         torch.manual_seed(0)
-        b = op.fn(probe, 2, dim=-1, temperature=op.temperature * 30.0)
+        b = op(probe, 2, dim=-1, temperature=op.temperature * 30.0)
     return not torch.allclose(a, b)
 
 

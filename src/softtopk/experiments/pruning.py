@@ -183,12 +183,12 @@ def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None) -> Setting
             if op.kind == "magnitude":
 
                 def weight_op(w: Tensor, k: int) -> Tensor:
-                    return op.fn(w, k, dim=-1, temperature=t)
+                    return op(w, k, dim=-1, temperature=t)
             else:
 
                 def weight_op(w: Tensor, k: int) -> Tensor:
                     scale = w.detach().pow(2).mean().sqrt().clamp_min(1e-12)
-                    return w * op.fn(w.abs() / scale, k, dim=-1, temperature=t)
+                    return w * op(w.abs() / scale, k, dim=-1, temperature=t)
 
             return timed(lambda: train_pruned(split, cfg, weight_op, seed))
 

@@ -188,7 +188,7 @@ def dftopk_recipe(op: Operator, k: int, temperature: float):  # noqa: ANN201
     """BCE between the operator's soft top-k membership and the 0/1 ground truth (DFTopK's loss)."""
 
     def loss(scores: Tensor, batch: Lists) -> Tensor:
-        m = op.fn(scores, k, dim=-1, temperature=temperature).clamp(1e-6, 1 - 1e-6)
+        m = op(scores, k, dim=-1, temperature=temperature).clamp(1e-6, 1 - 1e-6)
         return F.binary_cross_entropy(m, batch.target)
 
     return loss

@@ -50,6 +50,7 @@ def topk_cross_entropy(
     m: int | None = None,
     top1: str = "softmax",
     reduction: str = "mean",
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     r"""Top-k cross-entropy: the negative log-probability that the true class is in a random top-K.
 
@@ -72,7 +73,7 @@ def topk_cross_entropy(
         p_k: P_K(1), ..., P_K(len): non-negative, summing to 1. ``(1,)`` gives the usual
             cross-entropy; Petersen et al. use e.g. (0.5, 0, 0, 0, 0.5) or (0.2,) * 5.
         method: a mask operator of :data:`softtopk.registry.OPERATORS`, or a callable
-            ``fn(x, k, *, dim, temperature)`` returning the soft top-k mask.
+            ``fn(x, k, dim=-1, *, temperature)`` returning the soft top-k mask.
         temperature: the operator's temperature; None uses the registry default.
         m: if given, only the true class and the m - 1 highest other classes enter the
             loss (a hard preselection, as Petersen et al. do for ImageNet); m in
@@ -81,6 +82,8 @@ def topk_cross_entropy(
             (the operator's mask_1, Petersen's ``'sort'``), or ``"ce"`` (Petersen's
             ``'smce'``: P_K(1) * cross-entropy + sum_{K>=2} P_K(K) * the top-k term).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        generator: the ``torch.Generator`` a stochastic method (``"perturbed"``, ``"subset"``)
+            draws its noise from; None uses the global generator. Ignored by the other methods.
 
     Returns:
         The loss, in float32 or wider.
@@ -121,7 +124,7 @@ def topk_cross_entropy(
         s, y = _restrict(s, y, int(m))
 
     def mask(kappa: int) -> Tensor:
-        return op.fn(s, kappa, dim=-1, temperature=t)
+        return op(s, kappa, -1, temperature=t, generator=generator)
 
     first = 1 if top1 == "mask" else 2
     q = s.new_zeros(())
@@ -160,6 +163,7 @@ class TopKCrossEntropyLoss(nn.Module):
         m: int | None = None,
         top1: str = "softmax",
         reduction: str = "mean",
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         self.p_k = _check_p_k(p_k)
@@ -171,6 +175,7 @@ class TopKCrossEntropyLoss(nn.Module):
             top1,
             reduction,
         )
+        self.generator = generator
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return topk_cross_entropy(
@@ -182,6 +187,7 @@ class TopKCrossEntropyLoss(nn.Module):
             m=self.m,
             top1=self.top1,
             reduction=self.reduction,
+            generator=self.generator,
         )
 
     def extra_repr(self) -> str:

@@ -66,6 +66,7 @@ def _cascade_terms(
     budgets: Sequence[float | Tensor] | None,
     method: str | Callable[..., Tensor],
     temperature: float | None,
+    generator: torch.Generator | None,
     bce: Callable[[Tensor, Tensor], Tensor] = _bce,
 ) -> CascadeTerms:
     if len(stage_scores) == 0:
@@ -92,7 +93,7 @@ def _cascade_terms(
             raise ValueError(
                 f"stage_scores[{s}] must have the shape {tuple(first.shape)}, got {tuple(x.shape)}"
             )
-        masks.append(op.fn(x, k, dim=-1, temperature=t))
+        masks.append(op(x, k, -1, temperature=t, generator=generator))
     stages = torch.stack([bce(p, yt) for p in masks])
     joint = bce(math.prod(masks[1:], start=masks[0]), yt)
     return CascadeTerms(stages, joint, tuple(masks))
@@ -105,6 +106,7 @@ def dftopk_cascade_loss(
     k: float | Tensor | None = None,
     method: str | Callable[..., Tensor] = "sparse",
     temperature: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> CascadeTerms:
     r"""DFTopK's cascade losses: per-stage and joint BCE between soft top-K masks and the ground truth.
 
@@ -126,6 +128,8 @@ def dftopk_cascade_loss(
         k: the mask budget K; None uses the number of ground-truth items per row.
         method: a mask operator of :data:`softtopk.registry.OPERATORS`, or a callable.
         temperature: the operator's temperature; None uses the registry default.
+        generator: the ``torch.Generator`` a stochastic method (``"perturbed"``, ``"subset"``)
+            draws its noise from; None uses the global generator. Ignored by the other methods.
 
     Returns:
         :class:`CascadeTerms` (per-stage losses, joint loss, the masks).
@@ -143,7 +147,7 @@ def dftopk_cascade_loss(
         (DFTopK), arXiv 2510.11472, 2025.
     """
     budgets = None if k is None else [k] * len(stage_scores)
-    return _cascade_terms(stage_scores, target, budgets, method, temperature)
+    return _cascade_terms(stage_scores, target, budgets, method, temperature, generator)
 
 
 def lcron_loss(
@@ -153,6 +157,7 @@ def lcron_loss(
     *,
     method: str | Callable[..., Tensor] = "sparse",
     temperature: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> CascadeTerms:
     r"""LCRON-style end-to-end cascade loss: the relaxed probability that ground truth survives every stage.
 
@@ -177,6 +182,8 @@ def lcron_loss(
         ms: the budget of each stage (a number or a per-row tensor).
         method: a mask operator of :data:`softtopk.registry.OPERATORS`, or a callable.
         temperature: the operator's temperature; None uses the registry default.
+        generator: the ``torch.Generator`` a stochastic method (``"perturbed"``, ``"subset"``)
+            draws its noise from; None uses the global generator. Ignored by the other methods.
 
     Returns:
         :class:`CascadeTerms`: ``stages`` are the L_single, ``joint`` is L_e2e.
@@ -191,7 +198,7 @@ def lcron_loss(
     Reference:
         Wang et al. "Learning Cascade Ranking as One Network" (LCRON), ICML 2025.
     """
-    return _cascade_terms(stage_scores, target, list(ms), method, temperature, _log_bce)
+    return _cascade_terms(stage_scores, target, list(ms), method, temperature, generator, _log_bce)
 
 
 class CascadeLoss(nn.Module):
@@ -209,7 +216,7 @@ class CascadeLoss(nn.Module):
         recipe: ``"dftopk"`` (every mask at budget K, the ground-truth size) or
             ``"lcron"`` (stage s at budget ``ms[s]``).
         ms: the stage budgets for ``"lcron"``.
-        method, temperature: the mask operator.
+        method, temperature, generator: the mask operator, as in :func:`dftopk_cascade_loss`.
 
     Example:
         >>> import torch, softtopk
@@ -228,6 +235,7 @@ class CascadeLoss(nn.Module):
         ms: Sequence[float] | None = None,
         method: str | Callable[..., Tensor] = "sparse",
         temperature: float | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_stages, bool) or not isinstance(num_stages, numbers.Integral) or num_stages < 1:
@@ -237,14 +245,24 @@ class CascadeLoss(nn.Module):
             raise ValueError(f"recipe='lcron' needs ms with one budget per stage ({num_stages}), got {ms!r}")
         resolve(method)
         self.num_stages, self.ms, self.method, self.temperature = int(num_stages), ms, method, temperature
+        self.generator = generator
         self.weights = nn.Parameter(torch.ones(int(num_stages)))
 
     def terms(self, stage_scores: Sequence[Tensor], target: Tensor) -> CascadeTerms:
         if len(stage_scores) != self.num_stages:
             raise ValueError(f"expected {self.num_stages} stages, got {len(stage_scores)}")
         if self.recipe == "lcron":
-            return lcron_loss(stage_scores, target, self.ms, method=self.method, temperature=self.temperature)
-        return dftopk_cascade_loss(stage_scores, target, method=self.method, temperature=self.temperature)
+            return lcron_loss(
+                stage_scores,
+                target,
+                self.ms,
+                method=self.method,
+                temperature=self.temperature,
+                generator=self.generator,
+            )
+        return dftopk_cascade_loss(
+            stage_scores, target, method=self.method, temperature=self.temperature, generator=self.generator
+        )
 
     def forward(self, stage_scores: Sequence[Tensor], target: Tensor) -> Tensor:
         terms = self.terms(stage_scores, target)

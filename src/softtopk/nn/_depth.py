@@ -47,17 +47,23 @@ class DepthRouting(NamedTuple):
     aux_loss: Tensor
 
 
-def _check_fraction(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
-    return float(value)
+def _check_fraction(value: object, name: str, closed: bool = True) -> float:
+    """A number in (0, 1] (``closed``) or (0, 1): a TypeError for a non-number, else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not (0.0 < v <= 1.0 if closed else 0.0 < v < 1.0):
+        raise ValueError(
+            f"{name} must be a number in (0, {1 if closed else '1)'}{']' if closed else ''}, got {value!r}"
+        )
+    return v
 
 
 def depth_route(
     logits: Tensor,
     *,
     capacity: float | None = None,
-    p: float | None = None,
+    threshold: float | None = None,
     method: str | Callable[..., Tensor] = "hard",
     temperature: float | None = None,
     dim: int = -1,
@@ -80,14 +86,15 @@ def depth_route(
       s >= 1/2 learns to predict the choice per token.
     * capacity mode, ``per_token=True`` (causal inference): m_i = 1[s_i >= 1/2], the
       predictor trained by ``aux_loss``; each token is decided on its own.
-    * threshold mode (``p``): m_i = 1[s_i >= p] (:func:`softtopk.threshold_p_mask`), causal;
+    * threshold mode (``threshold`` = p): m_i = 1[s_i >= p] (:func:`softtopk.threshold_p_mask`),
+      causal;
       with a soft ``method`` and ``per_token=False``, :func:`softtopk.soft_threshold_p_mask`
       on the logits (budget #{s >= p}, differentiable selection).
 
     Args:
         logits: router logits, (..., T, ...) with T along ``dim``.
         capacity: fraction of the tokens kept per sequence, in (0, 1].
-        p: score threshold in (0, 1) (exactly one of ``capacity`` and ``p``).
+        threshold: the score threshold p in (0, 1) (exactly one of ``capacity`` and ``threshold``).
         method: a mask operator of :data:`softtopk.registry.OPERATORS` (or a callable).
         temperature: the operator's temperature in logit units; None: registry default.
         dim: the sequence dimension.
@@ -101,7 +108,7 @@ def depth_route(
         >>> logits = torch.tensor([[2.0, -1.0, 0.5, -3.0]])
         >>> softtopk.nn.functional.depth_route(logits, capacity=0.5).mask
         tensor([[1., 0., 1., 0.]])
-        >>> softtopk.nn.functional.depth_route(logits, p=0.7).mask
+        >>> softtopk.nn.functional.depth_route(logits, threshold=0.7).mask
         tensor([[1., 0., 0., 0.]])
 
     References:
@@ -110,8 +117,10 @@ def depth_route(
     """
     logits = check_tensor(logits, "logits")
     d = check_dim(dim, logits.dim())
-    if (capacity is None) == (p is None):
-        raise ValueError(f"give exactly one of capacity and p, got capacity={capacity!r}, p={p!r}")
+    if (capacity is None) == (threshold is None):
+        raise ValueError(
+            f"give exactly one of capacity and threshold, got capacity={capacity!r}, threshold={threshold!r}"
+        )
     check_bool(per_token, "per_token")
     op = resolve(method)
     t = op.temperature if temperature is None else check_positive(temperature, "temperature")
@@ -124,19 +133,15 @@ def depth_route(
         else:
             k = math.ceil(c * logits.shape[d])
             target = topk_mask(logits.detach(), k, dim=d, method="hard")
-            mask = op.fn(logits, k, dim=d, temperature=t)
+            mask = op(logits, k, dim=d, temperature=t)
             aux = F.binary_cross_entropy_with_logits(logits.float(), target.float())
     else:
-        pf = float(p)  # type: ignore[arg-type]
-        if not 0.0 < pf < 1.0:
-            raise ValueError(f"p must be a score threshold in (0, 1), got {p!r}")
+        pf = _check_fraction(threshold, "threshold", closed=False)
         if per_token or op.name == "hard":
             mask = threshold_p_mask(scores, pf)
         else:
             # Select on the logits (temperature in logit units): s >= p iff l >= logit(p).
-            mask = soft_threshold_p_mask(
-                logits, math.log(pf / (1.0 - pf)), dim=d, method=method, temperature=t
-            )
+            mask = soft_threshold_p_mask(logits, math.log(pf / (1.0 - pf)), d, method=method, temperature=t)
     mask = mask.to(logits.dtype)
     return DepthRouting(mask, scores * mask, scores, aux)
 
@@ -194,7 +199,7 @@ class DepthRouter(nn.Module):
 
     Args:
         d_model: token width D.
-        capacity, p, method, temperature: as in :func:`depth_route`.
+        capacity, threshold, method, temperature: as in :func:`depth_route`.
         causal: per-token decision at inference (evaluation mode).
 
     Example:
@@ -213,7 +218,7 @@ class DepthRouter(nn.Module):
         d_model: int,
         *,
         capacity: float | None = None,
-        p: float | None = None,
+        threshold: float | None = None,
         method: str | Callable[..., Tensor] = "hard",
         temperature: float | None = None,
         causal: bool = True,
@@ -221,17 +226,20 @@ class DepthRouter(nn.Module):
         super().__init__()
         if isinstance(d_model, bool) or not isinstance(d_model, numbers.Integral) or d_model < 1:
             raise ValueError(f"d_model must be a positive int, got {d_model!r}")
-        if (capacity is None) == (p is None):
-            raise ValueError(f"give exactly one of capacity and p, got capacity={capacity!r}, p={p!r}")
+        if (capacity is None) == (threshold is None):
+            raise ValueError(
+                "give exactly one of capacity and threshold, "
+                f"got capacity={capacity!r}, threshold={threshold!r}"
+            )
         if capacity is not None:
             _check_fraction(capacity, "capacity")
-        if p is not None and not (isinstance(p, numbers.Real) and 0.0 < float(p) < 1.0):
-            raise ValueError(f"p must be a score threshold in (0, 1), got {p!r}")
+        if threshold is not None:
+            _check_fraction(threshold, "threshold", closed=False)
         resolve(method)
         self.proj = nn.Linear(d_model, 1)
-        self.capacity, self.p, self.method, self.temperature, self.causal = (
+        self.capacity, self.threshold, self.method, self.temperature, self.causal = (
             capacity,
-            p,
+            threshold,
             method,
             temperature,
             causal,
@@ -242,7 +250,7 @@ class DepthRouter(nn.Module):
         return depth_route(
             logits,
             capacity=self.capacity,
-            p=self.p,
+            threshold=self.threshold,
             method=self.method,
             temperature=self.temperature,
             dim=-1,
@@ -251,6 +259,6 @@ class DepthRouter(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"capacity={self.capacity}, p={self.p}, method={self.method!r}, "
+            f"capacity={self.capacity}, threshold={self.threshold}, method={self.method!r}, "
             f"temperature={self.temperature}, causal={self.causal}"
         )

@@ -49,6 +49,7 @@ def soft_knn(
     method: str | Callable[..., Tensor] = "sparse",
     temperature: float | None = None,
     distance: str = "sqeuclidean",
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     r"""Soft k-NN class votes: the fraction of the (soft) k nearest candidates in each class.
 
@@ -70,6 +71,8 @@ def soft_knn(
         method: a mask operator of :data:`softtopk.registry.OPERATORS`, or a callable.
         temperature: the operator's temperature (in units of the scores); None: registry default.
         distance: ``"sqeuclidean"``, ``"cosine"`` or ``"dot"``.
+        generator: the ``torch.Generator`` a stochastic method (``"perturbed"``, ``"subset"``)
+            draws its noise from; None uses the global generator. Ignored by the other methods.
 
     Returns:
         (Q, C) votes in the dtype of the queries.
@@ -113,7 +116,7 @@ def soft_knn(
     op = resolve(method)
     t = op.temperature if temperature is None else check_positive(temperature, "temperature")
     scores = neighbour_scores(queries, candidates, distance)
-    mask = op.fn(scores, int(k), dim=-1, temperature=t)
+    mask = op(scores, int(k), -1, temperature=t, generator=generator)
     onehot = F.one_hot(candidate_labels.long(), int(num_classes)).to(mask.dtype)
     return (mask @ onehot) / k
 
@@ -159,6 +162,7 @@ class SoftKNN(nn.Module):
         method: str | Callable[..., Tensor] = "sparse",
         temperature: float | None = None,
         distance: str = "sqeuclidean",
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
@@ -166,7 +170,7 @@ class SoftKNN(nn.Module):
         resolve(method)
         check_choice(distance, "distance", DISTANCES)
         self.k, self.num_classes, self.method = int(k), num_classes, method
-        self.temperature, self.distance = temperature, distance
+        self.temperature, self.distance, self.generator = temperature, distance, generator
 
     def forward(self, queries: Tensor, candidates: Tensor, candidate_labels: Tensor) -> Tensor:
         return soft_knn(
@@ -178,6 +182,7 @@ class SoftKNN(nn.Module):
             method=self.method,
             temperature=self.temperature,
             distance=self.distance,
+            generator=self.generator,
         )
 
     @torch.no_grad()

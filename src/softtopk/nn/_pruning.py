@@ -64,6 +64,7 @@ def magnitude_prune(
     dim: int | None = None,
     method: str | Callable[..., Tensor] = "magnitude",
     temperature: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     r"""The pruned weight: a soft top-k in magnitude at the given sparsity.
 
@@ -81,6 +82,8 @@ def magnitude_prune(
         dim: None (one budget for the tensor) or the dimension of the slices.
         method: ``"magnitude"`` (:func:`softtopk.topk_mag`, the default) or a mask operator.
         temperature: the operator's temperature; None uses the registry default.
+        generator: the ``torch.Generator`` a stochastic method (``"perturbed"``, ``"subset"``)
+            draws its noise from; None uses the global generator. Ignored by the other methods.
 
     Example:
         >>> import torch
@@ -98,9 +101,9 @@ def magnitude_prune(
     d = -1 if dim is None else dim
     k = kept_count(rows.shape[d], float(sparsity))
     if op.kind == "magnitude":
-        out = op.fn(rows, k, dim=d, temperature=t)
+        out = op(rows, k, d, temperature=t, generator=generator)
     else:
-        out = rows * op.fn(rows.abs(), k, dim=d, temperature=t)
+        out = rows * op(rows.abs(), k, d, temperature=t, generator=generator)
     return out.reshape(weight.shape)
 
 
@@ -130,7 +133,7 @@ class MagnitudePruning(nn.Module):
 
     Args:
         sparsity: the current sparsity in [0, 1) (the pruner's schedule updates it).
-        dim, method, temperature: as in :func:`magnitude_prune`.
+        dim, method, temperature, generator: as in :func:`magnitude_prune`.
 
     Example:
         >>> import torch
@@ -150,10 +153,11 @@ class MagnitudePruning(nn.Module):
         dim: int | None = None,
         method: str | Callable[..., Tensor] = "magnitude",
         temperature: float | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         resolve(method, kinds=("magnitude", "mask"))
-        self.dim, self.method, self.temperature = dim, method, temperature
+        self.dim, self.method, self.temperature, self.generator = dim, method, temperature, generator
         self.sparsity = float(sparsity)
 
     @property
@@ -170,7 +174,12 @@ class MagnitudePruning(nn.Module):
         if self._sparsity == 0.0:
             return weight
         return magnitude_prune(
-            weight, self._sparsity, dim=self.dim, method=self.method, temperature=self.temperature
+            weight,
+            self._sparsity,
+            dim=self.dim,
+            method=self.method,
+            temperature=self.temperature,
+            generator=self.generator,
         )
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -197,7 +206,7 @@ class MagnitudePruner:
             dict, else the ``weight`` of every Linear and Conv layer.
         begin, end, initial, power: the schedule (:func:`polynomial_sparsity`) in calls
             of :meth:`step`; ``end=0`` applies the final sparsity at once.
-        dim, method, temperature: as in :func:`magnitude_prune`.
+        dim, method, temperature, generator: as in :func:`magnitude_prune`.
 
     Example:
         >>> import torch
@@ -225,6 +234,7 @@ class MagnitudePruner:
         dim: int | None = None,
         method: str | Callable[..., Tensor] = "magnitude",
         temperature: float | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -259,7 +269,9 @@ class MagnitudePruner:
         for name in self.targets:
             module_name, _, attr = name.rpartition(".")
             module = model.get_submodule(module_name)
-            pruning = MagnitudePruning(self._scheduled(name), dim=dim, method=method, temperature=temperature)
+            pruning = MagnitudePruning(
+                self._scheduled(name), dim=dim, method=method, temperature=temperature, generator=generator
+            )
             parametrize.register_parametrization(module, attr, pruning)
             self.parametrizations[name] = pruning
 

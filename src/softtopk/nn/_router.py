@@ -131,10 +131,10 @@ def topk_route(
     T = flat.shape[0]
     probs = torch.softmax(flat, -1)
     if op.kind == "magnitude":
-        gates = op.fn(probs, k, dim=-1, temperature=t)
+        gates = op(probs, k, dim=-1, temperature=t)
         mask = (gates != 0).to(cd)
     else:
-        mask = op.fn(flat, k, dim=-1, temperature=t).to(cd)
+        mask = op(flat, k, dim=-1, temperature=t).to(cd)
         gates = probs * mask
     if normalize:
         total = gates.sum(-1, keepdim=True)

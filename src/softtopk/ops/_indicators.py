@@ -28,8 +28,8 @@ def _check_int(value: object, name: str, lo: int, hi: int | None = None) -> int:
 def topk_indicators(
     x: Tensor,
     k: int,
-    *,
     dim: int = -1,
+    *,
     method: str = "soft",
     temperature: float = 0.1,
     max_iter: int | None = None,

@@ -178,8 +178,8 @@ class _TopKMag(torch.autograd.Function):
 def topk_mag(
     x: Tensor,
     k: int | Tensor,
-    *,
     dim: int = -1,
+    *,
     temperature: float = 0.1,
     p: float = 2.0,
     debias: bool = True,

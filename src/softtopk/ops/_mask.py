@@ -54,8 +54,8 @@ PERTURBED_SAMPLES = 100
 def topk_mask(
     x: Tensor,
     k: float | Tensor,
-    *,
     dim: int = -1,
+    *,
     method: str = "sparse",
     temperature: float = 0.1,
     p: float = 2.0,

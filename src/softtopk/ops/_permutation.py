@@ -373,8 +373,8 @@ def _method_options(
 def permutation_topk_mask(
     x: Tensor,
     k: float | Tensor,
-    *,
     dim: int = -1,
+    *,
     method: str = "neuralsort",
     temperature: float = 0.1,
     power: float | None = None,

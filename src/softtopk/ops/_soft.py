@@ -133,8 +133,8 @@ class _SoftSinkhorn(torch.autograd.Function):
 def soft_sinkhorn_mask(
     x: Tensor,
     k: float | Tensor,
-    *,
     dim: int = -1,
+    *,
     epsilon: float = 0.1,
     max_iter: int = 200,
 ) -> Tensor:

@@ -60,8 +60,8 @@ def _hard_of(y: Tensor, k: Tensor) -> Tensor:
 def relaxed_subset(
     x: Tensor,
     k: float | Tensor,
-    *,
     dim: int = -1,
+    *,
     temperature: float = 0.1,
     hard: bool = False,
     generator: torch.Generator | None = None,

@@ -1,8 +1,8 @@
-"""Threshold-p selection (MoDification): keep an item iff its router score is at least p.
+"""Threshold-p selection (MoDification): keep an item iff its router score is at least a threshold.
 
 Mixture-of-depths (Raposo et al. 2024) routes the top-k tokens of a sequence through a
 block; MoDification (Zhang et al. 2024) replaces that top-k, which needs the whole
-sequence, by a per-token threshold: token i is processed iff its score s_i >= p. The
+sequence, by a per-token threshold p: token i is processed iff its score s_i >= p. The
 rule is causal and O(n), and the number of kept items varies from row to row.
 
 Three functions:
@@ -28,25 +28,30 @@ from torch import Tensor
 from .._checks import check_dim, check_positive, check_tensor
 
 
-def _check_p(p: object, scores: Tensor) -> Tensor | float:
-    if isinstance(p, Tensor):
-        if not (p.is_floating_point() or p.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"p must be a real number or a real tensor, got a tensor of {p.dtype}")
+def _check_threshold(threshold: object, scores: Tensor) -> Tensor | float:
+    if isinstance(threshold, Tensor):
+        if not (threshold.is_floating_point() or threshold.dtype in (torch.int32, torch.int64)):
+            raise TypeError(
+                f"threshold must be a real number or a real tensor, got a tensor of {threshold.dtype}"
+            )
         try:
-            torch.broadcast_shapes(p.shape, scores.shape)
+            torch.broadcast_shapes(threshold.shape, scores.shape)
         except RuntimeError:
             raise ValueError(
-                f"p must broadcast to the shape {tuple(scores.shape)} of scores, got shape {tuple(p.shape)}"
+                f"threshold must broadcast to the shape {tuple(scores.shape)} of scores, "
+                f"got shape {tuple(threshold.shape)}"
             ) from None
-        return p.detach().to(device=scores.device)
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"p must be a real number or a tensor, got {type(p).__name__} {p!r}")
-    if p != p:
-        raise ValueError("p must not be NaN")
-    return float(p)
+        return threshold.detach().to(device=scores.device)
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(
+            f"threshold must be a real number or a tensor, got {type(threshold).__name__} {threshold!r}"
+        )
+    if threshold != threshold:
+        raise ValueError("threshold must not be NaN")
+    return float(threshold)
 
 
-def threshold_p_mask(scores: Tensor, p: float | Tensor) -> Tensor:
+def threshold_p_mask(scores: Tensor, threshold: float | Tensor) -> Tensor:
     r"""Hard threshold-p selection: 1 where the score is at least p, else 0.
 
     .. math::
@@ -59,11 +64,11 @@ def threshold_p_mask(scores: Tensor, p: float | Tensor) -> Tensor:
 
     Args:
         scores: router scores of any shape, floating dtype.
-        p: the threshold, a number or a tensor broadcastable to ``scores``.
+        threshold: p, a number or a tensor broadcastable to ``scores``.
 
     Returns:
         A 0/1 tensor with the shape and dtype of ``scores`` (no gradient). NaN scores are
-        never kept (0); +inf is always kept, -inf never (for finite p).
+        never kept (0); +inf is always kept, -inf never (for a finite threshold).
 
     Example:
         >>> import torch, softtopk
@@ -74,11 +79,11 @@ def threshold_p_mask(scores: Tensor, p: float | Tensor) -> Tensor:
         Zhang et al. "MoDification: Mixture of Depths Made Easy", arXiv 2410.14268, 2024.
     """
     scores = check_tensor(scores, "scores")
-    pv = _check_p(p, scores)
+    pv = _check_threshold(threshold, scores)
     return (scores.detach() >= pv).to(scores.dtype)
 
 
-def threshold_p_gate(scores: Tensor, p: float | Tensor) -> Tensor:
+def threshold_p_gate(scores: Tensor, threshold: float | Tensor) -> Tensor:
     r"""The router weight of threshold-p routing: the score where it is at least p, else 0.
 
     .. math::
@@ -92,17 +97,18 @@ def threshold_p_gate(scores: Tensor, p: float | Tensor) -> Tensor:
 
     Args:
         scores: router scores of any shape, floating dtype.
-        p: the threshold, a number or a tensor broadcastable to ``scores``.
+        threshold: p, a number or a tensor broadcastable to ``scores``.
 
     Returns:
-        Tensor with the shape and dtype of ``scores``; 0 (and zero gradient) where not kept.
+        Tensor with the shape and dtype of ``scores``; 0 (and zero gradient) where not kept,
+        also for scores of -inf or NaN.
 
     Example:
         >>> import torch, softtopk
         >>> s = torch.tensor([0.2, 0.7, 0.5], requires_grad=True)
         >>> w = softtopk.threshold_p_gate(s, 0.5)
         >>> w
-        tensor([0.0000, 0.7000, 0.5000], grad_fn=<MulBackward0>)
+        tensor([0.0000, 0.7000, 0.5000], grad_fn=<WhereBackward0>)
         >>> w.sum().backward(); s.grad
         tensor([0., 1., 1.])
 
@@ -110,16 +116,18 @@ def threshold_p_gate(scores: Tensor, p: float | Tensor) -> Tensor:
         Zhang et al. "MoDification: Mixture of Depths Made Easy", arXiv 2410.14268, 2024;
         Raposo et al. "Mixture-of-Depths", arXiv 2404.02258, 2024.
     """
-    return scores * threshold_p_mask(scores, p)
+    kept = threshold_p_mask(scores, threshold) > 0
+    return torch.where(kept, scores, 0.0)
 
 
 def soft_threshold_p_mask(
     scores: Tensor,
-    p: float | Tensor,
-    *,
+    threshold: float | Tensor,
     dim: int = -1,
+    *,
     method: str = "sparse",
     temperature: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     r"""Differentiable threshold-p selection: the threshold sets the budget, a soft top-k selects.
 
@@ -128,7 +136,7 @@ def soft_threshold_p_mask(
         k = \#\{i : s_i \ge p\}\ \text{(per row along dim)},\qquad
         y = \operatorname{softtopk}_t(s, k)
 
-    With the threshold family (DESIGN 2.1), y_i = G((s_i - tau)/t) with sum(y) = k, so the
+    With the threshold family, y_i = G((s_i - tau)/t) with sum(y) = k, so the
     selection passes the gradient diag(g) - g g^T / sum(g) to the scores and keeps the
     budget that the hard rule would use. As t -> 0, y tends to :func:`threshold_p_mask`
     (the top-k of s with k = #{s >= p} are the entries >= p). The budget itself is a
@@ -136,17 +144,19 @@ def soft_threshold_p_mask(
 
     Args:
         scores: router scores of any shape, floating dtype.
-        p: the threshold, a number or a tensor broadcastable to ``scores`` (constant
+        threshold: p, a number or a tensor broadcastable to ``scores`` (constant
             along ``dim``).
         dim: the dimension along which the budget is counted and the selection made
             (e.g. the sequence dimension for mixture-of-depths).
         method: a mask operator of :data:`softtopk.registry.OPERATORS` (``"sparse"``
             keeps exact zeros, so skipped items stay skipped).
         temperature: the operator's temperature; None uses the registry default.
+        generator: the ``torch.Generator`` of a stochastic ``method``; ignored by the others.
 
     Returns:
         Tensor with the shape and dtype of ``scores``, in [0, 1]. A row containing NaN
-        is NaN (as in :func:`softtopk.topk_mask`).
+        is NaN (as in :func:`softtopk.topk_mask`). The budget is counted in float32 (or
+        float64 for float64 scores), so it is exact for half-precision scores too.
 
     Example:
         >>> import torch, softtopk
@@ -164,5 +174,6 @@ def soft_threshold_p_mask(
     d = check_dim(dim, scores.dim())
     op = resolve(method)
     t = op.temperature if temperature is None else check_positive(temperature, "temperature")
-    k = threshold_p_mask(scores, p).sum(d)
-    return op.fn(scores, k, dim=d, temperature=t)
+    wide = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    k = (scores.detach() >= _check_threshold(threshold, scores)).sum(d, dtype=wide)
+    return op(scores, k, d, temperature=t, generator=generator)

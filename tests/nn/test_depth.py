@@ -50,15 +50,17 @@ def test_soft_selection_is_sparse_and_passes_gradients_between_tokens():
 
 def test_threshold_mode_and_per_token_inference():
     logits = torch.randn(3, 20, dtype=torch.float64)
-    out = depth_route(logits, p=0.6)
+    out = depth_route(logits, threshold=0.6)
     torch.testing.assert_close(out.mask, softtopk.threshold_p_mask(torch.sigmoid(logits), 0.6))
     assert out.aux_loss.item() == 0.0
-    soft = depth_route(logits, p=0.6, method="sparse", temperature=1e-4)
+    soft = depth_route(logits, threshold=0.6, method="sparse", temperature=1e-4)
     torch.testing.assert_close(soft.mask, out.mask, atol=1e-3, rtol=0)  # same budget, hard limit
     torch.testing.assert_close(soft.mask.sum(-1), out.mask.sum(-1))
     # per_token: each token is decided alone (s >= 1/2 in capacity mode, s >= p in threshold mode).
     torch.testing.assert_close(depth_route(logits, capacity=0.1, per_token=True).mask, (logits >= 0).double())
-    torch.testing.assert_close(depth_route(logits, p=0.6, method="sparse", per_token=True).mask, out.mask)
+    torch.testing.assert_close(
+        depth_route(logits, threshold=0.6, method="sparse", per_token=True).mask, out.mask
+    )
 
 
 def test_module_is_causal_at_inference():
@@ -78,7 +80,7 @@ def test_dispatch_runs_the_block_on_kept_tokens_in_order():
     x = torch.randn(3, 10, 4)
     logits = torch.randn(3, 10)
     logits[2] = -10.0  # a sequence that keeps nothing under p
-    routing = depth_route(logits, p=0.5)
+    routing = depth_route(logits, threshold=0.5)
     seen = []
 
     def block(h):
@@ -96,7 +98,9 @@ def test_dispatch_runs_the_block_on_kept_tokens_in_order():
         torch.testing.assert_close(y[b], expected)
     # Nothing kept anywhere: the block is not called.
     seen.clear()
-    torch.testing.assert_close(depth_dispatch(x, depth_route(torch.full((3, 10), -9.0), p=0.5), block), x)
+    torch.testing.assert_close(
+        depth_dispatch(x, depth_route(torch.full((3, 10), -9.0), threshold=0.5), block), x
+    )
     assert not seen
 
 
@@ -138,12 +142,12 @@ def test_bad_input():
     with pytest.raises(ValueError, match="exactly one"):
         depth_route(torch.randn(2, 4))
     with pytest.raises(ValueError, match="exactly one"):
-        DepthRouter(4, capacity=0.5, p=0.5)
+        DepthRouter(4, capacity=0.5, threshold=0.5)
     with pytest.raises(ValueError, match="capacity"):
         depth_route(torch.randn(2, 4), capacity=1.5)
-    with pytest.raises(ValueError, match="p must"):
-        depth_route(torch.randn(2, 4), p=1.0)
+    with pytest.raises(ValueError, match="threshold must"):
+        depth_route(torch.randn(2, 4), threshold=1.0)
     with pytest.raises(TypeError, match="per_token"):
-        depth_route(torch.randn(2, 4), p=0.5, per_token=1)
+        depth_route(torch.randn(2, 4), threshold=0.5, per_token=1)
     with pytest.raises(ValueError, match="x must have shape"):
-        depth_dispatch(torch.randn(4, 3), depth_route(torch.randn(4, 3), p=0.5), math.sin)
+        depth_dispatch(torch.randn(4, 3), depth_route(torch.randn(4, 3), threshold=0.5), math.sin)

@@ -84,9 +84,9 @@ def test_soft_version_along_any_dim_and_gradcheck():
 def test_bad_input():
     with pytest.raises(TypeError, match="scores"):
         threshold_p_mask([0.1, 0.2], 0.5)
-    with pytest.raises(TypeError, match="p must"):
+    with pytest.raises(TypeError, match="threshold must"):
         threshold_p_mask(torch.rand(3), "0.5")
-    with pytest.raises(ValueError, match="p must not be NaN"):
+    with pytest.raises(ValueError, match="threshold must not be NaN"):
         threshold_p_mask(torch.rand(3), math.nan)
     with pytest.raises(ValueError, match="broadcast"):
         threshold_p_mask(torch.rand(3, 4), torch.rand(5))

@@ -414,3 +414,25 @@ def test_lambda_loss_equals_allrank(ours, theirs, k):
     got = lambda_loss(s, rel, k=k, truncation="both", weighting=ours, reduction="sum")
     # allRank clamps sigmoid at 1e-10 before the power: a relative difference of ~1e-9.
     torch.testing.assert_close(got, expected, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("method", ["perturbed", "subset"])
+def test_stochastic_methods_draw_fresh_noise_and_take_a_generator(method):
+    logits, target = torch.randn(6, 10), torch.randint(0, 10, (6,))
+    torch.manual_seed(1)
+    a = softtopk.losses.topk_cross_entropy(logits, target, p_k=[0.5, 0.5], method=method)
+    torch.manual_seed(2)
+    assert a != softtopk.losses.topk_cross_entropy(logits, target, p_k=[0.5, 0.5], method=method)
+    same = [
+        softtopk.losses.TopKCrossEntropyLoss(
+            p_k=[0.5, 0.5], method=method, generator=torch.Generator().manual_seed(4)
+        )(logits, target)
+        for _ in range(2)
+    ]
+    assert same[0] == same[1]
+    scores = [torch.randn(3, 12), torch.randn(3, 12)]
+    target01 = softtopk.topk_mask(torch.randn(3, 12), 3, method="hard")
+    torch.manual_seed(1)
+    c = softtopk.losses.dftopk_cascade_loss(scores, target01, method=method).joint
+    torch.manual_seed(2)
+    assert c != softtopk.losses.dftopk_cascade_loss(scores, target01, method=method).joint

@@ -33,7 +33,7 @@ def test_soft_votes_are_the_class_sums_of_the_mask(method):
     votes = soft_knn(q, c, labels, 4, num_classes=3, method=method, temperature=0.5)
     scores = -((q[:, None, :] - c[None, :, :]) ** 2).sum(-1)
     torch.testing.assert_close(neighbour_scores(q, c), scores)
-    mask = OPERATORS[method].fn(scores, 4, dim=-1, temperature=0.5)
+    mask = OPERATORS[method](scores, 4, temperature=0.5)
     expected = torch.stack([mask[:, labels == k].sum(-1) for k in range(3)], -1) / 4
     torch.testing.assert_close(votes, expected)
     torch.testing.assert_close(votes.sum(-1), torch.ones(6, dtype=torch.float64))
@@ -110,3 +110,19 @@ def test_bad_input():
         SoftKNN(2, num_classes=2, distance="l1")
     with pytest.raises(ValueError, match="target"):
         soft_knn_loss(torch.rand(2, 3), torch.zeros(3, dtype=torch.long))
+
+
+def test_stochastic_method_draws_fresh_noise_and_takes_a_generator():
+    q, c, labels = torch.randn(4, 3), torch.randn(30, 3), torch.randint(0, 3, (30,))
+    knn = SoftKNN(5, num_classes=3, method="perturbed", temperature=0.5)
+    torch.manual_seed(1)
+    a = knn(q, c, labels)
+    torch.manual_seed(2)
+    assert not torch.equal(a, knn(q, c, labels))
+    seeded = [
+        SoftKNN(
+            5, num_classes=3, method="perturbed", temperature=0.5, generator=torch.Generator().manual_seed(3)
+        )
+        for _ in range(2)
+    ]
+    torch.testing.assert_close(seeded[0](q, c, labels), seeded[1](q, c, labels), rtol=0, atol=0)
