@@ -16,6 +16,11 @@ from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+try:  # torch's fake tensors (shapes without values) have no public type to test against
+    from torch._subclasses.fake_tensor import FakeTensor as _FAKE_TENSOR
+except ImportError:  # pragma: no cover - a torch without it has no fake tensors to meet
+    _FAKE_TENSOR = None
+
 
 def is_tracing() -> bool:
     """True under torch.compile / torch.func transforms, where host syncs are not allowed."""
@@ -24,6 +29,26 @@ def is_tracing() -> bool:
     functorch = getattr(torch._C, "_functorch", None)
     level = getattr(functorch, "maybe_current_level", None)
     return level is not None and level() is not None
+
+
+def has_values(x: Tensor) -> bool:
+    """True when the entries of ``x`` can be read without tracing or faking them.
+
+    False under torch.compile and torch.func transforms, for meta tensors and for fake
+    tensors (shapes only): value checks are skipped there, never turned into errors.
+    """
+    if is_tracing() or x.device.type == "meta":
+        return False
+    return _FAKE_TENSOR is None or not isinstance(x, _FAKE_TENSOR)
+
+
+def may_sync(x: Tensor) -> bool:
+    """True when reading a value of ``x`` on the host is cheap: a CPU tensor with values.
+
+    Shortcuts that look at data (``bool(mask.any())``) are taken only then; on an
+    accelerator they would stall the stream, so the code takes the branch-free path.
+    """
+    return x.device.type == "cpu" and has_values(x)
 
 
 def check_tensor(x: object, name: str = "x") -> Tensor:
@@ -40,10 +65,16 @@ def check_tensor(x: object, name: str = "x") -> Tensor:
 
 
 def check_dim(dim: object, ndim: int) -> int:
-    """Returns ``dim`` as a non-negative index into a tensor of rank ``ndim``."""
+    """Returns ``dim`` as a non-negative index into a tensor of rank ``ndim``.
+
+    A non-integer ``dim`` is a TypeError; an integer out of range is an IndexError, as in
+    torch (``torch.topk(x, 1, dim=5)``).
+    """
     dim = check_int(dim, "dim")
     if not -ndim <= dim < ndim:
-        raise ValueError(f"dim must be in [{-ndim}, {ndim - 1}] for a {ndim}-d input, got {dim}")
+        raise IndexError(
+            f"dim out of range: expected a dim in [{-ndim}, {ndim - 1}] for a {ndim}-d input, got {dim}"
+        )
     return dim % ndim
 
 

@@ -96,7 +96,7 @@ def test_p_only_for_sparse(x):
 
 @pytest.mark.parametrize("dim", [2, -3, 5])
 def test_dim_out_of_range(x, dim):
-    with pytest.raises(ValueError, match=rf"dim must be in \[-2, 1\] for a 2-d input, got {dim}"):
+    with pytest.raises(IndexError, match=rf"expected a dim in \[-2, 1\] for a 2-d input, got {dim}"):
         softtopk.topk_mask(x, 2, dim=dim)
 
 

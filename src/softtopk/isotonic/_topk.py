@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..threshold._solver import apply_rules, finite_stand_ins, rules_from_values
+from .._rows import apply_rules, classify
+from ..threshold._reference import finite_stand_ins
 from ._function import isotonic_rows
 
 #: Iteration budget of Dykstra on the top-k route (``topk_mask`` has no max_iter argument).
@@ -77,7 +78,11 @@ def isotonic_sparse_mask(
         )
     t = temperature
     B, n = x.shape
-    rules = rules_from_values(x.detach(), k.detach())
+    dtype = x.dtype
+    # In float64: the isotonic problem is posed on s - t w, whose entries are about
+    # abs(x), so a float32 solve would lose the mask once abs(x) / t nears 1 / eps.
+    x, k = x.to(torch.float64), k.to(torch.float64)
+    rules = classify(x.detach(), k.detach())
     s, perm = x.sort(-1, descending=True)
     finite = torch.isfinite(s)
     # +-inf (and NaN) get finite stand-ins beyond the reach of the threshold; they are
@@ -92,5 +97,4 @@ def isotonic_sparse_mask(
     # gradient of an entry that rounding put a hair above 1 or below 0.
     ys = ys + (ys.detach().clamp(0.0, 1.0) - ys.detach())
     y = torch.zeros_like(ys).scatter(-1, perm, ys)
-    y, _ = apply_rules(x.detach(), y, torch.zeros_like(y.detach()), k, rules)
-    return y
+    return apply_rules(x.detach(), k, y, rules).to(dtype)

@@ -6,8 +6,7 @@ import torch
 from torch import Tensor
 
 from .._checks import is_tracing
-from ..threshold._solver import RowRules
-from ._rows import classify, finish, regular_rows
+from .._rows import RowRules, apply_rules, classify, regular_rows
 
 
 def order_statistic(v: Tensor, p: Tensor) -> Tensor:
@@ -48,7 +47,8 @@ def dftopk_threshold(x: Tensor, k: Tensor) -> Tensor:
     below the +inf ones, so theta is finite on every regular row; rows set by a rule
     (k = 0, k >= n, NaN, k or more +inf entries) get theta = 0.
     """
-    rules, n_top = classify(x, k)
+    rules = classify(x, k)
+    n_top = rules.n_fin + rules.n_pos
     return _threshold(regular_rows(x, rules), k, rules, n_top)
 
 
@@ -86,8 +86,9 @@ def dftopk_mask(x: Tensor, k: Tensor, *, temperature: float, solver: str = "auto
     """
     if k.requires_grad:
         raise ValueError("method='dftopk' is not differentiable in k; pass a k that does not require grad")
-    rules, n_top = classify(x, k)
+    rules = classify(x, k)
+    n_top = rules.n_fin + rules.n_pos
     v = regular_rows(x, rules)
     theta = _threshold(v, k, rules, n_top).unsqueeze(-1)
     y = torch.sigmoid((v - theta) / temperature)
-    return finish(x, k, y, rules)
+    return apply_rules(x, k, y, rules)

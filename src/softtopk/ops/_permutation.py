@@ -38,7 +38,7 @@ from .._checks import (
     prepare_k,
     to_rows,
 )
-from ._rows import classify, finish, regular_rows
+from .._rows import apply_rules, classify, regular_rows
 
 PERMUTATION_METHODS = ("neuralsort", "softsort", "odd_even", "bitonic")
 NETWORKS = ("odd_even", "bitonic")
@@ -448,7 +448,7 @@ def permutation_topk_mask(
     if rows.numel() == 0:
         return torch.zeros_like(x)
     v = rows.to(cd)
-    rules, _ = classify(v, kvec)
+    rules = classify(v, kvec)
     vr = regular_rows(v, rules)
     k_reg = torch.where(rules.regular, kvec, 1.0)
     plus = vr == math.inf
@@ -460,4 +460,4 @@ def permutation_topk_mask(
         y = torch.where(plus, 1.0, y)
     else:
         y = permutation_mask_rows(vr, k_reg, method, t, **options)
-    return restore(finish(v, kvec, y, rules)).to(x.dtype)
+    return restore(apply_rules(v, kvec, y, rules)).to(x.dtype)

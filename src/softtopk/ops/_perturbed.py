@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._checks import check_choice, check_tensor
-from ._rows import classify, finish, regular_rows
+from .._rows import apply_rules, classify, regular_rows
 
 NOISES = ("gaussian", "gumbel")
 #: Perturbed values held at once (num_samples is processed in chunks of this size).
@@ -243,10 +243,10 @@ def perturbed_mask(
     """
     if k.requires_grad:
         raise ValueError("method='perturbed' is not differentiable in k; pass a k that does not require grad")
-    rules, _ = classify(x, k)
+    rules = classify(x, k)
     v = regular_rows(x, rules)
     y = _PerturbedMask.apply(v, torch.where(rules.regular, k, 1.0), temperature, pert)[0]
-    return finish(x, k, y, rules)
+    return apply_rules(x, k, y, rules)
 
 
 # -------------------------------------------------------------------- smoothed k-th value

@@ -193,14 +193,18 @@ def soft_sinkhorn_mask(
 
 
 def soft_cost_scale(x: Tensor) -> Tensor:
-    """C_max / 2 per row (B, 1): half the largest cost (x_i - a)^2 to the anchors a in {0, 1}.
+    """C_max / 2 per row (B,) in float64: half the largest cost (x_i - a)^2 to the anchors 0 and 1.
 
-    Computed on the finite entries and detached, as the reference treats it as a
-    constant. max((x - 0)^2, (x - 1)^2) >= 1/4 for every real x, so C_max >= 1/4.
+    Computed on the finite entries, in float64 (the square of a float32 score overflows
+    float32 beyond about 1.8e19), and detached, as the reference treats it as a constant.
+    max((x - 0)^2, (x - 1)^2) >= 1/4 for every real x, so C_max >= 1/4; it is finite for
+    every finite float64 score up to about 1e154 and capped at the float64 maximum.
     """
-    xd = x.detach()
+    xd = x.detach().to(torch.float64)
     far = torch.maximum(xd * xd, (xd - 1.0) * (xd - 1.0))
-    c_max = torch.where(torch.isfinite(xd), far, 0.0).amax(-1, keepdim=True).clamp(min=0.25)
+    c_max = (
+        torch.where(torch.isfinite(xd), far, 0.0).amax(-1).clamp(min=0.25, max=torch.finfo(torch.float64).max)
+    )
     return 0.5 * c_max
 
 
@@ -230,8 +234,7 @@ def soft_mask(x: Tensor, k: Tensor, *, temperature: float, solver: str = "auto")
         Xie, Dai, Chen, Dai, Zhao, Zha, Wei, Pfister. "Differentiable Top-k with Optimal
         Transport", NeurIPS 2020.
     """
-    scale = temperature * soft_cost_scale(x)
-    return threshold_mask(x / scale, k, 1.0, LOGISTIC, solver)
+    return threshold_mask(x, k, temperature * soft_cost_scale(x), LOGISTIC, solver)
 
 
 # ------------------------------------------------ sorted SOFT: k + 1 anchors, k x n output

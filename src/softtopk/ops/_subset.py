@@ -17,8 +17,8 @@ from .._checks import (
     prepare_k,
     to_rows,
 )
+from .._rows import apply_rules, classify, regular_rows
 from ._perturbed import default_generator, draw
-from ._rows import classify, finish, regular_rows
 
 #: The floor of 1 - a in the reference code: the smallest normal float32.
 TINY = float(torch.finfo(torch.float32).tiny)
@@ -132,7 +132,7 @@ def relaxed_subset(
     if rows.numel() == 0:
         return torch.zeros_like(x)
     v = rows.to(cd)
-    rules, _ = classify(v, kvec)
+    rules = classify(v, kvec)
     vr = regular_rows(v, rules)
     k_reg = torch.where(rules.regular, kvec, 1.0)
     plus = vr == math.inf
@@ -147,4 +147,4 @@ def relaxed_subset(
     if hard:
         y_hard = torch.where(plus, 1.0, _hard_of(torch.where(plus, -math.inf, y), k_rest))
         y = y_hard - y.detach() + y
-    return restore(finish(v, kvec, y, rules)).to(x.dtype)
+    return restore(apply_rules(v, kvec, y, rules)).to(x.dtype)

@@ -1,20 +1,20 @@
-"""The threshold family (DESIGN 2.1): links, the row solver and the implicit backward."""
+"""The threshold family: links, the row solver (kernels and the tensor-op reference) and autograd."""
 
-from ._function import CurvedThresholdMask, ThresholdMask, threshold_backward, threshold_mask
-from ._links import LAPLACE, LOGISTIC, Link, sparse_link
-from ._solver import Solution, solve, sorted_clip_tau, sorted_laplace_tau
+from ._function import ThresholdMask, threshold_mask
+from ._links import LAPLACE, LOGISTIC, Link, link_of_code, sparse_link
+from ._reference import reference_forward, solve_dense, solve_sort, sorted_clip_tau, sorted_laplace_tau
 
 __all__ = [
     "LAPLACE",
     "LOGISTIC",
-    "CurvedThresholdMask",
     "Link",
-    "Solution",
     "ThresholdMask",
-    "solve",
+    "link_of_code",
+    "reference_forward",
+    "solve_dense",
+    "solve_sort",
     "sorted_clip_tau",
     "sorted_laplace_tau",
     "sparse_link",
-    "threshold_backward",
     "threshold_mask",
 ]

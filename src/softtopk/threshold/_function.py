@@ -1,13 +1,18 @@
-"""Autograd for the threshold family: the implicit O(n) backward.
+"""Autograd for the threshold family: the implicit O(n) backward, differentiable again.
 
 With g_i = G'((x_i - tau)/t)/t and tau defined by sum_i G((x_i - tau)/t) = k, the
 implicit function theorem gives
 
     J = diag(g) - g g^T / sum(g),      dy/dk = g / sum(g),
 
-so the vector-Jacobian product is ``g * (v - <g, v>/sum(g))`` and the gradient in k is
-``<g, v>/sum(g)``. Only g is saved: (B, K) on the candidates of a sparse link, (B, n)
-otherwise. Rows with sum(g) = 0 (hard rows) get zero gradients.
+so the vector-Jacobian product is ``g * (v - <g, v>/sum(g))``, the gradient in k is
+``<g, v>/sum(g)``, and the Jacobian-vector product is ``g * (u - (<g, u> - dk)/sum(g))``.
+g is a function of the output alone, g = G'(G^{-1}(y))/t, so the forward saves y and
+tau (B,) and nothing else. The plain backward is one fused op; when the backward is
+itself differentiated (``create_graph=True``, ``torch.func``), it is written in tensor ops
+on the saved y, whose own gradient is this function again, so the second derivative is
+exact: d g_i/dx_j = G''(z_i)/t dz_i/dx_j. Rows with sum(g) = 0 (hard rows) and rows set
+by a rule get zero gradients; NaN rows NaN.
 """
 
 from __future__ import annotations
@@ -16,85 +21,83 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .._checks import scatter_rows
+from .._checks import is_tracing
+from . import _ops  # noqa: F401  (registers torch.ops.softtopk.threshold_*)
 from ._links import Link
-from ._solver import solve
+from ._ops import reference_backward
+from ._reference import SOLVERS
 
 
-def _ratio(num: Tensor, den: Tensor) -> Tensor:
-    """num / den, and 0 where den == 0 (without a NaN in either branch)."""
-    nonzero = den != 0
-    return torch.where(nonzero, num / torch.where(nonzero, den, 1.0), 0.0)
+def _g(y: Tensor, tau: Tensor, t: Tensor, link: Link) -> Tensor:
+    """g = G'(G^{-1}(y))/t, zero on rows set by a rule (NaN on NaN rows)."""
+    h = link.slope_from_value(y)
+    finite = torch.isfinite(tau).unsqueeze(-1)
+    h = torch.where(finite, h, torch.where(torch.isnan(tau).unsqueeze(-1), float("nan"), 0.0))
+    return h / t.unsqueeze(-1).to(h.dtype)
 
 
-def _vjp(g: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Returns g * (v - <g,v>/sum g) and <g,v>/sum g for rows of g and v."""
-    coupling = _ratio((g * v).sum(-1), g.sum(-1))
-    return g * (v - coupling.unsqueeze(-1)), coupling
+class CompiledThresholdMask(torch.autograd.Function):
+    """y = G((x - tau)/t) with sum(y) = k along the last dim of rows (B, n), reverse mode.
 
-
-def threshold_backward(
-    grad_y: Tensor, g: Tensor, idx: Tensor, rows: Tensor, g_rows: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Vector-Jacobian product in x (B, n) and in k (B,) from the saved slopes."""
-    if idx.numel() == 0:
-        return _vjp(g, grad_y)
-    grad_c, grad_k = _vjp(g, grad_y.gather(-1, idx))
-    grad_x = scatter_rows(grad_y, idx, grad_c)
-    if rows.numel() > 0:
-        grad_r, grad_kr = _vjp(g_rows, grad_y.index_select(0, rows))
-        grad_x = grad_x.index_copy(0, rows, grad_r)
-        grad_k = grad_k.index_copy(0, rows, grad_kr)
-    return grad_x, grad_k
-
-
-class ThresholdMask(torch.autograd.Function):
-    """y = G((x - tau)/t) with sum(y) = k along the last dimension of (B, n) rows.
-
-    Differentiable in x and in k (a (B,) tensor). Inputs are already validated and in
-    the compute dtype. The backward is itself differentiable (the Jacobian of the p = 2
-    link is locally constant); see :class:`CurvedThresholdMask` for the other links.
+    Inputs are validated rows in the compute dtype, k and t (B,) in float64; the outputs
+    are y and tau (float64, not differentiable). Differentiable in x and k, to any order.
+    This is the class torch.compile traces (Dynamo does not trace a custom ``jvp``);
+    :class:`ThresholdMask` adds forward mode.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, k: Tensor, t: float, link: Link, solver: str) -> tuple[Tensor, ...]:  # type: ignore[override]
-        # Detached: the solver's loop is not differentiated (and torch.compile's
-        # while_loop must not see tensors that require grad).
-        return tuple(solve(x.detach(), k.detach(), t, link, solver))
+    def forward(x: Tensor, k: Tensor, t: Tensor, link: Link, solver: str) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return torch.ops.softtopk.threshold_fwd(x, k, t, link.code, link.p, SOLVERS[solver])
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        _, g, idx, rows, g_rows = output
-        ctx.mark_non_differentiable(g, idx, rows, g_rows)
-        ctx.save_for_backward(g, idx, rows, g_rows)
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        _, _, t, link, _ = inputs
+        y, tau = output
+        ctx.mark_non_differentiable(tau)
+        ctx.save_for_backward(y, tau, t)
+        ctx.save_for_forward(y, tau, t)
+        ctx.link = link
 
     @staticmethod
-    def backward(ctx: Any, grad_y: Tensor, *unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        g, idx, rows, g_rows = ctx.saved_tensors
-        grad_x, grad_k = threshold_backward(grad_y, g, idx, rows, g_rows)
-        return grad_x, grad_k if ctx.needs_input_grad[1] else None, None, None, None
+    def backward(ctx: Any, grad_y: Tensor, grad_tau: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        y, tau, t = ctx.saved_tensors
+        link = ctx.link
+        if torch.is_grad_enabled() or is_tracing():
+            grad_x, grad_k = reference_backward(y, tau, t, grad_y.to(y.dtype), link)
+        else:
+            grad_x, grad_k = torch.ops.softtopk.threshold_bwd(y, tau, t, grad_y, link.code, link.p)
+        grad_k = grad_k.to(torch.float64) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_k, None, None, None
 
 
-class CurvedThresholdMask(ThresholdMask):
-    """ThresholdMask for links with curvature (logistic, Laplace, p < 2).
+class ThresholdMask(CompiledThresholdMask):
+    """:class:`CompiledThresholdMask` with forward mode (``torch.func.jvp``, ``jacfwd``)."""
 
-    Their Jacobian depends on x, which the saved slopes do not carry, so a second
-    differentiation would be silently wrong; it raises instead.
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor | None, dk: Tensor | None, *unused: Any) -> tuple[Tensor, None]:  # type: ignore[override]
+        y, tau, t = ctx.saved_tensors
+        g = _g(y, tau, t, ctx.link)
+        u = torch.zeros_like(y) if dx is None else dx.to(y.dtype)
+        total = g.sum(-1)
+        coupling = (g * u).sum(-1)
+        if dk is not None:
+            coupling = coupling - dk.to(coupling.dtype)
+        nonzero = total != 0
+        dtau = torch.where(nonzero, coupling / torch.where(nonzero, total, 1.0), 0.0)
+        return g * (u - dtau.unsqueeze(-1)), None
+
+
+def threshold_mask(x: Tensor, k: Tensor, t: Tensor | float, link: Link, solver: str = "auto") -> Tensor:
+    """The threshold family on validated rows ``x`` (B, n) with budgets ``k`` (B,).
+
+    ``t`` is a number or a (B,) tensor of temperatures (constants: no gradient).
     """
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_y: Tensor, *unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        g, idx, rows, g_rows = ctx.saved_tensors
-        grad_x, grad_k = threshold_backward(grad_y, g, idx, rows, g_rows)
-        return grad_x, grad_k if ctx.needs_input_grad[1] else None, None, None, None
-
-
-def threshold_mask(x: Tensor, k: Tensor, t: float, link: Link, solver: str = "auto") -> Tensor:
-    """Applies the threshold family to validated rows ``x`` (B, n) with budgets ``k`` (B,)."""
-    fn = ThresholdMask if link.piecewise_linear else CurvedThresholdMask
-    return fn.apply(x, k, t, link, solver)[0]
+    B = x.shape[0]
+    tt = t.detach().to(device=x.device, dtype=torch.float64) if isinstance(t, Tensor) else None
+    if tt is None:
+        tt = torch.full((B,), float(t), dtype=torch.float64, device=x.device)
+    fn = CompiledThresholdMask if torch.compiler.is_compiling() else ThresholdMask
+    return fn.apply(x, k.to(torch.float64), tt, link, solver)[0]

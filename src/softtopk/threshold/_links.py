@@ -35,6 +35,36 @@ class Link:
         """The Jacobian is locally constant, so second derivatives vanish almost everywhere."""
         return self.name == "sparse" and self.p == 2.0
 
+    @property
+    def code(self) -> int:
+        """The link's number in the compiled kernels: 0 clip, 1 sparse p < 2, 2 logistic, 3 Laplace."""
+        if self.name == "sparse":
+            return 0 if self.p == 2.0 else 1
+        return {"logistic": 2, "laplace": 3}[self.name]
+
+    def slope_from_value(self, y: Tensor) -> Tensor:
+        """G'(G^{-1}(y)): the slope at the solution from the mask value alone.
+
+        Every link is strictly increasing where 0 < G < 1 and flat where G is 0 or 1, so
+        the value fixes the slope: 1 on (0, 1) for p = 2, a y^(2-p) with a = 1/(p-1) for
+        p < 2, y (1 - y) for the logistic and min(y, 1 - y) for the Laplace CDF (0 at
+        y = 0 and y = 1). Written in differentiable ops, safe at the ends (its derivative
+        is finite everywhere the mask is), so a backward built on it can be differentiated
+        again: d/dy [G'(G^{-1}(y))] dy/dx = G''(z)/t dz/dx.
+        """
+        inside = (y > 0) & (y < 1)
+        if self.name == "sparse":
+            if self.p == 2.0:
+                return inside.to(y.dtype)
+            a = 1.0 / (self.p - 1.0)
+            safe = torch.where(inside, y, 1.0)
+            return torch.where(inside, a * safe.pow(2.0 - self.p), 0.0)
+        if self.name == "logistic":
+            return torch.where(inside, y * (1.0 - y), 0.0)
+        if self.name == "laplace":
+            return torch.where(inside, torch.minimum(y, 1.0 - y), 0.0)
+        raise ValueError(f"unknown link {self.name!r}")
+
     def __call__(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Returns ``G(z)`` and ``G'(z)``."""
         if self.name == "sparse":
@@ -129,3 +159,16 @@ def sparse_link(p: float) -> Link:
 
 LOGISTIC = Link("logistic")
 LAPLACE = Link("laplace")
+
+
+def link_of_code(code: int, p: float = 2.0) -> Link:
+    """The link numbered ``code`` in the compiled kernels (see :attr:`Link.code`)."""
+    if code == 0:
+        return Link("sparse", 2.0)
+    if code == 1:
+        return Link("sparse", float(p))
+    if code == 2:
+        return LOGISTIC
+    if code == 3:
+        return LAPLACE
+    raise ValueError(f"unknown link code {code!r}")

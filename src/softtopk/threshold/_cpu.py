@@ -1,0 +1,494 @@
+"""The threshold family on CPU: one fused numba pass structure per row, rows in parallel.
+
+This module is imported on first use (numba is loaded then, not at ``import softtopk``).
+Every function here works on one row or a batch of rows (B, n) of float32 or float64
+values; budgets, temperatures and thresholds are float64 per row. The row rules
+(NaN, k = 0, +inf entries, fewer entries than k) are applied per row, as in
+:mod:`softtopk._rows`; a ruled row gets tau = +inf (k = 0, or the +inf entries share k),
+-inf (every entry above -inf gets 1) or NaN (a NaN in the row or in k).
+
+Forward of a row, sparse links (clip for p = 2, the power link for p < 2):
+
+1. scan the row: NaN, +inf and -inf counts;
+2. a lower bound L of tau from a strided sample: tau >= x_(floor k + 1) - t, estimated
+   by a sample order statistic with a margin (every finite entry when the row is short);
+3. one pass: write y = 0 and collect the entries above L (values and indices);
+4. a safeguarded Newton iteration on the candidates, in float64 (for p = 2 it ends on
+   the exact closed form of the final linear piece);
+5. check tau >= L (then no entry below L can reach the mask); if not, collect again
+   above the tau found (a lower bound of the true one) and solve again;
+6. write y on the candidates.
+
+Forward of a row, dense links (logistic, Laplace): the entries far from tau enter the
+sums through power series: below L, G(z) = sum_j (-1)^(j+1) e^(jz) (logistic) or
+e^z / 2 (Laplace), and e^((x - tau)/t) = e^((x - L)/t) e^((L - tau)/t), so one pass
+stores u = e^((x - L)/t) for each such entry and accumulates sum u^j once; above H
+likewise with e^((H - x)/t). Newton then iterates on the entries of the band (L, H)
+only, and the output pass turns each stored u into G without another exponential. The
+band comes from a strided sample with margins; tau must end at least Z0 t inside it
+(so the series' error is below e^(-(M+1) Z0), under float64 rounding), or the row is
+solved again on every entry.
+
+Backward of a row: with h = G'(G^{-1}(y)) (the slope from the mask value),
+grad_x = h/t (v - c), c = <h, v>/sum h, grad_k = c: two passes, no exponential.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+CLIP, POWER, LOGISTIC, LAPLACE = 0, 1, 2, 3
+
+#: Sparse links: rows with at most this many finite entries select x_(floor k + 1) on all
+#: of them; longer rows estimate it from a strided sample.
+SMALL = 2048
+#: Dense links: rows with at most this many finite entries are solved on all of them.
+TINY = 64
+#: Size of the strided sample that brackets tau on longer rows.
+SAMPLE = 1024
+#: Terms of the logistic tail series, and how far (in units of t) tau must be from the
+#: band's ends: the series' error per entry is at most e^(-(SERIES + 1) * Z0).
+SERIES = 6
+Z0 = 6.0
+#: Newton iterations at most (the bracket at least halves on every rejected step).
+MAX_ITER = 200
+
+_jit = numba.njit(cache=True, nogil=True, fastmath=False)
+
+
+@_jit
+def _link(z, code, a):  # pragma: no cover - compiled
+    """G(z) and G'(z) of link ``code`` (a = 1/(p-1) for the power link)."""
+    if code == CLIP:
+        if z <= 0.0:
+            return 0.0, 0.0
+        if z >= 1.0:
+            return 1.0, 0.0
+        return z, 1.0
+    if code == POWER:
+        if z <= 0.0:
+            return 0.0, 0.0
+        if z >= 1.0:
+            return 1.0, 0.0
+        zp = z ** (a - 1.0)
+        return zp * z, a * zp
+    if code == LOGISTIC:
+        if z >= 0.0:
+            e = math.exp(-z)
+            y = 1.0 / (1.0 + e)
+            return y, y * e / (1.0 + e)
+        e = math.exp(z)
+        y = e / (1.0 + e)
+        return y, y / (1.0 + e)
+    if z <= 0.0:
+        e = 0.5 * math.exp(z)
+        return e, e
+    e = 0.5 * math.exp(-z)
+    return 1.0 - e, e
+
+
+@_jit
+def _slope_of_value(y, code, a, p):  # pragma: no cover - compiled
+    """G'(G^{-1}(y)) (0 at y = 0 and y = 1)."""
+    if not (y > 0.0 and y < 1.0):
+        return 0.0
+    if code == CLIP:
+        return 1.0
+    if code == POWER:
+        return a * y ** (2.0 - p)
+    if code == LOGISTIC:
+        return y * (1.0 - y)
+    return min(y, 1.0 - y)
+
+
+@_jit
+def _newton(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high):  # pragma: no cover
+    """Safeguarded Newton for sum_j G((vals_j - tau)/t) + tails(tau) = kk on [lo, hi].
+
+    Starts at ``tau`` (clamped into the bracket); f(lo) >= 0 >= f(hi). Stops when a step
+    is below ``tol`` (at least 4 eps (abs(tau) + t)). With ``terms`` > 0 the entries below L
+    and above H enter through their power sums P[:terms] and Q[:terms] (and n_high
+    entries above H).
+    """
+    eps = 2.220446049250313e-16
+    if not (tau > lo and tau < hi):
+        tau = 0.5 * (lo + hi)
+    dx_old = hi - lo
+    for _ in range(MAX_ITER):
+        f = -kk
+        d = 0.0
+        for j in range(c):
+            g, gp = _link((vals[j] - tau) / t, code, a)
+            f += g
+            d += gp
+        f, d = _add_tails(f, d, tau, t, code, L, H, P, Q, terms, n_high)
+        d /= t
+        if f > 0.0:
+            lo = tau
+        else:
+            hi = tau
+        if f == 0.0 or hi - lo <= 2.0 * eps * (abs(lo) + abs(hi)):
+            return tau
+        delta = f / d if d > 0.0 else math.inf
+        cand = tau + delta
+        if cand > lo and cand < hi and 2.0 * abs(delta) < abs(dx_old):
+            new = cand
+        else:
+            new = 0.5 * (lo + hi)
+            delta = new - tau
+        if abs(delta) <= max(tol, 4.0 * eps * (abs(tau) + t)):
+            return new
+        dx_old = delta
+        tau = new
+    return tau
+
+
+@_jit
+def _add_tails(f, d, tau, t, code, L, H, P, Q, terms, n_high):  # pragma: no cover - compiled
+    """Adds the series of the entries below L and above H to f and to d = -t f'."""
+    if terms == 0:
+        return f, d
+    a = math.exp((L - tau) / t) if L > -math.inf else 0.0
+    b = math.exp((tau - H) / t) if H < math.inf else 0.0
+    if code == LOGISTIC:
+        sign = 1.0
+        aj = 1.0
+        bj = 1.0
+        for j in range(terms):
+            aj *= a
+            bj *= b
+            f += sign * (aj * P[j] - bj * Q[j])
+            d += sign * (j + 1) * (aj * P[j] + bj * Q[j])
+            sign = -sign
+        return f + n_high, d
+    f += 0.5 * (a * P[0] - b * Q[0]) + n_high
+    d += 0.5 * (a * P[0] + b * Q[0])
+    return f, d
+
+
+@_jit
+def _scan(x):  # pragma: no cover - compiled
+    """Counts of NaN, +inf and -inf entries of a row."""
+    n_nan = 0
+    n_pos = 0
+    n_neg = 0
+    for i in range(x.shape[0]):
+        v = x[i]
+        if v != v:
+            n_nan += 1
+        elif v == math.inf:
+            n_pos += 1
+        elif v == -math.inf:
+            n_neg += 1
+    return n_nan, n_pos, n_neg
+
+
+@_jit
+def _rule_row(x, k, y, n_nan, n_pos, n_neg):  # pragma: no cover - compiled
+    """Applies the row rules; returns (ruled, tau) with tau the rule's sentinel."""
+    n = x.shape[0]
+    n_fin = n - n_nan - n_pos - n_neg
+    if n_nan > 0 or not (k >= 0.0 and k <= n):
+        for i in range(n):
+            y[i] = math.nan
+        return True, math.nan
+    if k <= 0.0:
+        for i in range(n):
+            y[i] = 0.0
+        return True, math.inf
+    if n_pos >= k:
+        share = k / n_pos
+        for i in range(n):
+            y[i] = share if x[i] == math.inf else 0.0
+        return True, math.inf
+    if n_fin + n_pos <= k:
+        for i in range(n):
+            y[i] = 1.0 if x[i] > -math.inf else 0.0
+        return True, -math.inf
+    return False, 0.0
+
+
+@_jit
+def _sample(x, sv, m_max):  # pragma: no cover - compiled
+    """A strided sample of about ``m_max`` finite entries into sv; returns its size."""
+    n = x.shape[0]
+    stride = max(1, n // m_max)
+    m = 0
+    for i in range(0, n, stride):
+        v = x[i]
+        if v > -math.inf and v < math.inf:
+            sv[m] = v
+            m += 1
+    return m
+
+
+@_jit
+def _kth_largest(a, m, r):  # pragma: no cover - compiled
+    """The r-th largest (1-based) of a[:m], by quickselect in place (a[:m] is reordered)."""
+    lo = 0
+    hi = m - 1
+    target = r - 1  # position in descending order
+    while lo < hi:
+        mid = (lo + hi) // 2
+        # median of three as the pivot
+        x0, x1, x2 = a[lo], a[mid], a[hi]
+        if (x0 >= x1) == (x1 >= x2):
+            pivot = x1
+        elif (x1 >= x0) == (x0 >= x2):
+            pivot = x0
+        else:
+            pivot = x2
+        i = lo
+        j = hi
+        while i <= j:
+            while a[i] > pivot:
+                i += 1
+            while a[j] < pivot:
+                j -= 1
+            if i <= j:
+                tmp = a[i]
+                a[i] = a[j]
+                a[j] = tmp
+                i += 1
+                j -= 1
+        if target <= j:
+            hi = j
+        elif target >= i:
+            lo = i
+        else:
+            return a[target]
+    return a[target]
+
+
+@_jit
+def _collect(x, y, lower, sv, si, zero):  # pragma: no cover - compiled
+    """Finite entries above ``lower`` into (sv, si); with ``zero`` writes y = 0 on the way."""
+    c = 0
+    for i in range(x.shape[0]):
+        v = x[i]
+        if zero:
+            y[i] = 0.0
+        if v > lower and v < math.inf:
+            sv[c] = v
+            si[c] = i
+            c += 1
+    return c
+
+
+@_jit
+def _sparse_row(x, k, t, code, a, y, sv, si):  # pragma: no cover - compiled
+    n = x.shape[0]
+    n_nan, n_pos, n_neg = _scan(x)
+    ruled, tau = _rule_row(x, k, y, n_nan, n_pos, n_neg)
+    if ruled:
+        return tau
+    n_fin = n - n_pos - n_neg
+    kk = k - n_pos  # the budget of the finite entries; the +inf ones get 1 each
+    need = int(math.floor(kk)) + 1  # tau > x_(need) - t among the finite entries
+    if n_fin > SMALL and need * 8 < n_fin:
+        # x_(need) estimated from a strided sample, with a margin towards smaller values
+        m = _sample(x, sv, SAMPLE)
+        js = need * m / n_fin
+        r = int(math.ceil(js + 3.0 * math.sqrt(js) + 3.0))
+        lower = _kth_largest(sv, m, r) - t if r <= m else -math.inf
+    else:
+        m = _collect(x, y, -math.inf, sv, si, False)
+        lower = _kth_largest(sv, m, need) - t
+    tau = 0.0
+    c = 0
+    for _ in range(4):
+        c = _collect(x, y, lower, sv, si, True)
+        if c < need:
+            lower = -math.inf
+            c = _collect(x, y, lower, sv, si, True)
+        lo = math.inf
+        hi = -math.inf
+        for j in range(c):
+            lo = min(lo, sv[j])
+            hi = max(hi, sv[j])
+        tau = _newton(sv, c, kk, t, code, a, lo - t, hi, lower + t, 0.0, 0.0, 0.0, sv, sv, 0, 0.0)
+        if tau >= lower:
+            break
+        lower = tau  # a lower bound of the true threshold: collect again above it
+    for i in range(n):
+        if x[i] == math.inf:
+            y[i] = 1.0
+    eps = 2.220446049250313e-16
+    for j in range(c):
+        v = x[si[j]]
+        z = (v - tau) / t
+        if z <= 16.0 * eps * (abs(v) + abs(tau)) / t:
+            continue  # on the threshold up to rounding: outside the support
+        y[si[j]] = _link(z, code, a)[0]
+    return tau
+
+
+@_jit
+def _inverse(q, code):  # pragma: no cover - compiled
+    """G^{-1}(q) of a dense link, q in (0, 1)."""
+    if code == LOGISTIC:
+        return math.log(q) - math.log1p(-q)
+    if q <= 0.5:
+        return math.log(2.0 * q)
+    return -math.log(2.0 * (1.0 - q))
+
+
+@_jit
+def _solve_values(sv, m, kk, t, code, tol):  # pragma: no cover - compiled
+    """tau of a dense link on the values sv[:m] alone, to the absolute tolerance ``tol``."""
+    lo = math.inf
+    hi = -math.inf
+    for j in range(m):
+        lo = min(lo, sv[j])
+        hi = max(hi, sv[j])
+    # With q = kk / m, m G((lo - tau)/t) >= kk and m G((hi - tau)/t) <= kk bracket tau.
+    shift = t * _inverse(kk / m, code)
+    lo = lo - shift - t
+    hi = hi - shift + t
+    return _newton(sv, m, kk, t, code, 1.0, lo, hi, 0.5 * (lo + hi), tol, 0.0, 0.0, sv, sv, 0, 0.0)
+
+
+@_jit
+def _dense_row(x, k, t, code, y, sv, si, P, Q):  # pragma: no cover - compiled
+    n = x.shape[0]
+    n_nan, n_pos, n_neg = _scan(x)
+    ruled, tau = _rule_row(x, k, y, n_nan, n_pos, n_neg)
+    if ruled:
+        return tau
+    n_fin = n - n_pos - n_neg
+    kk = k - n_pos
+    logistic = code == LOGISTIC
+    terms = SERIES if logistic else 1
+    if n_fin > TINY:
+        # A band (L, H) around tau, from rough solves on a strided sample whose budget
+        # is widened by three standard deviations either way.
+        m = _sample(x, sv, SAMPLE)
+        ks = kk * m / n_fin
+        spread = 3.0 * math.sqrt(ks) + 3.0 if m < n_fin else 0.0
+        lo_s = _solve_values(sv, m, min(ks + spread, m - 0.5 * min(1.0, m - ks)), t, code, 0.05 * t)
+        hi_s = _solve_values(sv, m, max(ks - spread, 0.5 * min(1.0, ks)), t, code, 0.05 * t)
+        L = lo_s - (Z0 + 1.0) * t
+        H = hi_s + (Z0 + 1.0) * t
+        for j in range(terms):
+            P[j] = 0.0
+            Q[j] = 0.0
+        n_high = 0.0
+        c = 0
+        for i in range(n):
+            v = x[i]
+            if v <= L:  # -inf included: u = 0
+                u = math.exp((v - L) / t)
+                y[i] = u
+                uj = 1.0
+                for j in range(terms):
+                    uj *= u
+                    P[j] += uj
+            elif v >= H:  # +inf included: w = 0
+                w = math.exp((H - v) / t)
+                y[i] = -1.0 - w
+                n_high += 1.0
+                wj = 1.0
+                for j in range(terms):
+                    wj *= w
+                    Q[j] += wj
+            else:
+                sv[c] = v
+                si[c] = i
+                c += 1
+        lo = L + Z0 * t
+        hi = H - Z0 * t
+        f_lo = -kk
+        f_hi = -kk
+        for j in range(c):
+            f_lo += _link((sv[j] - lo) / t, code, 1.0)[0]
+            f_hi += _link((sv[j] - hi) / t, code, 1.0)[0]
+        f_lo = _add_tails(f_lo, 0.0, lo, t, code, L, H, P, Q, terms, n_high)[0]
+        f_hi = _add_tails(f_hi, 0.0, hi, t, code, L, H, P, Q, terms, n_high)[0]
+        if f_lo >= 0.0 and f_hi <= 0.0:
+            tau = _newton(
+                sv, c, kk, t, code, 1.0, lo, hi, 0.5 * (lo_s + hi_s), 0.0, L, H, P, Q, terms, n_high
+            )
+            a_low = math.exp((L - tau) / t)
+            b_high = math.exp((tau - H) / t)
+            for i in range(n):
+                s = y[i]
+                v = x[i]
+                if v <= L:  # s = e^((v - L)/t), so e^z = s a_low
+                    e = s * a_low
+                    y[i] = e / (1.0 + e) if logistic else 0.5 * e
+                elif v >= H:  # s = -1 - e^((H - v)/t), so e^(-z) = (-1 - s) b_high
+                    e = (-1.0 - s) * b_high
+                    y[i] = 1.0 / (1.0 + e) if logistic else 1.0 - 0.5 * e
+            for j in range(c):
+                y[si[j]] = _link((sv[j] - tau) / t, code, 1.0)[0]
+            return tau
+    # Short rows, and bands that missed tau: Newton on every finite entry.
+    c = _collect(x, y, -math.inf, sv, si, False)
+    tau = _solve_values(sv, c, kk, t, code, 0.0)
+    for i in range(n):
+        v = x[i]
+        if v == math.inf:
+            y[i] = 1.0
+        elif v == -math.inf:
+            y[i] = 0.0
+    for j in range(c):
+        y[si[j]] = _link((sv[j] - tau) / t, code, 1.0)[0]
+    return tau
+
+
+@numba.njit(cache=True, parallel=True)
+def forward(x, k, t, code, p, y, tau, chunks):  # pragma: no cover - compiled
+    """Writes the mask y (B, n) and the thresholds tau (B,) of rows x (B, n).
+
+    The rows are split into ``chunks`` runs that threads take in parallel; each run
+    allocates its scratch (two rows' worth) once.
+    """
+    B, n = x.shape
+    a = 1.0 / (p - 1.0) if code == POWER else 1.0
+    chunks = max(1, min(B, chunks))
+    per = (B + chunks - 1) // chunks
+    for ch in numba.prange(chunks):
+        sv = np.empty(n, dtype=np.float64)
+        si = np.empty(n, dtype=np.int64)
+        P = np.empty(SERIES, dtype=np.float64)
+        Q = np.empty(SERIES, dtype=np.float64)
+        for b in range(ch * per, min(B, (ch + 1) * per)):
+            if code == CLIP or code == POWER:
+                tau[b] = _sparse_row(x[b], k[b], t[b], code, a, y[b], sv, si)
+            else:
+                tau[b] = _dense_row(x[b], k[b], t[b], code, y[b], sv, si, P, Q)
+
+
+@numba.njit(cache=True, parallel=True)
+def backward(y, tau, t, v, code, p, grad_x, grad_k):  # pragma: no cover - compiled
+    """grad_x = h/t (v - c) and grad_k = c, c = <h, v>/sum h, with h = G'(G^{-1}(y))."""
+    B, n = y.shape
+    a = 1.0 / (p - 1.0) if code == POWER else 1.0
+    for b in numba.prange(B):
+        tb = tau[b]
+        if tb != tb:
+            for i in range(n):
+                grad_x[b, i] = math.nan
+            grad_k[b] = math.nan
+            continue
+        if tb == math.inf or tb == -math.inf:
+            for i in range(n):
+                grad_x[b, i] = 0.0
+            grad_k[b] = 0.0
+            continue
+        sh = 0.0
+        shv = 0.0
+        for i in range(n):
+            h = _slope_of_value(y[b, i], code, a, p)
+            if h != 0.0:
+                sh += h
+                shv += h * v[b, i]
+        c = shv / sh if sh > 0.0 else 0.0
+        scale = 1.0 / t[b]
+        for i in range(n):
+            h = _slope_of_value(y[b, i], code, a, p)
+            grad_x[b, i] = h * scale * (v[b, i] - c) if h != 0.0 else 0.0
+        grad_k[b] = c

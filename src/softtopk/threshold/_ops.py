@@ -1,0 +1,145 @@
+"""The threshold family as two ``torch.library`` custom ops: one per direction.
+
+``torch.ops.softtopk.threshold_fwd(x, k, t, link, p, solver) -> (y, tau)``
+    x (B, n) float32/float64 rows, k and t (B,) float64 budgets and temperatures, the
+    link code (0 clip, 1 power p < 2, 2 logistic, 3 Laplace), p, and the solver (0 the
+    backend's default, 1 whole-row Newton, 2 sort). Returns the mask y (B, n) in the
+    dtype of x and the thresholds tau (B,) in float64, whose non-finite values mark the
+    rows set by a rule: NaN (a NaN in the row or in k), +inf (k = 0, or +inf entries
+    sharing k) and -inf (every entry above -inf gets 1).
+
+``torch.ops.softtopk.threshold_bwd(y, tau, t, grad_y, link, p) -> (grad_x, grad_k)``
+    the implicit vector-Jacobian product from the forward's output alone:
+    grad_x = h/t (v - c), grad_k = c with h = G'(G^{-1}(y)) and c = <h, v>/sum h.
+
+Each op runs the route that :func:`softtopk._backend.route` picks for its device (numba
+on CPU, Triton on CUDA, the tensor-op reference elsewhere). Both have fake
+implementations (shapes and dtypes only), so torch.compile, torch.export and meta-device
+models see one op per direction, and a vmap rule (rows are independent: the vmapped dim
+joins the rows). Autograd is :class:`softtopk.threshold.ThresholdMask`, which adds
+double backward and forward mode on top of these ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ._links import Link, link_of_code
+from ._reference import reference_forward
+
+
+def _flat_vmap(info, in_dims, tensors):  # noqa: ANN001
+    """Moves each vmapped dim to the front, broadcasts, and folds it into the row dim."""
+    size = info.batch_size
+    out = []
+    for a, d in zip(tensors, in_dims, strict=True):
+        a = a.movedim(d, 0) if d is not None else a.unsqueeze(0).expand(size, *a.shape)
+        out.append(a.reshape(size * a.shape[1], *a.shape[2:]) if a.dim() > 1 else a)
+    return out
+
+
+@torch.library.custom_op("softtopk::threshold_fwd", mutates_args=())
+def threshold_fwd(x: Tensor, k: Tensor, t: Tensor, link: int, p: float, solver: int) -> tuple[Tensor, Tensor]:
+    B, n = x.shape
+    x = x.contiguous()
+    if solver != 0 or B == 0 or n == 0:
+        if B == 0 or n == 0:
+            return torch.empty_like(x), x.new_full((B,), math.inf, dtype=torch.float64)
+        return reference_forward(x, k, t, link_of_code(link, p), solver)
+    way = _backend.route(x)
+    if way == "cpu":
+        cpu = _backend.kernels("threshold._cpu")
+        y = torch.empty_like(x)
+        tau = torch.empty(B, dtype=torch.float64)
+        with _backend.numba_threads():
+            cpu.forward(
+                x.numpy(),
+                k.contiguous().numpy(),
+                t.contiguous().numpy(),
+                link,
+                float(p),
+                y.numpy(),
+                tau.numpy(),
+                _backend.chunks(),
+            )
+        return y, tau
+    if way == "triton":
+        return _backend.kernels("threshold._triton").forward(x, k, t, link, p)
+    return reference_forward(x, k, t, link_of_code(link, p), solver)
+
+
+@threshold_fwd.register_fake
+def _(x: Tensor, k: Tensor, t: Tensor, link: int, p: float, solver: int) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=torch.float64)
+
+
+@threshold_fwd.register_vmap
+def _(info, in_dims, x, k, t, link, p, solver):  # noqa: ANN001
+    size = info.batch_size
+    xs, ks, ts = _flat_vmap(info, in_dims[:3], (x, k, t))
+    y, tau = threshold_fwd(xs, ks.contiguous(), ts.contiguous(), link, p, solver)
+    return (y.reshape(size, -1, y.shape[-1]), tau.reshape(size, -1)), (0, 0)
+
+
+def reference_backward(y: Tensor, tau: Tensor, t: Tensor, v: Tensor, link: Link) -> tuple[Tensor, Tensor]:
+    """The implicit vjp in tensor ops (differentiable: the backward of the backward).
+
+    grad_x = g (v - c), grad_k = c with g = G'(G^{-1}(y))/t and c = <g, v>/sum g; rows
+    with a non-finite tau (set by a rule) get zero gradients, NaN rows NaN.
+    """
+    h = link.slope_from_value(y)
+    ruled = ~torch.isfinite(tau).unsqueeze(-1)
+    h = torch.where(ruled, torch.where(torch.isnan(tau).unsqueeze(-1), math.nan, 0.0), h)
+    total = h.sum(-1)
+    nonzero = total != 0
+    c = torch.where(nonzero, (h * v).sum(-1) / torch.where(nonzero, total, 1.0), 0.0)
+    c = torch.where(torch.isnan(tau), math.nan, c)
+    grad_x = h * (v - c.unsqueeze(-1)) / t.unsqueeze(-1).to(h.dtype)
+    return grad_x, c
+
+
+@torch.library.custom_op("softtopk::threshold_bwd", mutates_args=())
+def threshold_bwd(
+    y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: float
+) -> tuple[Tensor, Tensor]:
+    B, n = y.shape
+    if B == 0 or n == 0:
+        return torch.zeros_like(y), y.new_zeros((B,), dtype=torch.float64)
+    way = _backend.route(y)
+    if way == "cpu":
+        cpu = _backend.kernels("threshold._cpu")
+        grad_x = torch.empty_like(y)
+        grad_k = torch.empty(B, dtype=torch.float64)
+        with _backend.numba_threads():
+            cpu.backward(
+                y.contiguous().numpy(),
+                tau.contiguous().numpy(),
+                t.contiguous().numpy(),
+                grad_y.to(y.dtype).contiguous().numpy(),
+                link,
+                float(p),
+                grad_x.numpy(),
+                grad_k.numpy(),
+            )
+        return grad_x, grad_k
+    if way == "triton":
+        return _backend.kernels("threshold._triton").backward(y, tau, t, grad_y, link, p)
+    grad_x, grad_k = reference_backward(y, tau, t, grad_y.to(y.dtype), link_of_code(link, p))
+    return grad_x, grad_k.to(torch.float64)
+
+
+@threshold_bwd.register_fake
+def _(y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: float) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(y), y.new_empty(y.shape[:-1], dtype=torch.float64)
+
+
+@threshold_bwd.register_vmap
+def _(info, in_dims, y, tau, t, grad_y, link, p):  # noqa: ANN001
+    size = info.batch_size
+    ys, taus, ts, gs = _flat_vmap(info, in_dims[:4], (y, tau, t, grad_y))
+    gx, gk = threshold_bwd(ys.contiguous(), taus.contiguous(), ts.contiguous(), gs.contiguous(), link, p)
+    return (gx.reshape(size, -1, gx.shape[-1]), gk.reshape(size, -1)), (0, 0)
