@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import softtopk
-from softtopk.isotonic import _function as iso_function
-from softtopk.isotonic._pav import HAVE_NUMBA, pav_numba, pav_torch
+from softtopk.isotonic._pav import pav_torch
+from softtopk.isotonic._pav_cpu import pav_numba
 from tests.reference import oracles
 
 
@@ -46,7 +46,6 @@ def hard_rows(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
 SIZES = [(600, 2), (600, 7), (400, 33), (200, 300), (20, 3000)]
 
 
-@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
 @pytest.mark.parametrize("rows,n", SIZES)
 @pytest.mark.parametrize("increasing", [True, False])
 @pytest.mark.parametrize("weighted", [False, True])
@@ -76,7 +75,6 @@ def test_pav_torch_rounds_equal_scipy(rng, rows, n, increasing):
     assert 1 <= rounds <= n + 1
 
 
-@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
 @pytest.mark.parametrize("rows,n", SIZES)
 @pytest.mark.parametrize("increasing", [True, False])
 def test_pav_kl_equals_scipy_change_of_variables(rng, rows, n, increasing):
@@ -97,7 +95,6 @@ def test_pav_kl_equals_scipy_change_of_variables(rng, rows, n, increasing):
     np.testing.assert_allclose(v.numpy(), ref_dec, atol=1e-10, rtol=0)
 
 
-@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
 def test_numba_and_rounds_share_the_partition(rng):
     y = torch.from_numpy(hard_rows(rng, 500, 60))
     y = y + 1e-9 * torch.randn_like(y)  # no exact ties: the finest partition is unique
@@ -227,7 +224,7 @@ def test_gradcheck(loss, increasing, solver):
 
 
 def test_pav_torch_gradcheck(monkeypatch):
-    monkeypatch.setattr(iso_function, "HAVE_NUMBA", False)
+    monkeypatch.setenv("SOFTTOPK_BACKEND", "torch")
     g = torch.Generator().manual_seed(4)
     y = torch.randn(3, 8, dtype=torch.float64, generator=g).cumsum(-1).requires_grad_()
     for loss in ("l2", "kl"):
@@ -274,10 +271,30 @@ def test_validation():
         softtopk.isotonic_regression(y, solver="dykstra", max_iter=-1)
     with pytest.raises(TypeError, match="increasing must be a bool"):
         softtopk.isotonic_regression(y, increasing=1)
-    with pytest.raises(ValueError, match="dim must be in"):
+    with pytest.raises(IndexError, match="dim out of range"):
         softtopk.isotonic_regression(y, dim=2)
 
 
 def test_empty_and_single():
     assert softtopk.isotonic_regression(torch.empty(0, 5)).shape == (0, 5)
     torch.testing.assert_close(softtopk.isotonic_regression(torch.tensor([4.0])), torch.tensor([4.0]))
+
+
+@pytest.mark.parametrize("loss", ["l2", "kl"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_double_backward_and_forward_mode(monkeypatch, loss, backend):
+    """Second derivatives by gradgradcheck (in y and the weights), first by forward mode."""
+    monkeypatch.setenv("SOFTTOPK_BACKEND", backend)
+    g = torch.Generator().manual_seed(11)
+    y = torch.randn(3, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    w = (torch.rand(3, 7, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+
+    def fn(y, w):
+        return softtopk.isotonic_regression(y, w, loss=loss)
+
+    assert torch.autograd.gradgradcheck(fn, (y, w))
+    u, du = torch.randn_like(y), torch.randn_like(w)
+    _, tangent = torch.func.jvp(fn, (y.detach(), w.detach()), (u, du))
+    jy, jw = torch.autograd.functional.jacobian(fn, (y.detach(), w.detach()))
+    expected = torch.einsum("bicj,cj->bi", jy, u) + torch.einsum("bicj,cj->bi", jw, du)
+    torch.testing.assert_close(tangent, expected)

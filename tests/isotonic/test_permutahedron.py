@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import softtopk
-from softtopk.isotonic import _function as iso_function
-from softtopk.isotonic import _pav
+from softtopk import _backend
+from softtopk.isotonic import _pav_cpu as _pav
 from softtopk.isotonic._permutahedron import _fused_buffers
 from tests.conftest import cuda_available
 from tests.reference import oracles
@@ -39,7 +39,7 @@ def rows_with_ties(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
 def route(request, monkeypatch):
     """The fused numba route (CPU default) and the tensor-op route (CUDA, no numba)."""
     if request.param == "tensor-ops":
-        monkeypatch.setattr(iso_function, "HAVE_NUMBA", False)
+        monkeypatch.setenv("SOFTTOPK_BACKEND", "torch")
     return request.param
 
 
@@ -295,7 +295,6 @@ def test_nan_rows_stay_in_their_row():
         assert torch.isnan(y[0]).all() and torch.isnan(y[2]).all() and torch.isfinite(y[1]).all()
 
 
-@pytest.mark.skipif(not _pav.HAVE_NUMBA, reason="numba not installed")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [1, 2, 17, 1000, 4095, 4096, 30_000])
 def test_radix_argsort_is_a_stable_sort(rng, dtype, n):
@@ -322,21 +321,19 @@ def test_radix_argsort_is_a_stable_sort(rng, dtype, n):
         assert sorted(perm[0].tolist()) == list(range(n))
 
 
-@pytest.mark.skipif(not _pav.HAVE_NUMBA, reason="numba not installed")
 def test_numba_follows_torch_threads():
     """numba's loops use torch's thread count, and the caller's numba setting comes back."""
     before = _pav.numba.get_num_threads()
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        with _pav.numba_threads():
+        with _backend.numba_threads():
             assert _pav.numba.get_num_threads() == 1
     finally:
         torch.set_num_threads(previous)
     assert _pav.numba.get_num_threads() == before
 
 
-@pytest.mark.skipif(not _pav.HAVE_NUMBA, reason="numba not installed")
 def test_a_call_leaves_torch_threads_alone():
     """numba's OpenMP layer shares torch's pool; its first launch used to reset torch's count."""
     code = (
@@ -391,3 +388,24 @@ def test_cuda_matches_cpu(rng):
             ref.backward(torch.ones_like(ref))
             torch.testing.assert_close(y.cpu(), ref)
             torch.testing.assert_close(xc.grad.cpu(), xr.grad)
+
+
+@pytest.mark.parametrize("reg", ["l2", "kl"])
+@pytest.mark.parametrize("fn", ["soft_rank", "soft_sort"])
+def test_double_backward_equals_two_j_jt_w(route, reg, fn):
+    """d/dw ||J^T w||^2 = 2 J J^T w, on the fused numba route and the tensor-op route."""
+    op = getattr(softtopk, fn)
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(2, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(2, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    f = lambda a: op(a, temperature=0.7, regularization=reg)  # noqa: E731
+    (gz,) = torch.autograd.grad((f(z) * w).sum(), z, create_graph=True)
+    (gw,) = torch.autograd.grad((gz**2).sum(), w)
+    J = torch.autograd.functional.jacobian(f, z.detach())  # (2, 9, 2, 9), block diagonal
+    Jb = torch.stack([J[i, :, i] for i in range(2)])
+    expected = 2.0 * torch.einsum("bij,bkj,bk->bi", Jb, Jb, w.detach())
+    torch.testing.assert_close(gw, expected)
+    assert torch.autograd.gradgradcheck(f, (z,))
+    u = torch.randn_like(z)
+    _, tangent = torch.func.jvp(f, (z.detach(),), (u,))
+    torch.testing.assert_close(tangent, torch.einsum("bij,bj->bi", Jb, u))

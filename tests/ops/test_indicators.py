@@ -63,7 +63,13 @@ def test_edges(method):
         dtype=torch.float64,
     )
     y = ind(x, 3, method, temperature=0.3)
-    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
+    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all() and torch.isfinite(y[2]).all()
+    # +inf takes the first row; the other rows are the indicators of the rest with k - 1.
+    torch.testing.assert_close(y[2, 0], torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    rest = torch.tensor([[1.0, -math.inf, 0.0, 2.0]], dtype=torch.float64)
+    if method != "perturbed":  # another call draws other noise
+        torch.testing.assert_close(y[2, 1:], ind(rest, 2, method, temperature=0.3)[0])
+    torch.testing.assert_close(y[2, 1:].sum(-1), torch.ones(2, dtype=torch.float64))
     assert (y[3, 2] == 0).all() and (y[3, :, 1:3] == 0).all()  # two entries: the third row is empty
     torch.testing.assert_close(y[3, :2].sum(-1), torch.ones(2, dtype=torch.float64))
     assert ind(x, 0, method).shape == (4, 0, 4)

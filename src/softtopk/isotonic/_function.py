@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from .. import _backend
 from .._checks import (
     check_bool,
     check_choice,
@@ -28,26 +28,29 @@ from .._checks import (
     check_int,
     check_tensor,
     compute_dtype,
-    is_tracing,
-    to_rows,
+    may_sync,
 )
+from .._rows import to_rows
 from ._dykstra import dykstra
-from ._pav import HAVE_NUMBA, pav_numba, pav_torch, segment_sum
+from ._pav import pav_torch, segment_logsumexp, segment_sum
 
 SOLVERS = ("auto", "pav", "dykstra")
 LOSSES = ("l2", "kl")
+#: The ``solver`` argument of the custom op.
+ROUTES = {"pav": 0, "pav-torch": 1, "dykstra": 2}
 
 
 class IsotonicInfo(NamedTuple):
     """What the solver did, per row (tensors have the batch shape: y.shape without dim).
 
     Attributes:
-        solver: the route taken: ``"pav"`` (sequential PAV, numba), ``"pav-torch"``
-            (PAV in rounds of tensor ops) or ``"dykstra"``.
+        solver: the route asked for: ``"pav"`` (exact; a sequential numba pass on CPU,
+            rounds of tensor ops on other devices), ``"pav-torch"`` (the tensor-op rounds
+            on any device) or ``"dykstra"``.
         converged: True where the answer is exact (always for PAV; for Dykstra, where the
             certificate of optimality passed).
         iterations: Dykstra iterations until the certificate (``max_iter`` where it did not
-            pass), the pooling rounds of ``"pav-torch"``, 0 for ``"pav"``.
+            pass), the pooling rounds of the tensor-op PAV, 0 for the numba PAV.
         blocks: int64 tensor with the shape of y: the block index of every entry along
             ``dim`` (0 for the leftmost block, entries share an index exactly when the
             solver pooled them).
@@ -59,17 +62,13 @@ class IsotonicInfo(NamedTuple):
     blocks: Tensor
 
 
-def resolve_solver(solver: str, loss: str, device: torch.device) -> str:
-    """``"auto"``/``"pav"`` -> ``"pav"`` (numba) on CPU, ``"pav-torch"`` elsewhere."""
+def resolve_solver(solver: str, loss: str) -> str:
+    """``"auto"`` -> ``"pav"``; Dykstra checked against the loss."""
     if solver == "dykstra":
         if loss != "l2":
             raise ValueError(f"solver='dykstra' supports loss='l2' only, got loss={loss!r}")
         return "dykstra"
-    if solver == "pav-torch":
-        return solver
-    if device.type == "cpu" and HAVE_NUMBA and not is_tracing():
-        return "pav"
-    return "pav-torch"
+    return "pav-torch" if solver == "pav-torch" else "pav"
 
 
 def solve_rows(
@@ -77,62 +76,159 @@ def solve_rows(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Decreasing isotonic regression of rows (B, n), no autograd.
 
-    ``w`` is the weights (L2) or the log-weights (KL). ``solver`` is a resolved route.
-    Returns (v, bid, aux, converged (B,), iterations (B,)).
+    ``w`` is the weights (L2) or the log-weights (KL). ``solver`` is a resolved route;
+    ``"pav"`` runs numba on CPU tensors (unless ``SOFTTOPK_BACKEND`` says otherwise) and
+    the tensor-op rounds elsewhere. Returns (v, bid, aux, converged (B,), iterations (B,)).
     """
     B = y.shape[0]
-    if solver == "pav":
-        v, bid, aux = pav_numba(y, w, loss)
+    if solver == "pav" and _backend.route(y) == "cpu":
+        v, bid, aux = _backend.kernels("isotonic._pav_cpu").pav_numba(y, w, loss)
         ones = torch.ones(B, dtype=torch.bool)
         return v, bid, aux, ones, torch.zeros(B, dtype=torch.int64)
-    if solver == "pav-torch":
+    if solver in ("pav", "pav-torch"):
         v, bid, aux, rounds = pav_torch(y, w, loss)
         ones = torch.ones(B, dtype=torch.bool, device=y.device)
         return v, bid, aux, ones, torch.full((B,), rounds, dtype=torch.int64, device=y.device)
     return dykstra(y, w, max_iter, tol)
 
 
-class IsotonicRows(torch.autograd.Function):
-    """Decreasing isotonic regression of validated rows (B, n) in the compute dtype."""
+@torch.library.custom_op("softtopk::isotonic_fwd", mutates_args=())
+def isotonic_fwd(
+    y: Tensor, w: Tensor | None, kl: bool, solver: int, max_iter: int, tol: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Decreasing isotonic regression of rows (B, n): (v, bid, aux, converged, iterations).
+
+    Rows with a non-finite entry (in y or w) get v = NaN.
+    """
+    route = {code: name for name, code in ROUTES.items()}[solver]
+    loss = "kl" if kl else "l2"
+    B, n = y.shape
+    if B == 0 or n == 0:
+        empty = torch.zeros(B, dtype=torch.int64, device=y.device)
+        bid = torch.zeros_like(y, dtype=torch.int64)
+        return torch.empty_like(y), bid, torch.empty_like(y), empty.bool(), empty
+    v, bid, aux, converged, iterations = solve_rows(y.contiguous(), w, loss, route, max_iter, tol)
+    bad = ~torch.isfinite(y).all(-1)
+    if w is not None:
+        bad = bad | ~torch.isfinite(w).all(-1)
+    v = torch.where(bad.unsqueeze(-1), math.nan, v.to(y.dtype))
+    return v, bid.to(torch.int64), aux.to(y.dtype), converged.to(torch.bool), iterations.to(torch.int64)
+
+
+@isotonic_fwd.register_fake
+def _(y, w, kl, solver, max_iter, tol):  # noqa: ANN001
+    B = y.shape[0]
+    return (
+        torch.empty_like(y),
+        torch.empty_like(y, dtype=torch.int64),
+        torch.empty_like(y),
+        y.new_empty((B,), dtype=torch.bool),
+        y.new_empty((B,), dtype=torch.int64),
+    )
+
+
+@isotonic_fwd.register_vmap
+def _(info, in_dims, y, w, kl, solver, max_iter, tol):  # noqa: ANN001
+    size = info.batch_size
+
+    def flat(a, d):  # noqa: ANN001
+        a = a.movedim(d, 0) if d is not None else a.unsqueeze(0).expand(size, *a.shape)
+        return a.reshape(size * a.shape[1], a.shape[2]).contiguous()
+
+    ys = flat(y, in_dims[0])
+    ws = None if w is None else flat(w, in_dims[1])
+    outs = isotonic_fwd(ys, ws, kl, solver, max_iter, tol)
+    shaped = tuple(o.reshape(size, -1, *o.shape[1:]) for o in outs)
+    return shaped, (0, 0, 0, 0, 0)
+
+
+def _block_statistics(
+    y: Tensor, w: Tensor | None, v: Tensor, bid: Tensor, loss: str
+) -> tuple[Tensor, Tensor]:
+    """Per position: (W_B, W_B) for L2 from the weights; (p, q) softmax weights for KL.
+
+    Computed from the inputs in tensor ops, so a backward built on them can be
+    differentiated again.
+    """
+    if loss == "l2":
+        ones = torch.ones_like(y) if w is None else w
+        weight = segment_sum(ones, bid).gather(-1, bid)
+        return weight, weight
+    lw = torch.zeros_like(y) if w is None else w
+    p = torch.exp(y + lw - segment_logsumexp(y + lw, bid).gather(-1, bid))
+    q = torch.exp(lw - segment_logsumexp(lw, bid).gather(-1, bid))
+    return p, q
+
+
+class CompiledIsotonicRows(torch.autograd.Function):
+    """Decreasing isotonic regression of validated rows (B, n) in the compute dtype.
+
+    The backward is the block formula in the module docstring, on the solver's
+    partition, written in tensor ops on the inputs and the output, so it is
+    differentiable again (second derivatives: zero in y for L2, the block softmax's for
+    KL). This is the class torch.compile traces; :class:`IsotonicRows` adds forward mode.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx: Any, y: Tensor, w: Tensor | None, loss: str, solver: str, max_iter: int, tol: float):  # type: ignore[override]
-        v, bid, aux, converged, iterations = solve_rows(
-            y.detach(), None if w is None else w.detach(), loss, solver, max_iter, tol
+    def forward(y: Tensor, w: Tensor | None, loss: str, solver: str, max_iter: int, tol: float):  # type: ignore[override]
+        v, bid, _, converged, iterations = torch.ops.softtopk.isotonic_fwd(
+            y, w, loss == "kl", ROUTES[solver], max_iter, tol
         )
-        bad = ~torch.isfinite(y).all(-1)
-        if w is not None:
-            bad = bad | ~torch.isfinite(w).all(-1)
-        v = torch.where(bad.unsqueeze(-1), math.nan, v.to(y.dtype))
-        aux = aux.to(y.dtype)
-        ctx.loss = loss
-        ctx.has_w = w is not None
-        ctx.save_for_backward(y, w if w is not None else y.new_empty(0), v, bid, aux)
-        ctx.mark_non_differentiable(bid, converged, iterations)
         return v, bid, converged, iterations
 
     @staticmethod
-    @once_differentiable
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        y, w, loss, *_ = inputs
+        v, bid, converged, iterations = output
+        ctx.mark_non_differentiable(bid, converged, iterations)
+        ctx.loss, ctx.has_w = loss, w is not None
+        saved = (y, w if w is not None else y.new_empty(0), v, bid)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+
+    @staticmethod
     def backward(ctx: Any, grad_v: Tensor, *unused: Tensor):  # type: ignore[override]
-        y, w, v, bid, aux = ctx.saved_tensors
+        y, w, v, bid = ctx.saved_tensors
         w = w if ctx.has_w else None
         total = segment_sum(grad_v, bid).gather(-1, bid)
+        first, second = _block_statistics(y, w, v, bid, ctx.loss)
         grad_y = grad_w = None
         if ctx.loss == "l2":
-            share = total / aux
+            share = total / first
             if ctx.needs_input_grad[0]:
                 grad_y = share if w is None else w * share
             if w is not None and ctx.needs_input_grad[1]:
                 grad_w = (y - v) * share
         else:
-            lw = torch.zeros_like(y) if w is None else w
-            p = torch.exp(y + lw - aux)
             if ctx.needs_input_grad[0]:
-                grad_y = p * total
+                grad_y = first * total
             if w is not None and ctx.needs_input_grad[1]:
-                q = torch.exp(lw - (aux - v))
-                grad_w = (p - q) * total
+                grad_w = (first - second) * total
         return grad_y, grad_w, None, None, None, None
+
+
+class IsotonicRows(CompiledIsotonicRows):
+    """:class:`CompiledIsotonicRows` with forward mode (the same block formulas)."""
+
+    @staticmethod
+    def jvp(ctx: Any, dy: Tensor | None, dw: Tensor | None, *unused: Any):  # type: ignore[override]
+        y, w, v, bid = ctx.saved_tensors
+        w = w if ctx.has_w else None
+        dy = torch.zeros_like(y) if dy is None else dy
+        first, second = _block_statistics(y, w, v, bid, ctx.loss)
+        if ctx.loss == "l2":
+            num = dy if w is None else w * dy
+            if w is not None and dw is not None:
+                num = num + dw * (y - v)
+            dv = segment_sum(num, bid).gather(-1, bid) / first
+        else:
+            num = first * dy
+            if w is not None and dw is not None:
+                num = num + (first - second) * dw
+            dv = segment_sum(num, bid).gather(-1, bid)
+        return dv, None, None, None
 
 
 def isotonic_rows(
@@ -149,9 +245,10 @@ def isotonic_rows(
     Returns (v, bid, converged, iterations, route). Warns (UserWarning) when Dykstra did
     not certify some rows and ``warn`` is set.
     """
-    route = resolve_solver(solver, loss, y.device)
-    v, bid, converged, iterations = IsotonicRows.apply(y, w, loss, route, max_iter, tol)
-    if warn and route == "dykstra" and not bool(converged.all()):
+    route = resolve_solver(solver, loss)
+    fn = CompiledIsotonicRows if torch.compiler.is_compiling() else IsotonicRows
+    v, bid, converged, iterations = fn.apply(y, w, loss, route, max_iter, tol)
+    if warn and route == "dykstra" and may_sync(converged) and not bool(converged.all()):
         missing = int((~converged).sum())
         warnings.warn(
             f"isotonic regression: Dykstra did not reach a certified solution on {missing} of "
@@ -160,6 +257,8 @@ def isotonic_rows(
             UserWarning,
             stacklevel=3,
         )
+    if route == "pav" and _backend.route(y) != "cpu":
+        route = "pav-torch"
     return v, bid, converged, iterations, route
 
 
@@ -263,7 +362,7 @@ def isotonic_regression(
             raise ValueError(
                 f"weights must broadcast to the shape {tuple(y.shape)} of y, got {tuple(weights.shape)}"
             ) from None
-        if not is_tracing() and wb.numel() > 0 and bool((wb.detach() <= 0).any()):
+        if wb.numel() > 0 and may_sync(wb) and bool((wb.detach() <= 0).any()):
             raise ValueError(f"weights must be positive, got a minimum of {wb.detach().min().item()!r}")
         w_rows, _ = to_rows(wb, d)
         w_rows = w_rows.to(device=rows.device, dtype=cd)

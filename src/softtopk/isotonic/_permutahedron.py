@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from .. import _backend
 from .._checks import (
     check_bool,
     check_choice,
@@ -30,10 +30,10 @@ from .._checks import (
     check_tensor,
     compute_dtype,
     is_tracing,
-    to_rows,
+    may_sync,
 )
-from . import _pav
-from ._function import SOLVERS, isotonic_rows, resolve_solver
+from .._rows import to_rows
+from ._function import SOLVERS, isotonic_rows
 
 REGULARIZATIONS = ("l2", "kl")
 F64 = torch.float64
@@ -66,8 +66,32 @@ def _project_sorted(
 
 
 def _fused(x: Tensor, solver: str) -> bool:
-    """The fused numba route: CPU, exact PAV asked for, nothing traced."""
-    return resolve_solver(solver, "l2", x.device) == "pav" and x.dtype in (torch.float32, torch.float64)
+    """The fused numba route: eager CPU tensors with values, exact PAV asked for.
+
+    Under torch.compile, torch.func transforms and on the meta device the same result
+    comes from the tensor-op route (a sort, the isotonic custom op, an unsort).
+    """
+    return (
+        solver in ("auto", "pav")
+        and not is_tracing()
+        and may_sync(x)
+        and _backend.route(x) == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+    )
+
+
+def _cpu():  # noqa: ANN202
+    return _backend.kernels("isotonic._pav_cpu")
+
+
+def _recomputed_vjp(ctx: Any, g: Tensor, generic) -> Tensor:  # noqa: ANN001
+    """The vjp of the tensor-op route at the saved input, differentiable (double backward)."""
+    (x,) = ctx.saved_tensors[-1:]
+    with torch.enable_grad():
+        xr = x if x.requires_grad else x.detach().requires_grad_()
+        out = generic(xr)
+        (grad,) = torch.autograd.grad(out, xr, g, create_graph=True)
+    return grad
 
 
 def _spread(
@@ -83,8 +107,8 @@ def _spread(
     g = g.contiguous()
     out = torch.empty_like(g)
     fac = factor.numpy() if factor is not None else np.ones((1, 1), dtype=g.numpy().dtype)
-    with _pav.numba_threads():
-        _pav._spread_backward(
+    with _backend.numba_threads():
+        _cpu()._spread_backward(
             g.numpy(),
             fac,
             factor is not None,
@@ -126,51 +150,86 @@ def _fused_buffers(x: Tensor) -> _Fused:
 
 
 class FusedSoftRank(torch.autograd.Function):
-    """soft_rank of CPU rows (B, n): radix sort + PAV + unsort in one numba pass per row."""
+    """soft_rank of CPU rows (B, n): radix sort + PAV + unsort in one numba pass per row.
+
+    The plain backward is one numba pass; a backward that is differentiated again
+    (``create_graph=True``) is the tensor-op route's, recomputed at the saved input.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, t: float, kl: bool, descending: bool) -> Tensor:  # type: ignore[override]
         c = (-1.0 if descending else 1.0) / t
         f = _fused_buffers(x)
         log_rho = np.log(np.arange(x.shape[-1], 0, -1, dtype=np.float64))
-        with _pav.numba_threads():
-            _pav._rank_forward(f.x, f.bits, f.masks, c, kl, log_rho, *f.kernel_outputs())
+        with _backend.numba_threads():
+            _cpu()._rank_forward(f.x, f.bits, f.masks, c, kl, log_rho, *f.kernel_outputs())
         out, perm, bid, coef = f.out, f.perm, f.bid, f.coef
         ctx.c, ctx.kl = c, kl
-        ctx.save_for_backward(perm, bid, coef, out if kl else out.new_empty(0))
+        ctx.generic = lambda a: _rank_rows(a, t, "kl" if kl else "l2", descending, "pav")
+        ctx.save_for_backward(perm, bid, coef, out if kl else out.new_empty(0), x)
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        perm, bid, coef, out = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _recomputed_vjp(ctx, g, ctx.generic), None, None, None
+        perm, bid, coef, out, _ = ctx.saved_tensors
         grad = _spread(g.to(coef.dtype), out if ctx.kl else None, perm, False, bid, coef, ctx.c, -ctx.c)
         return grad, None, None, None
 
 
 class FusedSoftSort(torch.autograd.Function):
-    """soft_sort of CPU rows (B, n): radix sort + PAV in one numba pass per row."""
+    """soft_sort of CPU rows (B, n): radix sort + PAV in one numba pass per row.
+
+    The plain backward is one numba pass; a backward that is differentiated again is the
+    tensor-op route's, recomputed at the saved input.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, t: float, kl: bool, descending: bool) -> Tensor:  # type: ignore[override]
         f = _fused_buffers(x)
-        with _pav.numba_threads():
-            _pav._sort_forward(f.x, f.bits, f.masks, descending, 1.0 / t, kl, *f.kernel_outputs())
+        with _backend.numba_threads():
+            _cpu()._sort_forward(f.x, f.bits, f.masks, descending, 1.0 / t, kl, *f.kernel_outputs())
         out, perm, bid, coef = f.out, f.perm, f.bid, f.coef
-        ctx.save_for_backward(perm, bid, coef)
+        ctx.generic = lambda a: _sort_rows(a, t, "kl" if kl else "l2", descending, "pav")
+        ctx.save_for_backward(perm, bid, coef, x)
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        perm, bid, coef = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _recomputed_vjp(ctx, g, ctx.generic), None, None, None
+        perm, bid, coef, _ = ctx.saved_tensors
         grad = _spread(g.to(coef.dtype), None, perm, True, bid, coef, 0.0, 1.0)
         return grad, None, None, None
 
 
+def _rank_rows(rows: Tensor, t: float, regularization: str, descending: bool, solver: str) -> Tensor:
+    """soft_rank of rows (B, n) by tensor ops around the isotonic custom op (float64)."""
+    s, perm = rows.sort(-1, descending=not descending)
+    # Sorting -x in decreasing order is sorting x in increasing order.
+    s = s.to(F64) / (-t if descending else t)
+    rho = _rho(rows.shape[-1], rows.device)
+    return _unsort(_project_sorted(s, rho, regularization, solver, 10_000, 1e-6), perm).to(rows.dtype)
+
+
+def _sort_rows(rows: Tensor, t: float, regularization: str, descending: bool, solver: str) -> Tensor:
+    """soft_sort of rows (B, n) by tensor ops around the isotonic custom op (float64)."""
+    s = rows.sort(-1, descending=descending).values.to(F64)
+    if not descending:
+        s = -s
+    w = _rho(rows.shape[-1], rows.device) / t
+    if regularization == "l2":
+        v = isotonic_rows(w - s, None, "l2", solver)[0]
+    else:
+        v = isotonic_rows(w - s, s, "kl", solver)[0]
+    out = w - v
+    return (out + 0.0 if descending else -out + 0.0).to(rows.dtype)
+
+
 def _nan_rows(out: Tensor, rows: Tensor) -> Tensor:
     """Rows of ``rows`` with a non-finite entry become NaN in ``out`` (same row count)."""
-    if is_tracing():
+    if not may_sync(rows):
         bad = ~torch.isfinite(rows).all(-1, keepdim=True)
         return torch.where(bad, torch.nan, out)
     bad = ~torch.isfinite(rows.detach()).all(-1)
@@ -252,7 +311,7 @@ def permutahedron_projection(
             f"w must have shape ({n},) (n = x.shape[dim]) or broadcast to x.shape {tuple(x.shape)}, "
             f"got {tuple(w.shape)}"
         ) from None
-    if regularization == "kl" and not is_tracing() and wb.numel() and bool((wb.detach() <= 0).any()):
+    if regularization == "kl" and wb.numel() and may_sync(wb) and bool((wb.detach() <= 0).any()):
         raise ValueError(f"w must be positive for regularization='kl', got a minimum of {wb.min().item()!r}")
     rows, restore = to_rows(x, d)
     if rows.numel() == 0:
@@ -324,12 +383,7 @@ def soft_rank(
     if _fused(rows, solver):
         out = FusedSoftRank.apply(rows, t, regularization == "kl", descending)
     else:
-        s, perm = rows.sort(-1, descending=not descending)
-        # Sorting -x in decreasing order is sorting x in increasing order.
-        s = s.to(F64) / (-t if descending else t)
-        out = _unsort(
-            _project_sorted(s, _rho(rows.shape[-1], rows.device), regularization, solver, 10_000, 1e-6), perm
-        )
+        out = _rank_rows(rows, t, regularization, descending, solver)
     return restore(_nan_rows(out, rows)).to(x.dtype)
 
 
@@ -403,16 +457,7 @@ def soft_sort(
     if _fused(rows, solver):
         out = FusedSoftSort.apply(rows, t, regularization == "kl", descending)
     else:
-        s = rows.sort(-1, descending=descending).values.to(F64)
-        if not descending:
-            s = -s
-        w = _rho(n, rows.device) / t
-        if regularization == "l2":
-            v = isotonic_rows(w - s, None, "l2", solver)[0]
-        else:
-            v = isotonic_rows(w - s, s, "kl", solver)[0]
-        out = w - v
-        out = out + 0.0 if descending else -out + 0.0
+        out = _sort_rows(rows, t, regularization, descending, solver)
     out = _nan_rows(out, rows)
     if k is not None:
         out = out[:, :k]

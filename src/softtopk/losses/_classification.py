@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_positive, check_tensor, is_tracing
+from .._checks import check_choice, check_positive, check_tensor, has_values
 from ..registry import resolve
 
 #: Petersen et al.'s stabilisation: -log(p (1 - 2 eps) + eps).
@@ -112,7 +112,7 @@ def topk_cross_entropy(
     C = logits.shape[-1]
     if len(pk) > C:
         raise ValueError(f"p_k has {len(pk)} entries but there are only C = {C} classes")
-    if not is_tracing() and target.numel() and (int(target.min()) < 0 or int(target.max()) >= C):
+    if has_values(target) and target.numel() and (int(target.min()) < 0 or int(target.max()) >= C):
         raise ValueError(f"target must hold class indices in [0, {C - 1}]")
     s = logits.reshape(-1, C)
     y = target.reshape(-1).long()

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_positive, check_tensor, is_tracing
+from .._checks import check_choice, check_positive, check_tensor, has_values
 from ..registry import resolve
 
 
@@ -78,7 +78,7 @@ def _cascade_terms(
             f"{tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__}"
         )
     yt = target.to(torch.promote_types(first.dtype, torch.float32))
-    if not is_tracing() and yt.numel() and bool(((yt < 0) | (yt > 1)).any()):
+    if has_values(yt) and yt.numel() and bool(((yt < 0) | (yt > 1)).any()):
         raise ValueError("target must hold values in [0, 1] (the ground-truth top-K indicator)")
     if budgets is None:
         budgets = [yt.sum(-1)] * len(stage_scores)
@@ -360,7 +360,7 @@ def lambda_loss(
     s = scores.reshape(-1, n)
     s = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
     rel = relevance.reshape(-1, n).to(s.dtype)
-    if not is_tracing() and rel.numel() and bool((rel < 0).any()):
+    if has_values(rel) and rel.numel() and bool((rel < 0).any()):
         raise ValueError("relevance must be non-negative")
     # Ranks of the current scores (1-based), without gradient.
     order = s.detach().argsort(dim=-1, descending=True, stable=True)

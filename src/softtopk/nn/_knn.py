@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_positive, check_tensor, is_tracing
+from .._checks import check_choice, check_positive, check_tensor, has_values
 from ..registry import resolve
 
 DISTANCES = ("sqeuclidean", "cosine", "dot")
@@ -108,7 +108,7 @@ def soft_knn(
     ):
         raise ValueError(f"candidate_labels must be an integer tensor of shape ({N},)")
     if (
-        not is_tracing()
+        has_values(candidate_labels)
         and N
         and (int(candidate_labels.min()) < 0 or int(candidate_labels.max()) >= num_classes)
     ):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import is_tracing
+from .._checks import may_sync
 from .._rows import RowRules, apply_rules, classify, regular_rows
 
 
@@ -21,7 +21,7 @@ def order_statistic(v: Tensor, p: Tensor) -> Tensor:
     j = p.floor()
     f = p - j
     jl = j.long()
-    if not is_tracing():
+    if may_sync(v):
         j_lo, j_hi = (int(a) for a in torch.aminmax(jl))
         if j_lo == j_hi:
             a = -torch.kthvalue(-v, j_hi, dim=-1).values

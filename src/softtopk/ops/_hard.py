@@ -8,14 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import is_tracing, scatter_rows
+from .._checks import may_sync, scatter_rows
 
 
 def _hard_rows(x: Tensor, k: Tensor) -> Tensor:
     n = x.shape[-1]
     if x.numel() == 0:
         return torch.zeros_like(x)
-    K = n if is_tracing() else max(1, min(n, math.ceil(float(k.amax().item()))))
+    K = max(1, min(n, math.ceil(float(k.amax().item())))) if may_sync(k) else n
     vals, idx = torch.topk(x, K, dim=-1)
     # The j-th largest gets clip(k - j, 0, 1): 1 for j < floor(k), frac(k) next, then 0.
     rank = torch.arange(K, device=x.device, dtype=x.dtype)

@@ -7,7 +7,15 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_dim, check_int, check_positive, check_tensor, compute_dtype
+from .._checks import (
+    check_choice,
+    check_dim,
+    check_int,
+    check_positive,
+    check_tensor,
+    compute_dtype,
+    may_sync,
+)
 from ._permutation import PERMUTATION_METHODS, _method_options, permutation_rows
 from ._perturbed import perturbation, perturbed_indicators
 from ._soft import sorted_soft_indicators
@@ -23,6 +31,43 @@ def _check_int(value: object, name: str, lo: int, hi: int | None = None) -> int:
         bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be an int in {bound}, got {value}")
     return value
+
+
+def _with_infinities(rows: Tensor, k: int, solve) -> Tensor:  # noqa: ANN001
+    """Indicators of rows (B, n) under the library's row rules.
+
+    A row with NaN is NaN. A row with p entries equal to +inf starts with min(p, k)
+    rows spread evenly over them (1/p each: they tie for the top places); the next
+    k - p rows are the method's indicators of the remaining entries (the +inf ones as
+    padding) for a budget of k - p. Rows without +inf are solved directly.
+    """
+    B, n = rows.shape
+    nan = torch.isnan(rows).any(-1)
+    plus = rows == math.inf
+    p = plus.sum(-1)
+    safe = torch.where(nan.unsqueeze(-1) | plus, -math.inf, rows)
+    if not may_sync(rows):
+        # Traced: one solve with every k rows, shifted down by p (exact where the rows of
+        # the method do not depend on the budget: the perturbed and permutation methods).
+        inner = solve(torch.where(nan.unsqueeze(-1), 0.0, safe), k)
+        j = torch.arange(k, device=rows.device)
+        src = (j - p.unsqueeze(-1)).clamp(min=0)
+        shifted = inner.gather(1, src.unsqueeze(-1).expand(B, k, n))
+        top = plus.unsqueeze(1) / p.clamp(min=1).view(-1, 1, 1).to(rows.dtype)
+        out = torch.where((j < p.unsqueeze(-1)).unsqueeze(-1), top, shifted)
+        return torch.where(nan.view(-1, 1, 1), math.nan, out)
+    out = rows.new_zeros(B, k, n)
+    for count in torch.unique(p[~nan]).tolist():
+        sel = (p == count) & ~nan
+        idx = sel.nonzero().squeeze(-1)
+        head = min(count, k)
+        block = rows.new_zeros(idx.numel(), k, n)
+        if head:
+            block[:, :head] = (plus[idx].unsqueeze(1) / count).to(rows.dtype)
+        if k > head:
+            block[:, head:] = solve(safe[idx], k - head)
+        out = out.index_copy(0, idx, block)
+    return torch.where(nan.view(-1, 1, 1), math.nan, out)
 
 
 def topk_indicators(
@@ -77,7 +122,9 @@ def topk_indicators(
     Args:
         x: scores, any shape, floating dtype. -inf entries are padding: they get no mass
             and no gradient; with fewer than k other entries, the rows j beyond their
-            count are zero. A row holding NaN or +inf gives NaN indicators.
+            count are zero. A row holding NaN gives NaN indicators; p entries equal to
+            +inf take the first min(p, k) rows, 1/p each (they tie for the top), and the
+            other entries fill the rows after them with a budget of k - p.
         k: number of rows, an int in [0, n].
         dim: dimension to select along.
         method: ``"soft"``, ``"perturbed"``, ``"neuralsort"``, ``"softsort"``,
@@ -169,17 +216,19 @@ def topk_indicators(
         backward = check_choice(
             "implicit" if backward is None else backward, "backward", ("implicit", "unrolled")
         )
+
+    def solve(v: Tensor, kk: int) -> Tensor:
+        if kk == 0:
+            return v.new_zeros(v.shape[0], 0, n)
+        if method == "soft":
+            return sorted_soft_indicators(v, kk, epsilon=t, max_iter=iters, tol=tol, backward=backward)
+        if method == "perturbed":
+            return perturbed_indicators(v, kk, temperature=t, pert=pert)
+        return permutation_rows(v, kk, method, t, **options)
+
     if k == 0 or B == 0 or n == 0:
         out = rows.new_zeros(B, k, n)
     else:
-        bad = torch.isnan(rows).any(-1) | (rows == math.inf).any(-1)
-        safe = torch.where(bad.unsqueeze(-1), 0.0, rows)
-        if method == "soft":
-            out = sorted_soft_indicators(safe, k, epsilon=t, max_iter=iters, tol=tol, backward=backward)
-        elif method == "perturbed":
-            out = perturbed_indicators(safe, k, temperature=t, pert=pert)
-        else:
-            out = permutation_rows(safe, k, method, t, **options)
-        out = torch.where(bad.view(-1, 1, 1), math.nan, out)
+        out = _with_infinities(rows, k, solve)
     out = out.reshape(*batch, k, n).movedim(-2, d).movedim(-1, d + 1)
     return out.to(x.dtype)

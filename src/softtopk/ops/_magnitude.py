@@ -16,6 +16,7 @@ from .._checks import (
     check_tensor,
     compute_dtype,
     is_tracing,
+    may_sync,
     prepare_k,
     scatter_rows,
     to_rows,
@@ -115,10 +116,11 @@ def _mag_candidates(x: Tensor, k: Tensor, l: float, r: int, K: int) -> tuple[Ten
     rank = torch.arange(K, device=x.device, dtype=f64)
     top = rank < k.unsqueeze(-1)
     edge = (k <= 0) | (k >= n)
-    kk = torch.where(edge, 1.0, k).long().unsqueeze(-1).clamp(max=K - 1)
+    # 1 <= kk <= K - 1 on regular rows; rows with k = 0 or k = n (edge) take any index.
+    kk = torch.where(edge, 1.0, k).long().unsqueeze(-1).clamp(1, max(1, K - 1))
     u_k = singleton_gap(s.gather(-1, kk - 1), l, r)
     lo = (s.gather(-1, kk - 1) - u_k).squeeze(-1)  # own value of the k-th entry: h >= 0 below
-    hi = s.gather(-1, kk).squeeze(-1)  # the (k+1)-th entry: h <= 0 above
+    hi = s.gather(-1, kk.clamp(max=K - 1)).squeeze(-1)  # the (k+1)-th entry: h <= 0 above
     hard = lo >= hi  # no pooling: every tau in [hi, lo] is a root
     lo = torch.minimum(lo, hi)
     evaluate = _mag_evaluator(s, top, l, r)
@@ -166,7 +168,7 @@ class _TopKMag(torch.autograd.Function):
     def forward(x: Tensor, k: Tensor, l: float, r: int, debias: bool) -> tuple[Tensor, ...]:  # type: ignore[override]
         x, k = x.detach(), k.detach()
         B, n = x.shape
-        if is_tracing() or n <= SHORT_ROW:
+        if not may_sync(x) or n <= SHORT_ROW:
             K = n
         else:
             k_max = float(k.amax().item())
@@ -177,7 +179,7 @@ class _TopKMag(torch.autograd.Function):
             K = estimate_support(x.abs(), max(k_max, 1.0), own_value)
             K = max(K, min(n, int(k_max) + 1))
         out = _mag_candidates(x, k, l, r, K)
-        if K < n and not is_tracing() and bool(out[-1].any()):
+        if K < n and may_sync(x) and bool(out[-1].any()):
             out = _mag_candidates(x, k, l, r, n)  # too few candidates somewhere: whole rows
         idx, y_deb, y_plain, d_deb, d_plain, block, right, sign, weight, bad, _ = out
         y = scatter_rows(x, idx, y_deb if debias else y_plain)

@@ -34,7 +34,7 @@ from .._checks import (
     check_positive,
     check_tensor,
     compute_dtype,
-    is_tracing,
+    may_sync,
     prepare_k,
     to_rows,
 )
@@ -238,7 +238,7 @@ def _run_network(
     """
     finite = torch.isfinite(x)
     v = torch.where(finite, x, 0.0)
-    track = is_tracing() or not bool(finite.all())
+    track = not may_sync(finite) or not bool(finite.all())
     cls = torch.where(finite, 0, torch.where(x > 0, 1, -1)).to(torch.int8) if track else None
     alphas = []
     for lo, hi in net.layers:
@@ -339,7 +339,7 @@ def permutation_mask_rows(
     if method in NETWORKS:
         return network_mask_rows(x, k, method, temperature, distribution, art_lambda)
     n = x.shape[-1]
-    K = n if is_tracing() else max(1, min(n, math.ceil(float(k.amax().item()))))
+    K = max(1, min(n, math.ceil(float(k.amax().item())))) if may_sync(k) else n
     rows = permutation_rows(
         x, K, method, temperature, power=power, distribution=distribution, art_lambda=art_lambda
     )
@@ -452,7 +452,7 @@ def permutation_topk_mask(
     vr = regular_rows(v, rules)
     k_reg = torch.where(rules.regular, kvec, 1.0)
     plus = vr == math.inf
-    if is_tracing() or bool(plus.any()):
+    if not may_sync(plus) or bool(plus.any()):
         # +inf entries are certain: they get 1, the rest of the budget goes to the others.
         y = permutation_mask_rows(
             torch.where(plus, -math.inf, vr), k_reg - rules.n_pos.to(cd), method, t, **options

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_dim, check_positive, check_tensor, compute_dtype, prepare_k, to_rows
+from .._checks import check_dim, check_positive, check_tensor
+from .._rows import apply_rules, classify, regular_rows, rowwise
 from ..threshold import LOGISTIC, threshold_mask
 
 _ANCHORS = (0.0, 1.0)
@@ -96,19 +97,34 @@ def _implicit_vjp_kept(
     return plan * (a.unsqueeze(-1) + b.unsqueeze(-2) - grad_plan) / epsilon
 
 
+def normalised_cost(x: Tensor, anchors: Tensor, present: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(x_i - a_j)^2 / C_max (B, n, m) in float64 and C_max (B, 1, 1), without overflow.
+
+    C_max = max_{i, j} (x_i - a_j)^2 over the present entries; the ratio is formed as
+    ((x - a) / sqrt(C_max))^2, so no square of a large score is ever taken (finite for
+    every finite float64 input). Absent entries (``present`` False) get cost 0.
+    """
+    xs = x.to(torch.float64)
+    diff = xs.unsqueeze(-1) - anchors.to(torch.float64)
+    if present is not None:
+        diff = torch.where(present.unsqueeze(-1), diff, 0.0)
+    root = diff.detach().abs().amax(dim=(-2, -1), keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+    return (diff / root) ** 2, root**2
+
+
 class _SoftSinkhorn(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, k: Tensor, epsilon: float, max_iter: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # type: ignore[override]
         n = x.shape[-1]
-        x, k = x.detach(), k.detach()
+        x, k = x.detach().to(torch.float64), k.detach().to(torch.float64)
         anchors = x.new_tensor(_ANCHORS)
-        cost = (x.unsqueeze(-1) - anchors) ** 2  # (B, n, 2)
-        c_max = cost.amax(dim=(-2, -1), keepdim=True)  # treated as a constant, as in the reference
+        # C_max is treated as a constant, as in the reference.
+        cost, c_max = normalised_cost(x, anchors)
         # The selected entries go to the anchor at 1 (mass k/n), the others to 0: this is
         # the reference's "k smallest" with the roles of the anchors exchanged.
         nu = torch.stack([(n - k) / n, k / n], -1)
         log_mu = torch.full_like(x, -math.log(n))
-        plan = sinkhorn_plan(cost / c_max, log_mu, torch.log(nu), epsilon, max_iter)
+        plan = sinkhorn_plan(cost, log_mu, torch.log(nu), epsilon, max_iter)
         return n * plan[..., 1], plan, nu, c_max.squeeze(-1)
 
     @staticmethod
@@ -123,11 +139,13 @@ class _SoftSinkhorn(torch.autograd.Function):
     def backward(ctx: Any, grad_y: Tensor, *unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, plan, nu, c_max = ctx.saved_tensors
         n = x.shape[-1]
-        grad_plan = torch.stack([torch.zeros_like(grad_y), n * grad_y], -1)
+        x = x.to(torch.float64)
+        grad_plan = torch.stack([torch.zeros_like(plan[..., 0]), n * grad_y.to(torch.float64)], -1)
         mu = torch.full_like(x, 1.0 / n)
         grad_cost = sinkhorn_implicit_vjp(plan, mu, nu, grad_plan, ctx.epsilon) / c_max.unsqueeze(-1)
         anchors = x.new_tensor(_ANCHORS)
-        return (grad_cost * 2.0 * (x.unsqueeze(-1) - anchors)).sum(-1), None, None, None
+        grad = (grad_cost * 2.0 * (x.unsqueeze(-1) - anchors)).sum(-1)
+        return grad.to(grad_y.dtype), None, None, None
 
 
 def soft_sinkhorn_mask(
@@ -180,13 +198,16 @@ def soft_sinkhorn_mask(
     eps = check_positive(epsilon, "epsilon")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    cd = compute_dtype(x.dtype)
-    rows, restore = to_rows(x, d)
-    kvec = prepare_k(k, x, d, rows.shape[0], cd)
-    if rows.numel() == 0:
+    rows = rowwise(x, k, d)
+    if rows.x.numel() == 0:
         return torch.zeros_like(x)
-    y = _SoftSinkhorn.apply(rows.to(cd), kvec, eps, max_iter)[0]
-    return restore(y).to(x.dtype)
+    # Rows set by a rule (k = 0, k = n, infinities, NaN) follow the library's table; the
+    # others are solved with all their anchors weighted (0 < k < n), where the implicit
+    # backward's linear system is regular.
+    rules = classify(rows.x, rows.k)
+    v = regular_rows(rows.x, rules)
+    y = _SoftSinkhorn.apply(v, torch.where(rules.regular, rows.k, 1.0), eps, max_iter)[0]
+    return rows.restore(apply_rules(rows.x, rows.k, y.to(rows.x.dtype), rules))
 
 
 # ----------------------------------------------------- method="soft": the threshold route
@@ -272,17 +293,26 @@ def sinkhorn_log(
     present = log_mu > -math.inf
     f = torch.zeros_like(cost[..., :1])
     g = torch.zeros_like(cost[..., :1, :])
-    error = math.inf
+    B = cost.shape[0]
+    # Each row stops on its own test, so its result does not depend on the other rows.
+    active = torch.ones(B, 1, 1, dtype=torch.bool, device=cost.device)
+    row_error = torch.full((B,), math.inf, dtype=cost.dtype, device=cost.device)
     it = 0
     for it in range(1, max_iter + 1):
         f_new = epsilon * (log_mu - torch.logsumexp((g - cost) / epsilon, dim=-1, keepdim=True))
+        done = torch.zeros_like(active)
         if it > 1 and (it % 5 == 0 or it == max_iter):
             change = torch.where(present, (f.detach() - f_new.detach()) / epsilon, 0.0)
-            error = float(torch.expm1(change).abs().amax()) if change.numel() else 0.0
-        f = f_new
-        g = epsilon * (log_nu - torch.logsumexp((f - cost) / epsilon, dim=-2, keepdim=True))
-        if error <= tol:
+            measured = torch.expm1(change).abs().amax(dim=(-2, -1)) if change.numel() else row_error * 0
+            row_error = torch.where(active.view(-1), measured, row_error)
+            done = active & (row_error <= tol).view(-1, 1, 1)
+        f = torch.where(active, f_new, f)
+        g_new = epsilon * (log_nu - torch.logsumexp((f - cost) / epsilon, dim=-2, keepdim=True))
+        g = torch.where(active, g_new, g)
+        active = active & ~done
+        if it % 5 == 0 and not bool(active.any()):
             break
+    error = float(row_error.amax()) if B else 0.0
     return SinkhornResult(f, g, it, error)
 
 
@@ -306,21 +336,20 @@ def sorted_soft_problem(x: Tensor, k: int) -> SortedSoftProblem:
     entries). Rows with no entry above -inf are solved as a dummy problem and zeroed.
     """
     B, n = x.shape
+    x = x.to(torch.float64)
     present = x > -math.inf
     empty = ~present.any(-1, keepdim=True)
     present = present | empty
     count = present.sum(-1).to(x.dtype)
     xs = torch.where(present & ~empty, x, 0.0)
     anchors = torch.arange(k, -1, -1, dtype=x.dtype, device=x.device)
-    cost = (xs.unsqueeze(-1) - anchors) ** 2
-    c_max = torch.where(present.unsqueeze(-1), cost, 0.0).detach().amax(dim=(-2, -1), keepdim=True)
-    c_max = c_max.clamp(min=torch.finfo(x.dtype).tiny)
+    cost, c_max = normalised_cost(xs, anchors, present)
     log_mu = torch.where(present, -torch.log(count).unsqueeze(-1), -math.inf)
     j = torch.arange(k + 1, device=x.device, dtype=x.dtype)
     cnt = count.unsqueeze(-1)
     nu = torch.where(j < torch.minimum(cnt, torch.tensor(float(k), dtype=x.dtype)), 1.0 / cnt, 0.0)
     nu = torch.where(j == k, (cnt - k).clamp(min=0.0) / cnt, nu)
-    return SortedSoftProblem(cost / c_max, log_mu, torch.log(nu), count, c_max, anchors, present & ~empty)
+    return SortedSoftProblem(cost, log_mu, torch.log(nu), count, c_max, anchors, present & ~empty)
 
 
 def _kept_columns(log_nu: Tensor) -> Tensor:
@@ -373,10 +402,10 @@ class _SortedSoft(torch.autograd.Function):
         grad_cost = sinkhorn_implicit_vjp(
             plan, mu, torch.exp(log_nu), grad_plan, ctx.epsilon, keep=_kept_columns(log_nu)
         )
-        anchors = torch.arange(k, -1, -1, dtype=x.dtype, device=x.device)
+        anchors = torch.arange(k, -1, -1, dtype=torch.float64, device=x.device)
         xs = torch.where(present, x, 0.0)
-        grad_x = (grad_cost / c_max * 2.0 * (xs.unsqueeze(-1) - anchors)).sum(-1)
-        return torch.where(present, grad_x, 0.0), None, None, None, None
+        grad_x = (grad_cost / c_max * 2.0 * (xs.unsqueeze(-1).to(torch.float64) - anchors)).sum(-1)
+        return torch.where(present, grad_x, 0.0).to(x.dtype), None, None, None, None
 
 
 def sorted_soft_indicators(

@@ -13,7 +13,7 @@ from .._checks import (
     check_positive,
     check_tensor,
     compute_dtype,
-    is_tracing,
+    may_sync,
     prepare_k,
     to_rows,
 )
@@ -35,7 +35,7 @@ def relaxed_subset_rows(keys: Tensor, k: Tensor, t: float) -> Tensor:
     with w_j = clip(k - j + 1, 0, 1) (1 for j <= k when k is an integer).
     """
     n = keys.shape[-1]
-    K = n if is_tracing() else max(1, min(n, math.ceil(float(k.amax().item()))))
+    K = max(1, min(n, math.ceil(float(k.amax().item())))) if may_sync(k) else n
     alpha = keys
     onehot = torch.zeros_like(keys)
     khot = torch.zeros_like(keys)
@@ -49,7 +49,7 @@ def relaxed_subset_rows(keys: Tensor, k: Tensor, t: float) -> Tensor:
 def _hard_of(y: Tensor, k: Tensor) -> Tensor:
     """The top-k mask of y (fractional k: clip(k - j, 0, 1) on the j-th largest)."""
     n = y.shape[-1]
-    K = n if is_tracing() else max(1, min(n, math.ceil(float(k.amax().item()))))
+    K = max(1, min(n, math.ceil(float(k.amax().item())))) if may_sync(k) else n
     vals, idx = torch.topk(y.detach(), K, dim=-1)
     rank = torch.arange(K, device=y.device, dtype=y.dtype)
     w = (k.detach().unsqueeze(-1) - rank).clamp(0.0, 1.0)
@@ -136,7 +136,7 @@ def relaxed_subset(
     vr = regular_rows(v, rules)
     k_reg = torch.where(rules.regular, kvec, 1.0)
     plus = vr == math.inf
-    if is_tracing() or bool(plus.any()):
+    if not may_sync(plus) or bool(plus.any()):
         # +inf entries are always drawn; the rest of the budget is sampled from the others.
         keys = torch.where(plus, -math.inf, vr + g)
         k_rest = k_reg - rules.n_pos.to(cd)
