@@ -91,6 +91,8 @@ class Setting:
     metrics: list[str]  # test metrics shown, headline first
     description: str = ""
     lower_is_better: tuple[str, ...] = ()
+    # extra figures of the report: plots(result, folder, stem) -> paths of the PNGs written
+    plots: Callable[..., list] | None = None
 
 
 @dataclass

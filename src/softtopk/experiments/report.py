@@ -117,6 +117,8 @@ def plot_setting(result: SettingResult, folder: Path, stem: str) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
+    if result.setting.plots is not None:
+        paths += result.setting.plots(result, folder, stem)
     return paths
 
 
