@@ -127,7 +127,6 @@ def check_sane(results):
 
 
 def test_classification_letter_noise_at_toy_size():
-    torch.set_num_threads(2)
     (res,) = run_toy(classification, grid=(100.0,))  # sparse at t = 10 (the grid is tested above)
     check_sane([res])
     rows = {r.method: r for r in res.rows}
