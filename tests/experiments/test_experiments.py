@@ -1,9 +1,10 @@
 """The experiments: the shared protocol, operator selection, and every experiment at toy size.
 
 The toy runs take seconds each; they check sanity (the training loss falls, metrics are
-in range) and one result of the literature that must hold even at this size: on
-LetterRecognition with 50 % label noise a top-k loss beats cross-entropy on top-5
-accuracy (Berrada et al. 2018; Garcin et al. 2022).
+in range, early stopping keeps a validation-chosen epoch). Whether a top-k loss beats
+cross-entropy is a question for the full-size report, not for the toy size: under the
+equal protocol (early stopping and label smoothing for cross-entropy too) the toy
+LetterRecognition setting does not separate them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import os
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,7 +29,13 @@ from softtopk.experiments import (
     mask_operators,
     run_setting,
 )
-from softtopk.experiments._runner import depends_on_temperature, temperature_grid
+from softtopk.experiments._runner import (
+    check_grids,
+    depends_on_temperature,
+    lr_grid,
+    smoothing_grid,
+    temperature_grid,
+)
 from softtopk.experiments.report import verdict, write_report
 
 
@@ -40,7 +48,7 @@ def settings_or_skip(module, **kwargs):
         pytest.skip(str(err))
 
 
-def fake_method(name, group, temperatures, calls):
+def fake_method(name, group, temperatures, calls, **kwargs):
     """val score peaks at t = 1; test score is the opposite, so a leak would show."""
 
     def run(t, seed):
@@ -48,7 +56,7 @@ def fake_method(name, group, temperatures, calls):
         v = -abs(math.log10(t)) if t is not None else 0.0
         return RunResult(test={"m": -v + seed, "aux": 1.0}, val={"m": v}, losses=[3.0, 2.0, 1.0], seconds=0.1)
 
-    return Method(name, group, run, temperatures)
+    return Method(name, group, run, temperatures, **kwargs)
 
 
 def test_protocol_picks_the_temperature_on_validation_then_runs_the_seeds():
@@ -58,7 +66,7 @@ def test_protocol_picks_the_temperature_on_validation_then_runs_the_seeds():
         "toy",
         [
             fake_method("op", "operator", [0.1, 1.0, 10.0], calls),
-            fake_method("base", "baseline", [None], calls),
+            fake_method("base", "baseline", [None], calls, untrained=True),
         ],
         select="m",
         metrics=["m", "aux"],
@@ -98,10 +106,20 @@ def test_operator_selection_follows_the_registry(monkeypatch):
 
 
 def test_registry_order_of_experiments():
-    assert list(EXPERIMENTS) == ["classification", "knn", "moe", "pruning", "recsys", "distributed"]
+    assert list(EXPERIMENTS) == [
+        "classification",
+        "knn",
+        "moe",
+        "pruning",
+        "recsys",
+        "imbalanced",
+        "listops",
+        "distributed",
+    ]
 
 
 def run_toy(module, only=("sparse",), grid=(1.0,), seeds=1):
+    """One grid value: the protocol gives every trained method one configuration."""
     results = []
     for setting in settings_or_skip(module, only=list(only), grid=grid):
         results.append(run_setting(setting, seeds=seeds))
@@ -113,22 +131,30 @@ def check_sane(results):
         for row in res.rows:
             for name, value in row.mean.items():
                 assert not math.isnan(value), (row.method, name)
-            if len(row.losses) > 2:
-                assert row.losses[-1] < row.losses[0], (res.setting.key, row.method, row.losses)
+            if len(row.losses) > 2:  # the loss fell (a hard mask's loss may climb back late)
+                assert min(row.losses[1:]) < row.losses[0], (res.setting.key, row.method, row.losses)
 
 
-def test_classification_letter_noise_topk_loss_beats_cross_entropy():
-    torch.set_num_threads(2)
+def test_classification_letter_noise_at_toy_size():
     (res,) = run_toy(classification, grid=(100.0,))  # sparse at t = 10 (the grid is tested above)
     check_sane([res])
     rows = {r.method: r for r in res.rows}
-    ce, topk = rows["cross-entropy"], rows["top-k CE [sparse]"]
     assert res.setting.title == "LetterRecognition, k = 5, 50% label noise"
-    assert topk.mean["top5"] > ce.mean["top5"] + 0.01, (topk.mean, ce.mean)
-    assert 0.5 < ce.mean["top5"] < 1.0
+    assert set(rows) == {
+        "cross-entropy",
+        "top-k CE [straight-through]",
+        "top-k CE [sparse]",
+        "top-k hinge [Garcin, balanced]",
+    }
+    assert rows["cross-entropy"].knob == "label smoothing" and rows["cross-entropy"].temperature == 0.0
+    for row in res.rows:
+        assert 0.5 < row.mean["top5"] < 1.0, (row.method, row.mean)
+        # early stopping: the tested epoch is the one with the best validation score, within the budget
+        (run,) = row.runs
+        assert 1 <= run["extra"]["best_epoch"] <= 40
 
 
-@pytest.mark.parametrize("name", ["knn", "moe", "pruning", "recsys"])
+@pytest.mark.parametrize("name", ["knn", "moe", "pruning", "recsys", "imbalanced", "listops"])
 def test_experiment_at_toy_size(name):
     results = run_toy(EXPERIMENTS[name])
     check_sane(results)
@@ -138,6 +164,13 @@ def test_experiment_at_toy_size(name):
         for metric, value in row.mean.items():
             if metric != "mismatch" and "active" not in metric:
                 assert 0.0 <= value <= 1.0, (row.method, metric, value)
+    if name in ("knn", "moe", "imbalanced"):  # a hard top-k is trained through: straight-through baseline
+        assert any("[straight-through]" in m and rows[m].group == "baseline" for m in rows)
+    if name == "imbalanced":
+        assert {"top-k hinge [balanced]", "top-k hinge [imbalanced]", "logit-adjusted CE"} <= set(rows)
+    if name == "listops":
+        assert {"left-to-right cell", "beam 2 [hard]", "beam 2 [one-soft]", "beam 2 [soft]"} == set(rows)
+        assert all(r.runs[0]["extra"]["best_epoch"] in (1, 2) for r in res.rows)
     if name == "knn":
         assert rows["raw-pixel kNN"].mean["9-NN acc"] > 0.9  # digits: raw kNN is already good
     if name == "moe":
@@ -151,7 +184,7 @@ def test_experiment_at_toy_size(name):
             > rows["one-shot magnitude"].mean["accuracy (hard)"]
         )
     if name == "recsys":
-        assert rows["pointwise BCE"].mean["Recall@10@20"] > 0.2 - 1e-9 or rows["ListNet (ratings)"]
+        assert rows["popularity"].runs[0]["extra"] == {} and len(rows["popularity"].runs) == 1
 
 
 def test_report_files(tmp_path):
@@ -170,3 +203,276 @@ def test_report_files(tmp_path):
     assert saved["experiments"]["toy"]["s"]["rows"][0]["temperature"] == 1.0
     pytest.importorskip("matplotlib")
     assert (tmp_path / "toy-s.png").is_file() and (tmp_path / "toy-s-loss.png").is_file()
+
+
+# --- the equal protocol -------------------------------------------------------------------
+
+
+def test_baseline_grids_match_the_operator_grid_size():
+    assert smoothing_grid(3) == [0.0, 0.1, 0.3] and smoothing_grid(1) == [0.0]
+    assert lr_grid(1e-3, 3) == [0.000333, 0.001, 0.003] and lr_grid(2e-3, 1) == [0.002]
+    with pytest.raises(ValueError, match="label-smoothing"):
+        smoothing_grid(0)
+    calls = []
+    ok = Setting(
+        "s",
+        "t",
+        [
+            fake_method("op", "operator", [0.1, 1.0], calls),
+            fake_method("b", "baseline", [0.0, 0.1], calls, knob="label smoothing"),
+            fake_method("raw", "baseline", [None], calls, untrained=True),
+        ],
+        "m",
+        ["m"],
+    )
+    check_grids(ok)
+    bad = Setting("s", "t", [*ok.methods, fake_method("c", "baseline", [None], calls)], "m", ["m"])
+    with pytest.raises(ValueError, match="same number of configurations"):
+        run_setting(bad, seeds=1)
+    wrong = Setting("s", "t", [fake_method("u", "baseline", [1.0], calls, untrained=True)], "m", ["m"])
+    with pytest.raises(ValueError, match="untrained"):
+        check_grids(wrong)
+    assert calls == []  # nothing ran before the check
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_every_experiment_gives_every_trained_method_the_same_grid(name):
+    grid = (1.0, 10.0, 100.0)
+    for setting in settings_or_skip(EXPERIMENTS[name], only=["sparse", "lapsum"], grid=grid):
+        check_grids(setting)
+        trained = [m for m in setting.methods if not m.untrained]
+        assert all(len(m.temperatures) == 3 for m in trained), [(m.name, m.temperatures) for m in trained]
+        for m in setting.methods:
+            if m.name.startswith(("cross-entropy", "CE embedding")):
+                assert m.knob == "label smoothing" and m.temperatures == [0.0, 0.1, 0.3]
+        untrained = {m.name for m in setting.methods if m.untrained}
+        assert untrained <= {"raw-pixel kNN", "popularity"}
+
+
+def test_straight_through_topk_is_hard_forward_centred_identity_backward():
+    from softtopk.experiments._baselines import STRAIGHT_THROUGH, straight_through_topk
+
+    x = torch.randn(3, 7, dtype=torch.float64)
+    y = straight_through_topk(x, 3, temperature=0.5)
+    assert torch.equal(y, torch.zeros_like(x).scatter(-1, x.topk(3).indices, 1.0))
+    jac = torch.autograd.functional.jacobian(lambda v: straight_through_topk(v, 3, temperature=0.5), x[0])
+    expected = (torch.eye(7, dtype=torch.float64) - 1.0 / 7) / 0.5
+    torch.testing.assert_close(jac, expected)
+    assert depends_on_temperature(STRAIGHT_THROUGH) is False  # the forward is the hard mask at any t
+
+
+def test_best_checkpoint_restores_the_best_validation_state():
+    from softtopk.experiments._common import BestCheckpoint
+
+    model = torch.nn.Linear(2, 1)
+    best = BestCheckpoint(model)
+    for step, score in enumerate([0.1, 0.5, float("nan"), 0.5, 0.3]):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        best.update(score, step)
+    best.restore()
+    assert best.step == 1 and best.score == 0.5 and torch.all(model.weight == 1.0)
+
+
+def test_classification_splits_keep_test_rows_out_of_validation():
+    from softtopk.data import load
+    from softtopk.experiments._common import Split
+
+    try:
+        data = load("letter")
+    except DataNotFoundError as err:
+        pytest.skip(str(err))
+    split = Split(data, train_size=4000, test_size=1000)
+    train, val = set(split.train_index.tolist()), set(split.val_index.tolist())
+    assert not train & val and len(val) == 400 and len(train) == 3600
+    # the validation rows are training-set rows (standardised with the training statistics only)
+    x = data.x_train[split.train_index]
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    want = torch.as_tensor(((data.x_train[split.val_index] - mu) / sd).astype("float32"))
+    torch.testing.assert_close(split.x_val, want)
+    assert torch.equal(split.y_val, torch.as_tensor(data.y_train[split.val_index]))
+    want_test = torch.as_tensor(((data.x_test[split.test_index] - mu) / sd).astype("float32"))
+    torch.testing.assert_close(split.x_test, want_test)
+
+
+def test_imbalanced_split_is_power_law_and_validation_is_disjoint():
+    from softtopk.data import load
+    from softtopk.experiments.imbalanced import SIZES, LongTail
+
+    cfg = SIZES["default"][0]
+    try:
+        data = load(cfg.dataset)
+    except DataNotFoundError as err:
+        pytest.skip(str(err))
+    split = LongTail(data, cfg)
+    counts = np.sort(split.counts)[::-1]
+    ranks = np.arange(1, data.classes + 1)
+    assert np.abs(counts - np.round(cfg.n_max * ranks**-split.alpha)).max() <= 1
+    assert counts[0] == cfg.n_max and abs(counts[0] / counts[-1] - cfg.ratio) < 0.1 * cfg.ratio
+    assert not set(split.train_index.tolist()) & set(split.val_index.tolist())
+    assert torch.equal(torch.bincount(split.y_val), torch.full((data.classes,), cfg.val_per_class))
+    assert torch.equal(torch.bincount(split.y_train, minlength=data.classes), torch.as_tensor(split.counts))
+    # the tail is the rarest third of the classes
+    tail = set(split.tail.tolist())
+    assert len(tail) == round(data.classes / 3)
+    assert max(split.counts[list(tail)]) <= min(np.delete(split.counts, list(tail)))
+
+
+def test_recsys_validation_and_test_users_are_disjoint():
+    from softtopk.experiments import recsys
+
+    try:
+        data = recsys.Data(recsys.SIZES["toy"][0])
+    except DataNotFoundError as err:
+        pytest.skip(str(err))
+    assert not set(data.val.user.tolist()) & set(data.test.user.tolist())
+
+
+# --- ListOps -------------------------------------------------------------------------------
+
+
+def _value(tokens):
+    """An independent ListOps evaluator: recursive descent on the token list."""
+
+    def parse(i):
+        tok = tokens[i]
+        if tok.isdigit():
+            return int(tok), i + 1
+        args, i = [], i + 1
+        while tokens[i] != "]":
+            v, i = parse(i)
+            args.append(v)
+        fn = {
+            "[MIN": min,
+            "[MAX": max,
+            "[MED": lambda a: (
+                sorted(a)[(len(a) - 1) // 2]
+                if len(a) % 2
+                else (sorted(a)[len(a) // 2 - 1] + sorted(a)[len(a) // 2]) // 2
+            ),
+            "[SM": lambda a: sum(a) % 10,
+        }[tok]
+        return fn(args), i + 1
+
+    value, end = parse(0)
+    assert end == len(tokens)
+    return value
+
+
+def _shape(tokens):
+    """(maximum depth, maximum number of arguments) of an expression."""
+    depth = deepest = widest = 0
+    counts = []
+    for tok in tokens:
+        if tok.startswith("["):
+            if counts:
+                counts[-1] += 1
+            counts.append(0)
+            depth += 1
+            deepest = max(deepest, depth)
+        elif tok == "]":
+            widest = max(widest, counts.pop())
+            depth -= 1
+        elif counts:
+            counts[-1] += 1
+    return deepest, widest
+
+
+def test_listops_generator_follows_the_grammar_and_the_splits_are_disjoint():
+    import random
+
+    from softtopk.experiments import listops
+
+    rng = random.Random(0)
+    for _ in range(300):
+        tokens = listops.generate(rng, 5, 4)
+        assert listops.evaluate(tokens) == _value(tokens), tokens
+        depth, args = _shape(tokens)
+        assert depth <= 3 and (depth == 0 or 2 <= args <= 5)  # operations only below max_depth = 4
+    assert (
+        listops.evaluate("[MED 3 9 4 1 ]".split()) == 3
+        and listops.evaluate("[SM 7 8 [MAX 1 2 ] ]".split()) == 7
+    )
+    cfg = listops.SIZES["toy"][0]
+    data = listops.Data(cfg)
+    key = " ".join
+    test = {key(t) for split in data.test.values() for t in split}
+    assert not test & {key(t) for t in data.val} and not test & {key(t) for t in data.train}
+    assert not {key(t) for t in data.val} & {key(t) for t in data.train}
+    longer = [len(t) for t in data.test["longer"]]
+    assert max(len(t) for t in data.train) <= cfg.train.max_len < min(longer)
+    assert max(_shape(t)[1] for t in data.test["more args"]) > cfg.train.max_args
+
+
+def test_listops_merge_equals_the_mix_of_explicit_candidates():
+    from softtopk.experiments.listops import merge
+
+    g = torch.Generator().manual_seed(0)
+    N, B, n, d, C = 2, 3, 5, 4, 2
+    nodes = torch.randn(N, B, n, d, generator=g, dtype=torch.float64)
+    parents = torch.randn(N, B, n - 1, d, generator=g, dtype=torch.float64)
+    w = torch.rand(N, C, B, n - 1, generator=g, dtype=torch.float64)
+    w = w / w.sum((-1, -2), keepdim=True)
+    want = torch.zeros(N, C, n - 1, d, dtype=torch.float64)
+    for b in range(B):
+        for j in range(n - 1):
+            cand = torch.cat([nodes[:, b, :j], parents[:, b, j : j + 1], nodes[:, b, j + 2 :]], 1)
+            want += w[:, :, b, j, None, None] * cand[:, None]
+    torch.testing.assert_close(merge(nodes, parents, w), want)
+
+
+# --- the claims table ----------------------------------------------------------------------
+
+
+def _results_file(path, date, rows, protocol="equal-configurations-1"):
+    def row(method, mean, std, group="operator"):
+        return {"method": method, "group": group, "mean": {"top5": mean}, "std": {"top5": std}}
+
+    data = {
+        "environment": {"date": date, "command": "softtopk experiments classification", "protocol": protocol},
+        "experiments": {
+            "classification": {
+                "letter-k5-noise50": {"metrics": ["top5"], "rows": [row(*r) for r in rows]},
+            }
+        },
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_claims_table_verdicts_follow_the_numbers(tmp_path):
+    from softtopk.experiments import claims
+
+    old = _results_file(
+        tmp_path / "old.json",
+        "2026-01-01 10:00:00 UTC",
+        [("cross-entropy", 0.80, 0.01, "baseline"), ("top-k CE [neuralsort]", 0.95, 0.01)],
+        protocol="x",
+    )
+    new = _results_file(
+        tmp_path / "new.json",
+        "2026-02-01 10:00:00 UTC",
+        [
+            ("cross-entropy", 0.90, 0.01, "baseline"),
+            ("top-k CE [neuralsort]", 0.91, 0.01),  # within the spread sqrt(2) * 0.01: a tie
+            ("top-k CE [perturbed]", 0.95, 0.01),
+            ("top-k CE [lapsum]", 0.80, 0.01),
+        ],
+    )
+    res = claims.Results([new, old])  # the newer run wins whatever the order
+    assert res.sources["classification"].path == str(new)
+    by_claim = {c.measure.__name__: c.measure(res) for c in claims.CLAIMS}
+    assert by_claim["sorting"][1] == claims.NOT_REPRODUCED  # 0.91 vs 0.90 is a tie
+    assert "0.910 ± 0.010" in by_claim["sorting"][0]
+    assert by_claim["berthet"][1] == claims.REPRODUCED  # perturbed beats the best deterministic (0.91)
+    assert by_claim["lapsum"][1] == claims.NOT_REPRODUCED
+    assert by_claim["modification"][1] == claims.PENDING
+    assert by_claim["lcron"][1] == claims.NOT_TESTABLE
+    assert by_claim["btcell"][1] == claims.PENDING  # no listops results in these files
+    res_old = claims.Results([old])
+    assert claims.sorting(res_old)[1] == claims.REPRODUCED
+    out = claims.write_claims([old, new], tmp_path / "claims.md")
+    text = out.read_text()
+    for c in claims.CLAIMS:
+        assert c.paper in text
+    assert "softtopk experiments mod" in text and str(new) in text and str(old) not in text

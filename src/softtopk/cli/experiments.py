@@ -1,9 +1,9 @@
 """``softtopk experiments``: the papers' experiments in miniature, on real data, with a report.
 
-Every registered operator takes part (``--only`` narrows the list); each gets the same
-temperature grid, chosen on a validation split, then ``--seeds`` seeds at the chosen
-temperature. Writes ``report.md`` (tables, what the data say, plots), PNG plots and
-``results.json`` under ``--out``.
+Every registered operator takes part (``--only`` narrows the list); every method,
+baselines included, gets the same number of configurations, chosen on a validation
+split, then ``--seeds`` seeds at the chosen configuration. Writes ``report.md`` (tables,
+what the data say, plots), PNG plots and ``results.json`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def environment() -> dict[str, object]:
 
 def main(args: argparse.Namespace) -> int:
     from ..experiments import EXPERIMENTS
-    from ..experiments._runner import SettingResult, run_method
+    from ..experiments._runner import PROTOCOL, PROTOCOL_VERSION, SettingResult, check_grids, run_method
     from ..experiments.report import markdown_table, verdict, write_report
 
     names = args.names or list(EXPERIMENTS)
@@ -87,6 +87,7 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment()
+    env["protocol"] = PROTOCOL_VERSION
     start = time.perf_counter()
     results = {}
     for name in names:
@@ -101,6 +102,7 @@ def main(args: argparse.Namespace) -> int:
             return 3
         done = []
         for setting in settings:
+            check_grids(setting)
             total = sum(len(m.temperatures) + args.seeds - 1 for m in setting.methods)
             t0 = time.perf_counter()
             rows = []
@@ -125,9 +127,7 @@ def main(args: argparse.Namespace) -> int:
             f"torch {env['torch']} with {env['torch_threads']} threads"
             + (f", {env['cuda_device']}" if "cuda_device" in env else ""),
             f"- command: `{env['command']}` (size {args.size}, {args.seeds} seeds, total {minutes:.1f} min)",
-            "- protocol: every operator gets the same temperature grid (multiples of its registered "
-            "default), one seed-0 run per grid value picks the temperature on the validation split, then "
-            "the other seeds run at that temperature; tables give the test mean ± sample std over the seeds.",
+            f"- protocol: {PROTOCOL}",
         ]
     )
     path = write_report(results, args.out, header=header, environment=env)

@@ -10,30 +10,49 @@ operator registered later appears in every experiment without code changes:
 * :mod:`.pruning`: (d) magnitude pruning at 90-99 % sparsity against one-shot pruning;
 * :mod:`.recsys`: (e) top-k selection on MovieLens with DFTopK's recipe against pointwise
   BCE and ListNet;
-* :mod:`.distributed`: (f) top-k gradient compression with error feedback, PowerSGD and
+* :mod:`.imbalanced`: (f) Garcin et al.'s balanced and imbalanced top-k hinge losses on
+  heavy-tailed classes against cross-entropy and top-k cross-entropy;
+* :mod:`.listops`: (g) BT-Cell's relaxed beam top-k on generated ListOps, with length and
+  argument out-of-distribution splits, against a hard beam and a left-to-right cell;
+* :mod:`.distributed`: (h) top-k gradient compression with error feedback, PowerSGD and
   DiLoCo in gloo processes: final loss against bytes on the wire.
 
-The shared protocol (temperature grid on validation, then seeds) is in :mod:`._runner`,
-the report in :mod:`.report`.
+The shared protocol (the same number of configurations for every method, chosen on
+validation, then seeds) is in :mod:`._runner`, the report in :mod:`.report`, the
+paper-claims table in :mod:`.claims`.
 """
 
 from types import ModuleType
 
-from . import classification, distributed, knn, moe, pruning, recsys
-from ._runner import Method, Row, RunResult, Setting, SettingResult, mask_operators, run_setting
+from . import classification, distributed, imbalanced, knn, listops, moe, pruning, recsys
+from ._runner import (
+    PROTOCOL,
+    Method,
+    Row,
+    RunResult,
+    Setting,
+    SettingResult,
+    lr_grid,
+    mask_operators,
+    run_setting,
+    smoothing_grid,
+)
 
 #: name -> module, in the order of the report.
 EXPERIMENTS: dict[str, ModuleType] = {
-    m.NAME: m for m in (classification, knn, moe, pruning, recsys, distributed)
+    m.NAME: m for m in (classification, knn, moe, pruning, recsys, imbalanced, listops, distributed)
 }
 
 __all__ = [
     "EXPERIMENTS",
+    "PROTOCOL",
     "Method",
     "Row",
     "RunResult",
     "Setting",
     "SettingResult",
+    "lr_grid",
     "mask_operators",
     "run_setting",
+    "smoothing_grid",
 ]

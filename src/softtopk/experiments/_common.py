@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -11,11 +12,16 @@ from torch import Tensor, nn
 from ..data import Dataset
 
 
+def subsample_index(n: int, size: int | None, seed: int) -> np.ndarray:
+    """Indices of a fixed random subset of ``size`` of ``n`` rows (all rows, in order, if None or larger)."""
+    if size is None or size >= n:
+        return np.arange(n)
+    return np.random.default_rng(seed).permutation(n)[:size]
+
+
 def subsample(x: np.ndarray, y: np.ndarray, size: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A fixed random subset of ``size`` rows (all rows when ``size`` is None or larger)."""
-    if size is None or size >= len(y):
-        return x, y
-    idx = np.random.default_rng(seed).permutation(len(y))[:size]
+    idx = subsample_index(len(y), size, seed)
     return x[idx], y[idx]
 
 
@@ -24,7 +30,9 @@ class Split:
 
     The validation split is carved from the (sub-sampled) training set with a fixed seed
     that does not depend on the run's seed, so every run and every operator sees the
-    same three splits. Features are standardised with the training split's statistics.
+    same three splits, and no test row is ever in it. Features are standardised with the
+    training split's statistics. ``train_index`` / ``val_index`` index ``data.x_train``
+    and ``test_index`` indexes ``data.x_test`` (the tests check the splits from them).
     """
 
     def __init__(
@@ -37,11 +45,14 @@ class Split:
         standardise: bool = True,
         split_seed: int = 1234,
     ) -> None:
-        x, y = subsample(data.x_train, data.y_train, train_size, split_seed)
-        xt, yt = subsample(data.x_test, data.y_test, test_size, split_seed + 1)
+        pool = subsample_index(len(data.y_train), train_size, split_seed)
+        test_index = subsample_index(len(data.y_test), test_size, split_seed + 1)
+        x, y = data.x_train[pool], data.y_train[pool]
+        xt, yt = data.x_test[test_index], data.y_test[test_index]
         order = np.random.default_rng(split_seed + 2).permutation(len(y))
         n_val = max(1, int(round(val_fraction * len(y))))
         val, train = order[:n_val], order[n_val:]
+        self.train_index, self.val_index, self.test_index = pool[train], pool[val], test_index
         if standardise:
             mu, sd = x[train].mean(0), x[train].std(0) + 1e-6
         else:
@@ -98,6 +109,44 @@ def topk_accuracy(scores: Tensor, y: Tensor, k: int) -> float:
     """Fraction of rows whose label is among the k highest scores."""
     top = scores.topk(k, dim=-1).indices
     return (top == y[:, None]).any(-1).float().mean().item()
+
+
+def per_class_topk(scores: Tensor, y: Tensor, k: int, classes: int) -> Tensor:
+    """Top-k accuracy of each class (NaN for a class absent from ``y``), shape (classes,)."""
+    top = scores.topk(k, dim=-1).indices
+    hit = (top == y[:, None]).any(-1).float()
+    count = torch.bincount(y, minlength=classes).float()
+    total = torch.zeros(classes).index_add(0, y, hit)
+    return torch.where(count > 0, total / count.clamp_min(1.0), math.nan)
+
+
+class BestCheckpoint:
+    """Early stopping: keeps the parameters of the evaluation with the best validation score.
+
+    ``update(score, step)`` after each evaluation copies the modules' parameters when the
+    score beats every earlier one (the first of equal scores wins; NaN never does);
+    ``restore()`` loads the best copy back. The validation score is the only input, so
+    the test split plays no part in when training stops.
+    """
+
+    def __init__(self, *modules: nn.Module) -> None:
+        self.modules = modules
+        self.score = -math.inf
+        self.step = -1
+        self._state: list[dict[str, Tensor]] | None = None
+
+    def update(self, score: float, step: int) -> bool:
+        if not score > self.score:
+            return False
+        self.score, self.step = score, step
+        self._state = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in self.modules]
+        return True
+
+    def restore(self) -> None:
+        if self._state is None:
+            return
+        for m, state in zip(self.modules, self._state, strict=True):
+            m.load_state_dict(state)
 
 
 @torch.no_grad()

@@ -1,13 +1,16 @@
-"""The protocol shared by every experiment: a temperature grid on validation, then seeds.
+"""The protocol shared by every experiment: the same number of configurations for every method.
 
-Every operator gets the same small grid of temperatures (multiples of its registered
-default, so operators whose temperatures mean different things are treated alike). One
-run per grid value with seed 0 picks the temperature with the best *validation* score;
-seeds 1, 2, ... then run at that temperature, and the table reports the mean and the
-sample standard deviation of the *test* metrics over all seeds (the seed-0 run at the
-chosen temperature is one of them). Baselines without a temperature run the seeds only.
-Each run trains on the training split minus the validation split, so the test set is
-never seen before the final numbers.
+Every method, baselines included, has a grid of N configurations (:data:`PROTOCOL`
+states the rule): operators and the straight-through hard top-k their temperature
+(multiples of the registered default, so operators whose temperatures mean different
+things are treated alike), cross-entropy its label smoothing, other trained baselines
+their learning rate; only a baseline that trains nothing runs one configuration. One run
+per configuration with seed 0 picks the configuration with the best *validation* score;
+seeds 1, 2, ... then run at it, and the table reports the mean and the sample standard
+deviation of the *test* metrics over all seeds (the seed-0 run at the chosen
+configuration is one of them). Each run trains on the training split minus the
+validation split and keeps its checkpoint with the best validation score, so the test
+set is never seen before the final numbers.
 """
 
 from __future__ import annotations
@@ -24,6 +27,41 @@ from ..registry import OPERATORS, Operator
 
 #: Multipliers of each operator's registered default temperature (an experiment may override).
 DEFAULT_GRID = (0.1, 1.0, 10.0)
+
+#: Cross-entropy's label-smoothing values; a grid of size N takes the first N (sorted).
+SMOOTHING_ORDER = (0.0, 0.1, 0.3, 0.05, 0.2, 0.4, 0.02, 0.15, 0.5)
+
+#: Names the protocol in ``results.json`` (readers tell runs of other protocols apart).
+PROTOCOL_VERSION = "equal-configurations-1"
+
+#: The protocol, as the report header states it.
+PROTOCOL = (
+    "every method, baselines included, gets the same number N of configurations (N = the "
+    "temperature grid's size, 3 by default), each trained with seed 0 and scored on the validation "
+    "split (carved from the training data; no test row is in it): the operators and the "
+    "straight-through hard top-k (hard mask forward, (I - 11^T/n)/t backward) their temperature "
+    "(multiples of the registered default), cross-entropy its label smoothing (0, 0.1, 0.3), the "
+    "other trained baselines their learning rate (x1/3, x1, x3); a baseline that trains nothing "
+    "(raw-pixel kNN, popularity) runs once. Every trained run keeps the checkpoint with the best "
+    "validation score (early stopping, checked every epoch or evaluation step). The best "
+    "configuration on validation then runs the other seeds; tables give the test mean ± sample std "
+    "over the seeds. Stochastic operators draw fresh noise on every call from a generator seeded "
+    "per run."
+)
+
+
+def smoothing_grid(n: int) -> list[float | None]:
+    """Cross-entropy's label-smoothing grid of size ``n``: (0, 0.1, 0.3) for n = 3."""
+    if not 1 <= n <= len(SMOOTHING_ORDER):
+        raise ValueError(f"a label-smoothing grid has 1 to {len(SMOOTHING_ORDER)} values, got n = {n}")
+    return sorted(SMOOTHING_ORDER[:n])
+
+
+def lr_grid(lr: float, n: int) -> list[float | None]:
+    """A learning-rate grid of size ``n`` around ``lr``, a factor 3 apart: (lr/3, lr, 3 lr) for n = 3."""
+    if n < 1:
+        raise ValueError(f"a learning-rate grid needs n >= 1, got {n}")
+    return [float(f"{lr * 3.0 ** (i - (n - 1) / 2):.3g}") for i in range(n)]
 
 
 @dataclass
@@ -50,10 +88,13 @@ class RunResult:
 
 @dataclass
 class Method:
-    """One row of a table: an operator (with a temperature grid) or a baseline.
+    """One row of a table: an operator or a baseline, with its grid of configurations.
 
-    ``run(temperature, seed)`` trains and evaluates once; ``temperatures`` is the grid
-    (``[None]`` for a baseline that has none).
+    ``run(value, seed)`` trains and evaluates once with one value of the method's knob;
+    ``temperatures`` is the grid of that knob (the temperature of an operator, the label
+    smoothing of cross-entropy, ...), and ``knob`` names it in the report. A baseline
+    that trains nothing has the grid ``[None]`` and ``untrained=True``; every other
+    method of a setting must have a grid of the same size (:func:`run_setting` checks).
     """
 
     name: str
@@ -61,6 +102,8 @@ class Method:
     run: Callable[[float | None, int], RunResult]
     temperatures: list[float | None] = field(default_factory=lambda: [None])
     note: str = ""
+    knob: str = "temperature"
+    untrained: bool = False
 
 
 @dataclass
@@ -69,8 +112,8 @@ class Row:
 
     method: str
     group: str
-    temperature: float | None
-    grid: dict[str, float]  # str(temperature) -> validation score of seed 0
+    temperature: float | None  # the chosen value of ``knob``
+    grid: dict[str, float]  # str(value) -> validation score of seed 0
     mean: dict[str, float]
     std: dict[str, float]
     seconds: float  # mean wall seconds per run
@@ -78,6 +121,7 @@ class Row:
     losses: list[float]  # mean training-loss curve over seeds
     runs: list[dict[str, object]]  # every run, for the JSON
     note: str = ""
+    knob: str = "temperature"
 
 
 @dataclass
@@ -147,11 +191,23 @@ def depends_on_temperature(op: Operator) -> bool:
     """Whether ``op``'s output changes with the temperature on a fixed probe input."""
     probe = torch.tensor([[0.3, -1.2, 2.0, 0.9, 0.1, -0.4]], dtype=torch.float64)
     with torch.no_grad():
-        torch.manual_seed(0)
-        a = op(probe, 2, dim=-1, temperature=op.temperature)
-        torch.manual_seed(0)
-        b = op(probe, 2, dim=-1, temperature=op.temperature * 30.0)
+        a = op(probe, 2, -1, temperature=op.temperature, generator=torch.Generator().manual_seed(0))
+        b = op(probe, 2, -1, temperature=op.temperature * 30.0, generator=torch.Generator().manual_seed(0))
     return not torch.allclose(a, b)
+
+
+def bind(op: Operator, generator: torch.Generator | None) -> Callable[..., torch.Tensor]:
+    """``op`` as a plain ``fn(x, k, dim=-1, *, temperature)`` that draws its noise from ``generator``.
+
+    For layers and losses that take a callable ``method``: a stochastic operator then uses
+    the run's own generator (fresh noise on every call, the same sequence for a seed).
+    """
+
+    def fn(x: torch.Tensor, k: object, dim: int = -1, *, temperature: float) -> torch.Tensor:
+        return op(x, k, dim, temperature=temperature, generator=generator)
+
+    fn.__name__ = op.name
+    return fn
 
 
 def temperature_grid(op: Operator, grid: Sequence[float]) -> list[float | None]:
@@ -179,12 +235,30 @@ def _record(temperature: float | None, seed: int, r: RunResult) -> dict[str, obj
     }
 
 
+def check_grids(setting: Setting) -> None:
+    """Raises ValueError unless every trained method of ``setting`` has a grid of the same size.
+
+    A method with ``untrained=True`` must have the single configuration ``[None]``.
+    """
+    sizes = {m.name: len(m.temperatures) for m in setting.methods if not m.untrained}
+    for m in setting.methods:
+        if m.untrained and list(m.temperatures) != [None]:
+            raise ValueError(f"{setting.key}: untrained method {m.name!r} must have the grid [None]")
+        if not m.temperatures:
+            raise ValueError(f"{setting.key}: method {m.name!r} has an empty grid")
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"{setting.key}: every trained method needs the same number of configurations, got {sizes} "
+            "(give a baseline lr_grid or smoothing_grid, or mark one that trains nothing untrained=True)"
+        )
+
+
 def run_method(method: Method, select: str, seeds: int, progress: Callable[[str], None] | None = None) -> Row:
-    """Grid on validation with seed 0, then seeds 1.. at the chosen temperature."""
+    """Grid on validation with seed 0, then seeds 1.. at the chosen configuration."""
     grid_runs: dict[float | None, RunResult] = {}
     for t in method.temperatures:
         if progress:
-            progress(f"{method.name} t={t} seed=0")
+            progress(f"{method.name} {_short(method.knob)}={t} seed=0")
         grid_runs[t] = method.run(t, 0)
 
     def score(t: float | None) -> float:
@@ -195,7 +269,7 @@ def run_method(method: Method, select: str, seeds: int, progress: Callable[[str]
     results = [grid_runs[chosen]]
     for seed in range(1, seeds):
         if progress:
-            progress(f"{method.name} t={chosen} seed={seed}")
+            progress(f"{method.name} {_short(method.knob)}={chosen} seed={seed}")
         results.append(method.run(chosen, seed))
     names = list(results[0].test)
     mean, std = {}, {}
@@ -218,7 +292,12 @@ def run_method(method: Method, select: str, seeds: int, progress: Callable[[str]
         losses=losses,
         runs=runs,
         note=method.note,
+        knob=method.knob,
     )
+
+
+def _short(knob: str) -> str:
+    return "t" if knob == "temperature" else knob.replace(" ", "_")
 
 
 def run_setting(
@@ -227,6 +306,7 @@ def run_setting(
     """Runs every method of ``setting`` under the shared protocol."""
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
+    check_grids(setting)
     start = time.perf_counter()
     rows = []
     for method in setting.methods:

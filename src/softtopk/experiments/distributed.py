@@ -1,4 +1,4 @@
-"""(f) Compressed data-parallel training: final loss against bytes on the wire.
+"""(h) Compressed data-parallel training: final loss against bytes on the wire.
 
 An MLP on Fashion-MNIST trained by W gloo processes on this machine (each rank its own
 shard of the training split, the same number of steps and samples for every scheme):
@@ -33,7 +33,7 @@ from ._common import Split, mlp, pretty
 from ._runner import Method, RunResult, Setting, SettingResult
 
 NAME = "distributed"
-TITLE = "(f) Compressed data-parallel training"
+TITLE = "(h) Compressed data-parallel training"
 
 
 @dataclass(frozen=True)

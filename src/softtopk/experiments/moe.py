@@ -6,7 +6,9 @@ with m_k the operator's soft top-k mask (V-MoE's gating with the hard top-k repl
 Only experts with a non-zero gate run on a token, so compute follows sparsity: the
 table reports the mean number of active experts per test token next to the accuracy.
 Baselines: the hard top-k router (m_k = torch.topk's mask; gradient through the
-softmax of the selected experts, as in V-MoE) and the dense softmax router (all E).
+softmax of the selected experts, as in V-MoE), the dense softmax router (all E), both
+with a learning-rate grid, and the straight-through hard top-k mask (temperature grid).
+Every run keeps its epoch with the best validation accuracy.
 """
 
 from __future__ import annotations
@@ -20,9 +22,20 @@ from torch import Tensor, nn
 from ..data import load
 from ..nn import TopKRouter
 from ..nn.functional import moe_dispatch
-from ..registry import Operator
-from ._common import Split, batches, pretty
-from ._runner import Method, RunResult, Setting, mask_operators, seed_everything, temperature_grid, timed
+from ..registry import OPERATORS, Operator
+from ._baselines import STRAIGHT_THROUGH
+from ._common import BestCheckpoint, Split, batches, pretty
+from ._runner import (
+    Method,
+    RunResult,
+    Setting,
+    bind,
+    lr_grid,
+    mask_operators,
+    seed_everything,
+    temperature_grid,
+    timed,
+)
 
 NAME = "moe"
 TITLE = "(c) Sparse mixture-of-experts router"
@@ -86,13 +99,30 @@ class TinyMoE(nn.Module):
 
 
 def train_moe(
-    split: Split, cfg: Config, method: object, k: int, temperature: float | None, seed: int
+    split: Split,
+    cfg: Config,
+    op: Operator,
+    k: int,
+    temperature: float | None,
+    seed: int,
+    lr: float | None = None,
 ) -> RunResult:
+    """Trains :class:`TinyMoE` routed by ``op`` (noise from the run's generator); best validation epoch."""
     g = seed_everything(seed)
-    model = TinyMoE(split.features, split.classes, cfg, method, k, temperature)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model = TinyMoE(split.features, split.classes, cfg, bind(op, g), k, temperature)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr if lr is None else lr)
+    best = BestCheckpoint(model)
     losses = []
-    for _ in range(cfg.epochs):
+    train_active = float("nan")
+
+    @torch.no_grad()
+    def evaluate(x: Tensor, y: Tensor) -> tuple[float, float]:
+        model.eval()
+        acc = (model(x).argmax(-1) == y).float().mean().item()
+        model.train()
+        return acc, model.active
+
+    for epoch in range(cfg.epochs):
         total, count, active = 0.0, 0, 0.0
         for idx in batches(len(split.y_train), cfg.batch, g):
             loss = F.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
@@ -103,21 +133,17 @@ def train_moe(
             active += model.active * len(idx)
             count += len(idx)
         losses.append(total / count)
-    train_active = active / count
+        if best.update(evaluate(split.x_val, split.y_val)[0], epoch):
+            train_active = active / count
 
-    @torch.no_grad()
-    def evaluate(x: Tensor, y: Tensor) -> tuple[float, float]:
-        model.eval()
-        acc = (model(x).argmax(-1) == y).float().mean().item()
-        model.train()
-        return acc, model.active
-
+    best.restore()
     val_acc, _ = evaluate(split.x_val, split.y_val)
     test_acc, test_active = evaluate(split.x_test, split.y_test)
     return RunResult(
         test={"accuracy": test_acc, "active experts": test_active, "train active": train_active},
         val={"accuracy": val_acc},
         losses=losses,
+        extra={"best_epoch": best.step + 1},
     )
 
 
@@ -126,24 +152,38 @@ def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None) -> Setting
     split = Split(data, train_size=cfg.train_size, test_size=cfg.test_size)
     ops, notes = mask_operators(only, shape=(max(cfg.batch, 5000), cfg.experts))
 
+    hard = OPERATORS["hard"]
+
     def baseline(k: int):  # noqa: ANN202
         # The hard mask with k = E keeps every expert: the dense softmax router.
-        return lambda temperature, seed: timed(lambda: train_moe(split, cfg, "hard", k, None, seed))
+        return lambda lr, seed: timed(lambda: train_moe(split, cfg, hard, k, None, seed, lr=float(lr)))
 
     def run_op(op: Operator):  # noqa: ANN202
         def run(temperature: float | None, seed: int) -> RunResult:
-            return timed(lambda: train_moe(split, cfg, op.fn, cfg.k, float(temperature), seed))
+            return timed(lambda: train_moe(split, cfg, op, cfg.k, float(temperature), seed))
 
         return run
 
+    lrs = lr_grid(cfg.lr, len(grid))
+    st = STRAIGHT_THROUGH
     methods = [
         Method(
             f"hard top-{cfg.k} router",
             "baseline",
             baseline(cfg.k),
+            lrs,
             note="V-MoE: softmax x torch.topk mask",
+            knob="lr",
         ),
-        Method("dense softmax router", "baseline", baseline(cfg.experts), note=f"all {cfg.experts} experts"),
+        Method(
+            "dense softmax router",
+            "baseline",
+            baseline(cfg.experts),
+            lrs,
+            note=f"all {cfg.experts} experts",
+            knob="lr",
+        ),
+        Method(f"router [{st.name}]", "baseline", run_op(st), temperature_grid(st, grid), note=st.paper),
     ]
     methods += [
         Method(f"router [{op.name}]", "operator", run_op(op), temperature_grid(op, grid), note=op.paper)

@@ -9,7 +9,10 @@ rows of the table have the same true sparsity; the gap between the accuracy with
 op(W) and with the hard projection is reported too (train/test mismatch).
 Baselines: the dense network (reference), one-shot magnitude pruning of the dense
 network with and without fine-tuning of the surviving weights, and training through the
-hard top-k magnitude with a straight-through gradient.
+hard top-k magnitude with a straight-through gradient; each baseline has a learning-rate
+grid (the dense training's, for the one-shot rows), the operators a temperature grid.
+Every training phase keeps its epoch with the best validation accuracy (after the hard
+projection, for the pruned networks).
 """
 
 from __future__ import annotations
@@ -23,8 +26,17 @@ from torch import Tensor, nn
 
 from ..data import load
 from ..registry import Operator
-from ._common import Split, batches, pretty
-from ._runner import Method, RunResult, Setting, mask_operators, seed_everything, temperature_grid, timed
+from ._common import BestCheckpoint, Split, batches, pretty
+from ._runner import (
+    Method,
+    RunResult,
+    Setting,
+    lr_grid,
+    mask_operators,
+    seed_everything,
+    temperature_grid,
+    timed,
+)
 
 NAME = "pruning"
 TITLE = "(d) Magnitude pruning"
@@ -88,11 +100,19 @@ class PrunedMLP(nn.Module):
 
 
 def _fit(
-    model: PrunedMLP, split: Split, epochs: int, lr: float, batch: int, g: torch.Generator
+    model: PrunedMLP,
+    split: Split,
+    epochs: int,
+    lr: float,
+    batch: int,
+    g: torch.Generator,
+    select: str = "hard",
 ) -> list[float]:
+    """Trains ``model`` and restores its epoch with the best validation accuracy in mode ``select``."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    best = BestCheckpoint(model)
     losses = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
         total, count = 0.0, 0
         for idx in batches(len(split.y_train), batch, g):
             loss = F.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
@@ -102,14 +122,16 @@ def _fit(
             total += loss.item() * len(idx)
             count += len(idx)
         losses.append(total / count)
+        best.update(_accuracy(model, split.x_val, split.y_val, select), epoch)
+    best.restore()
     return losses
 
 
 @torch.no_grad()
 def _accuracy(model: PrunedMLP, x: Tensor, y: Tensor, mode: str) -> float:
-    model.mode = mode
+    before, model.mode = model.mode, mode
     acc = (model(x).argmax(-1) == y).float().mean().item()
-    model.mode = "op"
+    model.mode = before
     return acc
 
 
@@ -123,10 +145,17 @@ def _result(model: PrunedMLP, split: Split, losses: list[float], soft: bool = Tr
     )
 
 
-def train_pruned(split: Split, cfg: Config, weight_op: WeightOp, seed: int) -> RunResult:
+def train_pruned(
+    split: Split,
+    cfg: Config,
+    weight_op: Callable[[torch.Generator], WeightOp],
+    seed: int,
+    lr: float | None = None,
+) -> RunResult:
+    """Trains through ``weight_op(generator)``; the weights are tested after the hard projection."""
     g = seed_everything(seed)
-    model = PrunedMLP([split.features, *cfg.hidden, split.classes], cfg.sparsity, weight_op)
-    return _result(model, split, _fit(model, split, cfg.epochs, cfg.lr, cfg.batch, g))
+    model = PrunedMLP([split.features, *cfg.hidden, split.classes], cfg.sparsity, weight_op(g))
+    return _result(model, split, _fit(model, split, cfg.epochs, cfg.lr if lr is None else lr, cfg.batch, g))
 
 
 def straight_through(w: Tensor, k: int) -> Tensor:
@@ -140,66 +169,76 @@ def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None) -> Setting
     sizes = [split.features, *cfg.hidden, split.classes]
     largest = max(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
     ops, notes = mask_operators(only, shape=(1, largest), kinds=("mask", "magnitude"))
-    dense_models: dict[int, tuple[PrunedMLP, list[float]]] = {}
+    dense_models: dict[tuple[float, int], tuple[PrunedMLP, list[float]]] = {}
 
-    def dense(seed: int) -> tuple[PrunedMLP, list[float]]:
-        if seed not in dense_models:
+    def dense(lr: float, seed: int) -> tuple[PrunedMLP, list[float]]:
+        # Trained once per (lr, seed) and shared by the dense and one-shot rows (best dense epoch).
+        if (lr, seed) not in dense_models:
             g = seed_everything(seed)
             model = PrunedMLP(sizes, cfg.sparsity, None)
-            dense_models[seed] = (model, _fit(model, split, cfg.epochs, cfg.lr, cfg.batch, g))
-        return dense_models[seed]
+            dense_models[(lr, seed)] = (model, _fit(model, split, cfg.epochs, lr, cfg.batch, g, "dense"))
+        return dense_models[(lr, seed)]
 
-    def run_dense(temperature: float | None, seed: int) -> RunResult:
+    def run_dense(lr: float | None, seed: int) -> RunResult:
         def go() -> RunResult:
-            model, losses = dense(seed)
+            model, losses = dense(float(lr), seed)
             acc = _accuracy(model, split.x_test, split.y_test, "dense")
             val = _accuracy(model, split.x_val, split.y_val, "dense")
             return RunResult({"accuracy (hard)": acc, "mismatch": 0.0}, {"accuracy (hard)": val}, losses)
 
         return timed(go)
 
-    def run_oneshot(temperature: float | None, seed: int) -> RunResult:
-        return timed(lambda: _result(dense(seed)[0], split, dense(seed)[1], soft=False))
+    def run_oneshot(lr: float | None, seed: int) -> RunResult:
+        return timed(lambda: _result(dense(float(lr), seed)[0], split, dense(float(lr), seed)[1], soft=False))
 
-    def run_finetune(temperature: float | None, seed: int) -> RunResult:
+    def run_finetune(lr: float | None, seed: int) -> RunResult:
         def go() -> RunResult:
-            base, losses = dense(seed)
+            base, losses = dense(float(lr), seed)
             model = PrunedMLP(sizes, cfg.sparsity, None)
             model.load_state_dict(base.state_dict())
             model.mode = "hard"
             g = seed_everything(1000 + seed)
-            opt_losses = _fit_hard(model, split, cfg, g)
+            opt_losses = _fit_hard(model, split, cfg, g, float(lr))
             model.mode = "op"
             return _result(model, split, losses + opt_losses, soft=False)
 
         return timed(go)
 
-    def run_ste(temperature: float | None, seed: int) -> RunResult:
-        return timed(lambda: train_pruned(split, cfg, straight_through, seed))
+    def run_ste(lr: float | None, seed: int) -> RunResult:
+        return timed(lambda: train_pruned(split, cfg, lambda g: straight_through, seed, lr=float(lr)))
 
     def run_op(op: Operator):  # noqa: ANN202
         def run(temperature: float | None, seed: int) -> RunResult:
             t = float(temperature)
-            if op.kind == "magnitude":
 
-                def weight_op(w: Tensor, k: int) -> Tensor:
-                    return op(w, k, dim=-1, temperature=t)
-            else:
+            def make(g: torch.Generator) -> WeightOp:
+                if op.kind == "magnitude":
+                    return lambda w, k: op(w, k, -1, temperature=t, generator=g)
 
                 def weight_op(w: Tensor, k: int) -> Tensor:
                     scale = w.detach().pow(2).mean().sqrt().clamp_min(1e-12)
-                    return w * op(w.abs() / scale, k, dim=-1, temperature=t)
+                    return w * op(w.abs() / scale, k, -1, temperature=t, generator=g)
 
-            return timed(lambda: train_pruned(split, cfg, weight_op, seed))
+                return weight_op
+
+            return timed(lambda: train_pruned(split, cfg, make, seed))
 
         return run
 
     pct = f"{cfg.sparsity:.0%}"
+    lrs = lr_grid(cfg.lr, len(grid))
     methods = [
-        Method("dense (no pruning)", "baseline", run_dense, note="reference: 0% sparsity"),
-        Method("one-shot magnitude", "baseline", run_oneshot, note="dense training, then hard top-k"),
-        Method(f"one-shot + {cfg.finetune_epochs} ep fine-tune", "baseline", run_finetune),
-        Method("hard top-k, straight-through", "baseline", run_ste),
+        Method("dense (no pruning)", "baseline", run_dense, lrs, note="reference: 0% sparsity", knob="lr"),
+        Method(
+            "one-shot magnitude",
+            "baseline",
+            run_oneshot,
+            lrs,
+            note="dense training, then hard top-k",
+            knob="lr",
+        ),
+        Method(f"one-shot + {cfg.finetune_epochs} ep fine-tune", "baseline", run_finetune, lrs, knob="lr"),
+        Method("hard top-k, straight-through", "baseline", run_ste, lrs, knob="lr"),
     ]
     methods += [
         Method(
@@ -227,7 +266,7 @@ def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None) -> Setting
     )
 
 
-def _fit_hard(model: PrunedMLP, split: Split, cfg: Config, g: torch.Generator) -> list[float]:
+def _fit_hard(model: PrunedMLP, split: Split, cfg: Config, g: torch.Generator, lr: float) -> list[float]:
     """Fine-tunes the surviving weights of a hard-projected model (the mask is fixed)."""
     masks = [(model.effective(i) != 0).float().detach() for i in range(len(model.layers))]
     model.mode = "dense"
@@ -239,7 +278,7 @@ def _fit_hard(model: PrunedMLP, split: Split, cfg: Config, g: torch.Generator) -
         for layer, m in zip(model.layers, masks, strict=True)
     ]
     try:
-        return _fit(model, split, cfg.finetune_epochs, cfg.lr, cfg.batch, g)
+        return _fit(model, split, cfg.finetune_epochs, lr, cfg.batch, g, "dense")
     finally:
         for h in hooks:
             h.remove()

@@ -9,11 +9,13 @@ embeddings of size d plus an item bias) scores the candidates.
 
 Loss, DFTopK's recipe (Zhu et al. 2025) applied to every operator: binary
 cross-entropy between the operator's soft top-K membership m_K(scores) and the 0/1
-ground-truth top-K membership. Baselines: pointwise BCE on the scores as logits,
-ListNet on the ratings, and popularity (no training). Metrics on held-out users'
+ground-truth top-K membership. Baselines: pointwise BCE on the scores as logits and
+ListNet on the ratings (each with a learning-rate grid), the same BCE recipe through the
+straight-through hard top-k, and popularity (no training). Metrics on held-out users'
 evaluation lists: Recall@K@M (the share of the true top-K found among the M
-highest-scored candidates; the temperature is chosen on it with a validation set of
-users), NDCG@K with graded ratings.
+highest-scored candidates; configurations are chosen on it with a validation set of
+users, and every run keeps its epoch with the best validation Recall@K@M), NDCG@K with
+graded ratings.
 """
 
 from __future__ import annotations
@@ -28,8 +30,18 @@ from torch import Tensor, nn
 from ..data import load
 from ..metrics import ndcg_at_k, recall_at_k_at_m
 from ..registry import Operator
-from ._baselines import listnet, pointwise_bce
-from ._runner import Method, RunResult, Setting, mask_operators, seed_everything, temperature_grid, timed
+from ._baselines import STRAIGHT_THROUGH, listnet, pointwise_bce
+from ._common import BestCheckpoint
+from ._runner import (
+    Method,
+    RunResult,
+    Setting,
+    lr_grid,
+    mask_operators,
+    seed_everything,
+    temperature_grid,
+    timed,
+)
 
 NAME = "recsys"
 TITLE = "(e) Top-k selection for recommendation"
@@ -160,35 +172,40 @@ def _metrics(scores: Tensor, lists: Lists, cfg: Config) -> dict[str, float]:
     }
 
 
-def train_recsys(data: Data, cfg: Config, loss_fn, seed: int) -> RunResult:  # noqa: ANN001
-    """Trains the two-tower model with ``loss_fn(scores, lists_batch)``."""
+def train_recsys(data: Data, cfg: Config, loss_fn, seed: int, lr: float | None = None) -> RunResult:  # noqa: ANN001
+    """Trains the two-tower model with ``loss_fn(scores, lists_batch, generator)``; best validation epoch."""
     g = seed_everything(seed)
     model = TwoTower(data.users, data.items, cfg.dim)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr if lr is None else lr)
     tr = data.train
+    select = f"Recall@{cfg.k}@{cfg.m}"
+    best = BestCheckpoint(model)
     losses = []
-    for _ in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
         total, count = 0.0, 0
         for idx in torch.randperm(len(tr.user), generator=g).split(cfg.batch):
             batch = Lists(tr.user[idx], tr.items[idx], tr.relevance[idx], tr.target[idx])
-            loss = loss_fn(model(batch.user, batch.items), batch)
+            loss = loss_fn(model(batch.user, batch.items), batch, g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
             count += len(idx)
         losses.append(total / count)
+        with torch.no_grad():
+            best.update(_metrics(model(data.val.user, data.val.items), data.val, cfg)[select], epoch)
+    best.restore()
     with torch.no_grad():
         val = _metrics(model(data.val.user, data.val.items), data.val, cfg)
         test = _metrics(model(data.test.user, data.test.items), data.test, cfg)
-    return RunResult(test=test, val=val, losses=losses)
+    return RunResult(test=test, val=val, losses=losses, extra={"best_epoch": best.step + 1})
 
 
 def dftopk_recipe(op: Operator, k: int, temperature: float):  # noqa: ANN201
     """BCE between the operator's soft top-k membership and the 0/1 ground truth (DFTopK's loss)."""
 
-    def loss(scores: Tensor, batch: Lists) -> Tensor:
-        m = op(scores, k, dim=-1, temperature=temperature).clamp(1e-6, 1 - 1e-6)
+    def loss(scores: Tensor, batch: Lists, generator: torch.Generator) -> Tensor:
+        m = op(scores, k, -1, temperature=temperature, generator=generator).clamp(1e-6, 1 - 1e-6)
         return F.binary_cross_entropy(m, batch.target)
 
     return loss
@@ -207,7 +224,7 @@ def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None) -> Setting
         return timed(go)
 
     def baseline(loss_fn):  # noqa: ANN001, ANN202
-        return lambda temperature, seed: timed(lambda: train_recsys(data, cfg, loss_fn, seed))
+        return lambda lr, seed: timed(lambda: train_recsys(data, cfg, loss_fn, seed, lr=float(lr)))
 
     def run_op(op: Operator):  # noqa: ANN202
         def run(temperature: float | None, seed: int) -> RunResult:
@@ -215,10 +232,17 @@ def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None) -> Setting
 
         return run
 
+    lrs = lr_grid(cfg.lr, len(grid))
+    st = STRAIGHT_THROUGH
     methods = [
-        Method("popularity", "baseline", run_popularity, note="no training"),
-        Method("pointwise BCE", "baseline", baseline(lambda s, b: pointwise_bce(s, b.target))),
-        Method("ListNet (ratings)", "baseline", baseline(lambda s, b: listnet(s, b.relevance))),
+        Method("popularity", "baseline", run_popularity, note="no training", untrained=True),
+        Method(
+            "pointwise BCE", "baseline", baseline(lambda s, b, g: pointwise_bce(s, b.target)), lrs, knob="lr"
+        ),
+        Method(
+            "ListNet (ratings)", "baseline", baseline(lambda s, b, g: listnet(s, b.relevance)), lrs, knob="lr"
+        ),
+        Method(f"BCE(mask) [{st.name}]", "baseline", run_op(st), temperature_grid(st, grid), note=st.paper),
     ]
     methods += [
         Method(f"BCE(mask) [{op.name}]", "operator", run_op(op), temperature_grid(op, grid), note=op.paper)

@@ -51,13 +51,20 @@ def verdict(result: SettingResult) -> str:
 
 
 def markdown_table(result: SettingResult) -> str:
+    """The setting as a Markdown table: test metrics, the configuration chosen and the grid's scores."""
     s = result.setting
-    head = ["method", *s.metrics, "temperature", "grid (validation " + s.select + ")", "s / run (cpu)"]
+    head = [
+        "method",
+        *s.metrics,
+        "chosen on validation",
+        "grid (validation " + s.select + ")",
+        "s / run (cpu)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result.rows:
         cells = [r.method]
         cells += [_fmt(r.mean.get(m, math.nan), r.std.get(m, math.nan), result.seeds) for m in s.metrics]
-        cells.append("—" if r.temperature is None else f"{r.temperature:g}")
+        cells.append("— (nothing to tune)" if r.temperature is None else f"{r.knob} {r.temperature:g}")
         cells.append(", ".join(f"{t}: {v:.3f}" for t, v in r.grid.items()) or "—")
         cells.append(f"{r.seconds:.1f} ({r.cpu_seconds:.1f})")
         lines.append("| " + " | ".join(cells) + " |")
