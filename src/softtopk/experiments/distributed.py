@@ -33,6 +33,9 @@ from ._common import Split, mlp, pretty
 from ._runner import Method, RunResult, Setting, SettingResult
 
 NAME = "distributed"
+#: Every scheme runs one fixed configuration (plain SGD, lr 0.1): the comparison is of
+#: compressors at equal training settings, so ``--grid`` does not apply here.
+FIXED_CONFIGURATION = True
 TITLE = "(h) Compressed data-parallel training"
 
 
