@@ -98,7 +98,7 @@ def test_operator_selection_follows_the_registry(monkeypatch):
 
 
 def test_registry_order_of_experiments():
-    assert list(EXPERIMENTS) == ["classification", "knn", "moe", "pruning", "recsys"]
+    assert list(EXPERIMENTS) == ["classification", "knn", "moe", "pruning", "recsys", "sae", "sampling"]
 
 
 def run_toy(module, only=("sparse",), grid=(1.0,), seeds=1):

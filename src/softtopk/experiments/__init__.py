@@ -9,7 +9,9 @@ operator registered later appears in every experiment without code changes:
 * :mod:`.moe`: (c) sparse mixture-of-experts router against hard top-2 and dense softmax;
 * :mod:`.pruning`: (d) magnitude pruning at 90-99 % sparsity against one-shot pruning;
 * :mod:`.recsys`: (e) top-k selection on MovieLens with DFTopK's recipe against pointwise
-  BCE and ListNet.
+  BCE and ListNet;
+* :mod:`.sae`: (f) top-k sparse autoencoders (TopK, BatchTopK, soft masks) on MLP activations;
+* :mod:`.sampling`: (g) inclusion probabilities of k-subset samplers against the soft mask.
 
 The shared protocol (temperature grid on validation, then seeds) is in :mod:`._runner`,
 the report in :mod:`.report`.
@@ -17,11 +19,13 @@ the report in :mod:`.report`.
 
 from types import ModuleType
 
-from . import classification, knn, moe, pruning, recsys
+from . import classification, knn, moe, pruning, recsys, sae, sampling
 from ._runner import Method, Row, RunResult, Setting, SettingResult, mask_operators, run_setting
 
 #: name -> module, in the order of the report.
-EXPERIMENTS: dict[str, ModuleType] = {m.NAME: m for m in (classification, knn, moe, pruning, recsys)}
+EXPERIMENTS: dict[str, ModuleType] = {
+    m.NAME: m for m in (classification, knn, moe, pruning, recsys, sae, sampling)
+}
 
 __all__ = [
     "EXPERIMENTS",
