@@ -7,7 +7,7 @@ the AuxK loss), BatchTopK (Bussmann et al. 2024, inference by the JumpReLU thres
 estimated in training) and the same two selections with a soft top-k mask of the
 registry. Metrics on the test split, every SAE in eval() (BatchTopK with its threshold):
 explained variance 1 - FVU; L0 (mean active latents per sample); dead latents (% that
-never fire on the test split); L0 gap = |test L0 / train L0 - 1| in %, which says
+never fire on the test split); L0 gap = abs(test L0 / train L0 - 1) in %, which says
 whether the exported threshold reproduces the training sparsity; the MLP's accuracy
 with the hidden layer replaced by its reconstruction (spliced accuracy).
 """

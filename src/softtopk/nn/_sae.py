@@ -165,7 +165,7 @@ def auxk_loss(residual: Tensor, pre: Tensor, dead: Tensor, dictionary: Tensor, k
 
     .. math::
 
-        \hat e = \operatorname{TopK}_{k_\text{aux}}(\text{pre}|_\text{dead})\, D,\qquad
+        \hat e = \operatorname{TopK}_{k_\text{aux}}(\text{pre restricted to dead latents})\, D,\qquad
         L_\text{aux} = \frac{\sum_b \lVert e_b - \hat e_b \rVert^2}{\sum_b \lVert e_b \rVert^2}
 
     with e = x - x_hat (given, without gradient) and D the decoder's unit-norm rows. 0
@@ -198,7 +198,7 @@ def auxk_loss(residual: Tensor, pre: Tensor, dead: Tensor, dictionary: Tensor, k
 
 
 def fraction_of_variance_unexplained(x: Tensor, recon: Tensor) -> Tensor:
-    r"""Reconstruction error of an autoencoder: FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2.
+    r"""Reconstruction error of an autoencoder: the fraction of variance unexplained (FVU).
 
     .. math::
 

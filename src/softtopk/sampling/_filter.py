@@ -96,11 +96,18 @@ def _top_k_threshold(x: Tensor, top_k: int | Tensor) -> tuple[Tensor, Tensor, Te
     return vals.gather(-1, (kvec - 1).unsqueeze(-1)).squeeze(-1), vals, kvec
 
 
-def _nucleus_of_candidates(vals: Tensor, lse: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Top-p threshold from sorted candidates (B, K): the first value whose cumulative mass reaches target."""
-    cum = torch.cumsum(_units(vals, lse), dim=-1)
+def _nucleus_of_candidates(vals: Tensor, lse: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-p threshold from sorted candidates (B, K): the first value whose cumulative mass reaches target.
+
+    Also returns, per row, a lower bound on the candidates needed: K plus the missing mass
+    over the K-th candidate's mass (every further entry has at most that mass).
+    """
+    q = _units(vals, lse)
+    cum = torch.cumsum(q, dim=-1)
     first, found = _first_reaching(cum, target)
-    return vals.gather(-1, first.unsqueeze(-1)).squeeze(-1), found
+    missing = (target - cum[:, -1].double()).clamp_min(0.0)
+    need = vals.shape[-1] + missing / q[:, -1].clamp_min(1).double()
+    return vals.gather(-1, first.unsqueeze(-1)).squeeze(-1), found, need
 
 
 def _top_p_threshold(
@@ -129,18 +136,22 @@ def _top_p_threshold(
     target = top_p * scale
     active = top_p < 1.0
     if is_tracing():
-        v, found = _nucleus_of_candidates(torch.topk(x, n, dim=-1).values, lse, target)
+        v, found, _ = _nucleus_of_candidates(torch.sort(x, dim=-1, descending=True).values, lse, target)
         return torch.where(active & found, v, off)
     result = off.clone()
     rows = torch.nonzero(active).squeeze(-1)
     K = min(n, FIRST_CANDIDATES)
     while rows.numel() > 0:
         xr = x if rows.numel() == B else x[rows]  # (advanced indexing: index_select is slow on CPU)
-        v, found = _nucleus_of_candidates(torch.topk(xr, K, dim=-1).values, lse[rows], target[rows])
+        # The largest K values, in order; past half the row a sort is cheaper than a selection.
+        cand = torch.topk(xr, K, dim=-1).values if K < n else torch.sort(xr, dim=-1, descending=True).values
+        v, found, need = _nucleus_of_candidates(cand, lse[rows], target[rows])
         done = found if K < n else torch.ones_like(found)
         result[rows[done]] = torch.where(found[done], v[done], -math.inf)
-        rows = rows[~done]
-        K = min(n, K * GROWTH)
+        rows, need = rows[~done], need[~done]
+        if rows.numel() > 0:
+            K = max(K * GROWTH, math.ceil(2.0 * float(need.max())))
+            K = n if K > n // 2 else K
     return result
 
 
@@ -179,9 +190,10 @@ def filter_logits(
     difference of logits).
 
     How: min-p is one comparison; top-k is ``torch.topk``; top-p's threshold is found
-    among the 1024 largest logits of each row and, for a row whose nucleus is larger,
-    among 8 times as many, and so on (a full ``torch.topk`` only for rows whose nucleus
-    is most of the vocabulary). The output is one masked fill.
+    among the 1024 largest logits of each row and, for the rows whose nucleus is larger,
+    among at least 8 times as many (more where the missing mass says so), and so on; a
+    row whose nucleus needs more than half the vocabulary is sorted, so the worst case
+    costs about what the sort-based filter costs. The output is one masked fill.
 
     Args:
         logits: (..., V) scores, any floating dtype (computed in float32, float64 kept).
