@@ -5,7 +5,7 @@
 tensor([1., 0., 1.])
 """
 
-from . import isotonic, losses, metrics, nn, registry
+from . import isotonic, losses, metrics, nn, registry, sampling
 from .isotonic import isotonic_regression, permutahedron_projection, soft_rank, soft_sort
 from .ops import (
     permutation_topk_mask,
@@ -32,6 +32,7 @@ __all__ = [
     "permutation_topk_mask",
     "registry",
     "relaxed_subset",
+    "sampling",
     "soft_rank",
     "soft_sinkhorn_mask",
     "soft_sort",

@@ -115,6 +115,8 @@ def test_registry_order_of_experiments():
         "imbalanced",
         "listops",
         "distributed",
+        "sae",
+        "sampling",
     ]
 
 

@@ -15,7 +15,9 @@ operator registered later appears in every experiment without code changes:
 * :mod:`.listops`: (g) BT-Cell's relaxed beam top-k on generated ListOps, with length and
   argument out-of-distribution splits, against a hard beam and a left-to-right cell;
 * :mod:`.distributed`: (h) top-k gradient compression with error feedback, PowerSGD and
-  DiLoCo in gloo processes: final loss against bytes on the wire.
+  DiLoCo in gloo processes: final loss against bytes on the wire;
+* :mod:`.sae`: (i) top-k sparse autoencoders (TopK, BatchTopK, soft masks) on MLP activations;
+* :mod:`.sampling`: (j) inclusion probabilities of k-subset samplers against the soft mask.
 
 The shared protocol (the same number of configurations for every method, chosen on
 validation, then seeds) is in :mod:`._runner`, the report in :mod:`.report`, the
@@ -24,7 +26,7 @@ paper-claims table in :mod:`.claims`.
 
 from types import ModuleType
 
-from . import classification, distributed, imbalanced, knn, listops, moe, pruning, recsys
+from . import classification, distributed, imbalanced, knn, listops, moe, pruning, recsys, sae, sampling
 from ._runner import (
     PROTOCOL,
     Method,
@@ -40,7 +42,8 @@ from ._runner import (
 
 #: name -> module, in the order of the report.
 EXPERIMENTS: dict[str, ModuleType] = {
-    m.NAME: m for m in (classification, knn, moe, pruning, recsys, imbalanced, listops, distributed)
+    m.NAME: m
+    for m in (classification, knn, moe, pruning, recsys, imbalanced, listops, distributed, sae, sampling)
 }
 
 __all__ = [

@@ -9,6 +9,7 @@ from ._depth import DepthRouter
 from ._knn import SoftKNN
 from ._pruning import MagnitudePruner, MagnitudePruning, polynomial_sparsity
 from ._router import TopKRouter
+from ._sae import TopKSAE
 from ._topk import TopKMag, TopKMask
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "TopKMag",
     "TopKMask",
     "TopKRouter",
+    "TopKSAE",
     "functional",
     "polynomial_sparsity",
 ]
