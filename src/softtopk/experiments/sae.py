@@ -1,4 +1,4 @@
-"""(f) Top-k sparse autoencoders on the hidden activations of a Fashion-MNIST MLP.
+"""(i) Top-k sparse autoencoders on the hidden activations of a Fashion-MNIST MLP.
 
 An MLP (784-256-256-10) is trained once on Fashion-MNIST; its first hidden layer (256
 ReLU units) is the activation the SAEs learn to reconstruct, with m = 4 x 256 latents.
@@ -23,7 +23,16 @@ from torch import Tensor
 from ..data import load
 from ..nn import TopKSAE
 from ._common import Split, batches, mlp, pretty
-from ._runner import Method, RunResult, Setting, mask_operators, seed_everything, temperature_grid, timed
+from ._runner import (
+    Method,
+    RunResult,
+    Setting,
+    lr_grid,
+    mask_operators,
+    seed_everything,
+    temperature_grid,
+    timed,
+)
 
 NAME = "sae"
 TITLE = "(i) Top-k sparse autoencoders"
@@ -124,6 +133,7 @@ def train_sae(
     temperature: float | None,
     aux: bool,
     seed: int,
+    lr: float | None = None,
 ) -> RunResult:
     g = seed_everything(seed)
     h = acts.train
@@ -139,7 +149,7 @@ def train_sae(
         dead_after=cfg.dead_after,
     )
     sae.init_pre_bias(h)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr if lr is None else lr)
     steps = cfg.epochs * -(-len(h) // cfg.batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, 5.0 * (1.0 - s / steps)))
     losses = []
@@ -176,25 +186,44 @@ def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None, acts=None)
     m = cfg.expansion * cfg.hidden
     ops, notes = mask_operators(only, shape=(1, cfg.batch * m))
 
-    def run(activation: str, method: object, aux: bool = True):  # noqa: ANN202
-        def go(temperature: float | None, seed: int) -> RunResult:
-            t = None if temperature is None else float(temperature)
+    def run(activation: str, method: object, aux: bool = True, knob: str = "temperature"):  # noqa: ANN202
+        def go(value: float | None, seed: int) -> RunResult:
+            v = None if value is None else float(value)
+            t, lr = (v, None) if knob == "temperature" else (None, v)
             return timed(
                 lambda: train_sae(
-                    acts, cfg, activation=activation, method=method, temperature=t, aux=aux, seed=seed
+                    acts, cfg, activation=activation, method=method, temperature=t, aux=aux, seed=seed, lr=lr
                 )
             )
 
         return go
 
+    # The hard baselines have no temperature: they get a learning-rate grid of the same size.
+    lrs = lr_grid(cfg.lr, len(grid))
     methods = [
-        Method("TopK", "baseline", run("topk", "hard"), note="Gao et al. 2024, AuxK 1/32"),
-        Method("TopK, no AuxK", "baseline", run("topk", "hard", aux=False), note="ablation"),
+        Method(
+            "TopK",
+            "baseline",
+            run("topk", "hard", knob="lr"),
+            lrs,
+            note="Gao et al. 2024, AuxK 1/32",
+            knob="lr",
+        ),
+        Method(
+            "TopK, no AuxK",
+            "baseline",
+            run("topk", "hard", aux=False, knob="lr"),
+            lrs,
+            note="ablation",
+            knob="lr",
+        ),
         Method(
             "BatchTopK",
             "baseline",
-            run("batch_topk", "hard"),
+            run("batch_topk", "hard", knob="lr"),
+            lrs,
             note="Bussmann et al. 2024, JumpReLU inference",
+            knob="lr",
         ),
     ]
     for op in ops:

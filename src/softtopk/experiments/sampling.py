@@ -1,4 +1,4 @@
-"""(g) Sampling k items with the marginals of a soft top-k mask: systematic sampling vs Gumbel top-k.
+"""(j) Sampling k items with the marginals of a soft top-k mask: systematic sampling vs Gumbel top-k.
 
 A model trained with a soft top-k mask y = mask_k(x) (0 <= y <= 1, sum y = k) is deployed
 by drawing k items. :func:`softtopk.sampling.sample_k` draws exactly k distinct items
@@ -32,6 +32,8 @@ from ._common import Split, batches, mlp, pretty
 from ._runner import Method, RunResult, Setting, seed_everything, timed
 
 NAME = "sampling"
+#: Nothing is trained here (the masks come from one fixed model): ``--grid`` does not apply.
+FIXED_CONFIGURATION = True
 TITLE = "(j) Sampling with the marginals of a soft mask"
 MASKS = ("sparse", "entropic", "lapsum")
 
