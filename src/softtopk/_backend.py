@@ -101,3 +101,13 @@ def numba_threads() -> Iterator[None]:
 def chunks() -> int:
     """How many runs of rows a parallel kernel splits a batch into (8 per thread)."""
     return 8 * max(1, torch.get_num_threads())
+
+
+#: Batches with fewer entries than this run on the calling thread: waking worker threads
+#: costs more than the work.
+SERIAL_ELEMENTS = 1 << 15
+
+
+def serial(numel: int) -> bool:
+    """Whether a CPU kernel over ``numel`` entries runs on the calling thread."""
+    return numel < SERIAL_ELEMENTS or torch.get_num_threads() == 1

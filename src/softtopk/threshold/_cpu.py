@@ -439,6 +439,22 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q):  # pragma: no cover - compiled
     return tau
 
 
+@_jit
+def _forward_rows(x, k, t, code, p, y, tau, start, stop):  # pragma: no cover - compiled
+    """Rows start..stop-1 of :func:`forward`, with their own scratch."""
+    n = x.shape[1]
+    a = 1.0 / (p - 1.0) if code == POWER else 1.0
+    sv = np.empty(n, dtype=np.float64)
+    si = np.empty(n, dtype=np.int64)
+    P = np.empty(SERIES, dtype=np.float64)
+    Q = np.empty(SERIES, dtype=np.float64)
+    for b in range(start, stop):
+        if code == CLIP or code == POWER:
+            tau[b] = _sparse_row(x[b], k[b], t[b], code, a, y[b], sv, si)
+        else:
+            tau[b] = _dense_row(x[b], k[b], t[b], code, y[b], sv, si, P, Q)
+
+
 @numba.njit(cache=True, parallel=True)
 def forward(x, k, t, code, p, y, tau, chunks):  # pragma: no cover - compiled
     """Writes the mask y (B, n) and the thresholds tau (B,) of rows x (B, n).
@@ -446,49 +462,57 @@ def forward(x, k, t, code, p, y, tau, chunks):  # pragma: no cover - compiled
     The rows are split into ``chunks`` runs that threads take in parallel; each run
     allocates its scratch (two rows' worth) once.
     """
-    B, n = x.shape
-    a = 1.0 / (p - 1.0) if code == POWER else 1.0
+    B = x.shape[0]
     chunks = max(1, min(B, chunks))
     per = (B + chunks - 1) // chunks
     for ch in numba.prange(chunks):
-        sv = np.empty(n, dtype=np.float64)
-        si = np.empty(n, dtype=np.int64)
-        P = np.empty(SERIES, dtype=np.float64)
-        Q = np.empty(SERIES, dtype=np.float64)
-        for b in range(ch * per, min(B, (ch + 1) * per)):
-            if code == CLIP or code == POWER:
-                tau[b] = _sparse_row(x[b], k[b], t[b], code, a, y[b], sv, si)
-            else:
-                tau[b] = _dense_row(x[b], k[b], t[b], code, y[b], sv, si, P, Q)
+        _forward_rows(x, k, t, code, p, y, tau, ch * per, min(B, (ch + 1) * per))
+
+
+@_jit
+def forward_serial(x, k, t, code, p, y, tau):  # pragma: no cover - compiled
+    """:func:`forward` on the calling thread (small batches: no thread wake-up)."""
+    _forward_rows(x, k, t, code, p, y, tau, 0, x.shape[0])
+
+
+@_jit
+def _backward_row(y, tb, tt, v, code, a, p, grad_x):  # pragma: no cover - compiled
+    """One row of :func:`backward`; returns grad_k."""
+    n = y.shape[0]
+    if tb != tb:
+        for i in range(n):
+            grad_x[i] = math.nan
+        return math.nan
+    if tb == math.inf or tb == -math.inf:
+        for i in range(n):
+            grad_x[i] = 0.0
+        return 0.0
+    sh = 0.0
+    shv = 0.0
+    for i in range(n):
+        h = _slope_of_value(y[i], code, a, p)
+        if h != 0.0:
+            sh += h
+            shv += h * v[i]
+    c = shv / sh if sh > 0.0 else 0.0
+    scale = 1.0 / tt
+    for i in range(n):
+        h = _slope_of_value(y[i], code, a, p)
+        grad_x[i] = h * scale * (v[i] - c) if h != 0.0 else 0.0
+    return c
 
 
 @numba.njit(cache=True, parallel=True)
 def backward(y, tau, t, v, code, p, grad_x, grad_k):  # pragma: no cover - compiled
     """grad_x = h/t (v - c) and grad_k = c, c = <h, v>/sum h, with h = G'(G^{-1}(y))."""
-    B, n = y.shape
     a = 1.0 / (p - 1.0) if code == POWER else 1.0
-    for b in numba.prange(B):
-        tb = tau[b]
-        if tb != tb:
-            for i in range(n):
-                grad_x[b, i] = math.nan
-            grad_k[b] = math.nan
-            continue
-        if tb == math.inf or tb == -math.inf:
-            for i in range(n):
-                grad_x[b, i] = 0.0
-            grad_k[b] = 0.0
-            continue
-        sh = 0.0
-        shv = 0.0
-        for i in range(n):
-            h = _slope_of_value(y[b, i], code, a, p)
-            if h != 0.0:
-                sh += h
-                shv += h * v[b, i]
-        c = shv / sh if sh > 0.0 else 0.0
-        scale = 1.0 / t[b]
-        for i in range(n):
-            h = _slope_of_value(y[b, i], code, a, p)
-            grad_x[b, i] = h * scale * (v[b, i] - c) if h != 0.0 else 0.0
-        grad_k[b] = c
+    for b in numba.prange(y.shape[0]):
+        grad_k[b] = _backward_row(y[b], tau[b], t[b], v[b], code, a, p, grad_x[b])
+
+
+@_jit
+def backward_serial(y, tau, t, v, code, p, grad_x, grad_k):  # pragma: no cover - compiled
+    """:func:`backward` on the calling thread."""
+    a = 1.0 / (p - 1.0) if code == POWER else 1.0
+    for b in range(y.shape[0]):
+        grad_k[b] = _backward_row(y[b], tau[b], t[b], v[b], code, a, p, grad_x[b])

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import is_tracing
-from . import _ops  # noqa: F401  (registers torch.ops.softtopk.threshold_*)
+from .._checks import has_values, is_tracing
+from . import _ops
 from ._links import Link
 from ._ops import reference_backward
 from ._reference import SOLVERS
@@ -50,6 +50,8 @@ class CompiledThresholdMask(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, k: Tensor, t: Tensor, link: Link, solver: str) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        if has_values(x):  # eager: the op's implementation without its dispatch cost
+            return _ops.forward_impl(x, k, t, link.code, link.p, SOLVERS[solver])
         return torch.ops.softtopk.threshold_fwd(x, k, t, link.code, link.p, SOLVERS[solver])
 
     @staticmethod
@@ -67,8 +69,10 @@ class CompiledThresholdMask(torch.autograd.Function):
         link = ctx.link
         if torch.is_grad_enabled() or is_tracing():
             grad_x, grad_k = reference_backward(y, tau, t, grad_y.to(y.dtype), link)
-        else:
+        elif not has_values(y):
             grad_x, grad_k = torch.ops.softtopk.threshold_bwd(y, tau, t, grad_y, link.code, link.p)
+        else:
+            grad_x, grad_k = _ops.backward_impl(y, tau, t, grad_y, link.code, link.p)
         grad_k = grad_k.to(torch.float64) if ctx.needs_input_grad[1] else None
         return grad_x, grad_k, None, None, None
 
@@ -90,6 +94,27 @@ class ThresholdMask(CompiledThresholdMask):
         return g * (u - dtau.unsqueeze(-1)), None
 
 
+class EagerThresholdMask(torch.autograd.Function):
+    """:class:`ThresholdMask` in the classic form, for eager calls outside torch.func.
+
+    ``Function.apply`` binds the arguments of a function with ``setup_context`` through
+    ``inspect.signature`` on every call, which costs more than solving a short row; the
+    classic form skips that. Same forward, backward and forward mode.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, k: Tensor, t: Tensor, link: Link, solver: str) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        y, tau = _ops.forward_impl(x, k, t, link.code, link.p, SOLVERS[solver])
+        ctx.mark_non_differentiable(tau)
+        ctx.save_for_backward(y, tau, t)
+        ctx.save_for_forward(y, tau, t)
+        ctx.link = link
+        return y, tau
+
+    backward = staticmethod(CompiledThresholdMask.backward)
+    jvp = staticmethod(ThresholdMask.jvp)
+
+
 def threshold_mask(x: Tensor, k: Tensor, t: Tensor | float, link: Link, solver: str = "auto") -> Tensor:
     """The threshold family on validated rows ``x`` (B, n) with budgets ``k`` (B,).
 
@@ -99,5 +124,10 @@ def threshold_mask(x: Tensor, k: Tensor, t: Tensor | float, link: Link, solver: 
     tt = t.detach().to(device=x.device, dtype=torch.float64) if isinstance(t, Tensor) else None
     if tt is None:
         tt = torch.full((B,), float(t), dtype=torch.float64, device=x.device)
-    fn = CompiledThresholdMask if torch.compiler.is_compiling() else ThresholdMask
+    if torch.compiler.is_compiling():
+        fn = CompiledThresholdMask
+    elif is_tracing() or not has_values(x):
+        fn = ThresholdMask
+    else:
+        fn = EagerThresholdMask
     return fn.apply(x, k.to(torch.float64), tt, link, solver)[0]

@@ -42,8 +42,8 @@ def _flat_vmap(info, in_dims, tensors):  # noqa: ANN001
     return out
 
 
-@torch.library.custom_op("softtopk::threshold_fwd", mutates_args=())
-def threshold_fwd(x: Tensor, k: Tensor, t: Tensor, link: int, p: float, solver: int) -> tuple[Tensor, Tensor]:
+def forward_impl(x: Tensor, k: Tensor, t: Tensor, link: int, p: float, solver: int) -> tuple[Tensor, Tensor]:
+    """What ``threshold_fwd`` computes on real tensors (eager calls skip the op's dispatch)."""
     B, n = x.shape
     x = x.contiguous()
     if solver != 0 or B == 0 or n == 0:
@@ -55,21 +55,29 @@ def threshold_fwd(x: Tensor, k: Tensor, t: Tensor, link: int, p: float, solver: 
         cpu = _backend.kernels("threshold._cpu")
         y = torch.empty_like(x)
         tau = torch.empty(B, dtype=torch.float64)
-        with _backend.numba_threads():
-            cpu.forward(
-                x.numpy(),
-                k.contiguous().numpy(),
-                t.contiguous().numpy(),
-                link,
-                float(p),
-                y.numpy(),
-                tau.numpy(),
-                _backend.chunks(),
-            )
+        args = (
+            x.numpy(),
+            k.contiguous().numpy(),
+            t.contiguous().numpy(),
+            link,
+            float(p),
+            y.numpy(),
+            tau.numpy(),
+        )
+        if _backend.serial(x.numel()):
+            cpu.forward_serial(*args)
+        else:
+            with _backend.numba_threads():
+                cpu.forward(*args, _backend.chunks())
         return y, tau
     if way == "triton":
         return _backend.kernels("threshold._triton").forward(x, k, t, link, p)
     return reference_forward(x, k, t, link_of_code(link, p), solver)
+
+
+@torch.library.custom_op("softtopk::threshold_fwd", mutates_args=())
+def threshold_fwd(x: Tensor, k: Tensor, t: Tensor, link: int, p: float, solver: int) -> tuple[Tensor, Tensor]:
+    return forward_impl(x, k, t, link, p, solver)
 
 
 @threshold_fwd.register_fake
@@ -102,10 +110,10 @@ def reference_backward(y: Tensor, tau: Tensor, t: Tensor, v: Tensor, link: Link)
     return grad_x, c
 
 
-@torch.library.custom_op("softtopk::threshold_bwd", mutates_args=())
-def threshold_bwd(
+def backward_impl(
     y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: float
 ) -> tuple[Tensor, Tensor]:
+    """What ``threshold_bwd`` computes on real tensors."""
     B, n = y.shape
     if B == 0 or n == 0:
         return torch.zeros_like(y), y.new_zeros((B,), dtype=torch.float64)
@@ -114,22 +122,33 @@ def threshold_bwd(
         cpu = _backend.kernels("threshold._cpu")
         grad_x = torch.empty_like(y)
         grad_k = torch.empty(B, dtype=torch.float64)
-        with _backend.numba_threads():
-            cpu.backward(
-                y.contiguous().numpy(),
-                tau.contiguous().numpy(),
-                t.contiguous().numpy(),
-                grad_y.to(y.dtype).contiguous().numpy(),
-                link,
-                float(p),
-                grad_x.numpy(),
-                grad_k.numpy(),
-            )
+        args = (
+            y.contiguous().numpy(),
+            tau.contiguous().numpy(),
+            t.contiguous().numpy(),
+            grad_y.to(y.dtype).contiguous().numpy(),
+            link,
+            float(p),
+            grad_x.numpy(),
+            grad_k.numpy(),
+        )
+        if _backend.serial(y.numel()):
+            cpu.backward_serial(*args)
+        else:
+            with _backend.numba_threads():
+                cpu.backward(*args)
         return grad_x, grad_k
     if way == "triton":
         return _backend.kernels("threshold._triton").backward(y, tau, t, grad_y, link, p)
     grad_x, grad_k = reference_backward(y, tau, t, grad_y.to(y.dtype), link_of_code(link, p))
     return grad_x, grad_k.to(torch.float64)
+
+
+@torch.library.custom_op("softtopk::threshold_bwd", mutates_args=())
+def threshold_bwd(
+    y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: float
+) -> tuple[Tensor, Tensor]:
+    return backward_impl(y, tau, t, grad_y, link, p)
 
 
 @threshold_bwd.register_fake
