@@ -298,3 +298,11 @@ def test_double_backward_and_forward_mode(monkeypatch, loss, backend):
     jy, jw = torch.autograd.functional.jacobian(fn, (y.detach(), w.detach()))
     expected = torch.einsum("bicj,cj->bi", jy, u) + torch.einsum("bicj,cj->bi", jw, du)
     torch.testing.assert_close(tangent, expected)
+
+
+def test_dykstra_does_not_certify_a_non_monotone_float32_fit():
+    y = torch.tensor([[1, 1.0000002, 1.0000002, 0.9999995, 1.0000002]])
+    v, info = softtopk.isotonic_regression(y, solver="dykstra", return_info=True)
+    assert bool(info.converged.all())
+    assert bool((v[:, 1:] >= v[:, :-1]).all())
+    torch.testing.assert_close(v, softtopk.isotonic_regression(y, solver="pav"))

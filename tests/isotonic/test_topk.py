@@ -137,3 +137,14 @@ def test_float32_any_dim(rng):
     ref = softtopk.topk_mask(x, 5, dim=1, temperature=0.2)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_float32_is_exact_when_abs_x_over_t_is_large():
+    y = softtopk.topk_mask(torch.tensor([[0.3, -0.2, 1.5, 0.7]]), 2.5, temperature=1e-8, solver="pav")
+    torch.testing.assert_close(y, torch.tensor([[0.5, 0.0, 1.0, 1.0]]))
+    x = torch.tensor([[3.0, 1.0, 2.0]]) + 1e6
+    for solver in ("pav", "dykstra"):
+        torch.testing.assert_close(
+            softtopk.topk_mask(x, 1.5, temperature=0.1, solver=solver),
+            softtopk.topk_mask(x, 1.5, temperature=0.1),
+        )

@@ -436,3 +436,28 @@ def test_stochastic_methods_draw_fresh_noise_and_take_a_generator(method):
     c = softtopk.losses.dftopk_cascade_loss(scores, target01, method=method).joint
     torch.manual_seed(2)
     assert c != softtopk.losses.dftopk_cascade_loss(scores, target01, method=method).joint
+
+
+def test_cascade_losses_in_half_precision_and_with_nan_scores():
+    target = softtopk.topk_mask(
+        torch.randn(2, 64, generator=torch.Generator().manual_seed(1)), 4, method="hard"
+    )
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        s = [torch.randn(2, 64, generator=g).half().requires_grad_() for _ in range(2)]
+        for method in ("sparse", "entropic", "dftopk"):
+            for a in s:
+                a.grad = None
+            dftopk_cascade_loss(s, target, method=method).joint.backward()
+            assert all(torch.isfinite(a.grad).all() for a in s)  # float16 gave NaN gradients
+    scores = [torch.randn(2, 8), torch.randn(2, 8)]
+    scores[0][0, 1] = math.nan
+    assert torch.isnan(dftopk_cascade_loss(scores, target[:, :8], method="sparse").joint)  # raised in BCE
+
+
+def test_topk_ce_is_non_negative_with_unbounded_masks():
+    g = torch.Generator().manual_seed(3)
+    logits, target = 5.0 * torch.randn(64, 10, generator=g), torch.randint(0, 10, (64,), generator=g)
+    for method in ("neuralsort", "softsort"):
+        loss = topk_cross_entropy(logits, target, p_k=[0.5, 0.5], method=method, reduction="none")
+        assert (loss >= 0).all()

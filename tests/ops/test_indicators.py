@@ -94,3 +94,12 @@ def test_validation():
         softtopk.topk_indicators(x, 2, backward="autograd")
     with pytest.raises(ValueError, match="method must be one of"):
         softtopk.topk_indicators(x, 2, method="sinkhorn")
+
+
+def test_small_temperature_float32_rows_sum_to_one_and_do_not_depend_on_the_batch():
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    y = softtopk.topk_indicators(x, 3, temperature=1e-8)
+    torch.testing.assert_close(y.sum(-1), torch.ones(3, 3))
+    alone = softtopk.topk_indicators(x[1:2], 3, temperature=1e-8)
+    torch.testing.assert_close(y[1:2], alone, rtol=0, atol=0)
+    torch.testing.assert_close(y.argmax(-1), x.topk(3).indices)

@@ -163,3 +163,10 @@ def test_p43_gradcheck(debias):
     assert torch.autograd.gradcheck(
         lambda a: softtopk.topk_mag(a, 6, temperature=0.5, p=4 / 3, debias=debias), (x,)
     )
+
+
+@pytest.mark.parametrize("p", [2.0, 4.0 / 3.0])
+def test_rows_of_length_one_and_k_zero(p):
+    for x, k, expected in [([[0.5]], 1, [[0.5]]), ([[0.5]], 0, [[0.0]]), ([0.5, -1.0], 0, [0.0, 0.0])]:
+        y = softtopk.topk_mag(torch.tensor(x), k, p=p)  # the first raised an index error
+        torch.testing.assert_close(y, torch.tensor(expected))

@@ -175,3 +175,23 @@ def test_ott_topk_mask_equals_entropic():
             ours = softtopk.topk_mask(torch.from_numpy(x), k, method="entropic", temperature=eps / 2)
             np.testing.assert_allclose(ours.numpy(), np.asarray(theirs), atol=1e-5, rtol=0)
             assert np.abs(ours.numpy() - np.asarray(theirs)).max() < 1e-9
+
+
+def test_huge_finite_scores_stay_finite():
+    x = torch.tensor([[1e20, 0.0, 1.0, -math.inf]])
+    for y in (
+        softtopk.topk_mask(x, 1, method="soft"),
+        softtopk.soft_sinkhorn_mask(x, 1),
+        softtopk.topk_indicators(x[:, :3], 1)[0],
+    ):
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y.sum(-1), torch.ones(1))
+
+
+@pytest.mark.parametrize("k", [0, 5])
+def test_sinkhorn_mask_at_k_zero_and_n_follows_the_row_rules(k):
+    x = torch.randn(1, 5, requires_grad=True)
+    y = softtopk.soft_sinkhorn_mask(x, k)
+    torch.testing.assert_close(y, torch.full((1, 5), float(k > 0)))
+    y.sum().backward()  # raised a singular-matrix error at k = n
+    assert torch.equal(x.grad, torch.zeros(1, 5))

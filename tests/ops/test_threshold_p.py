@@ -96,3 +96,15 @@ def test_bad_input():
         soft_threshold_p_mask(torch.rand(3), 0.5, method="magnitude")
     with pytest.raises(ValueError, match="temperature"):
         soft_threshold_p_mask(torch.rand(3), 0.5, temperature=0.0)
+
+
+def test_budget_is_counted_in_float32_for_half_precision_scores():
+    s = torch.cat([torch.ones(257), torch.zeros(43)]).to(torch.bfloat16)[None]
+    assert soft_threshold_p_mask(s, 0.5, temperature=1e-3).float().sum() == 257  # bf16 counts 256
+    y = soft_threshold_p_mask(torch.ones(1, 1414, dtype=torch.bfloat16), 0.5)  # raised a k-range error
+    assert y.float().sum() == 1414
+
+
+def test_gate_is_zero_for_scores_it_does_not_keep():
+    w = threshold_p_gate(torch.tensor([-math.inf, math.nan, 0.2, 0.7]), 0.5)
+    torch.testing.assert_close(w, torch.tensor([0.0, 0.0, 0.0, 0.7]))

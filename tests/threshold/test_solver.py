@@ -212,3 +212,15 @@ def test_values_hidden_from_the_sample_are_still_found(rng, monkeypatch, backend
     for i in range(6):
         ref = oracles.bisection_mask(x[i], k, t, link, p)
         np.testing.assert_allclose(y[i].numpy(), ref, atol=1e-9)
+
+
+def test_lapsum_sort_route_at_a_tiny_temperature():
+    x = torch.tensor([[0.6, -2.6, 0.48, 2.1]], dtype=torch.float64)
+    y = softtopk.topk_mask(x, 2, method="lapsum", temperature=1e-5, solver="sort")
+    torch.testing.assert_close(y, torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("k", [1e-7, 3e-7, 1e-3])
+def test_a_tiny_budget_is_not_snapped_away(k):
+    y = softtopk.topk_mask(torch.tensor([[1.0, 0.0, -1.0]]), k)
+    torch.testing.assert_close(y.sum(), torch.tensor(k), rtol=1e-5, atol=0)

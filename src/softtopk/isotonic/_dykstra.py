@@ -137,10 +137,13 @@ def dykstra(
 
     Returns:
         (v, bid, aux, converged (B,) bool, iterations (B,) int64: the iteration at which the
-        row was certified, or max_iter).
+        row was certified, or max_iter); v and aux in float64.
     """
     B, n = y.shape
-    wt = torch.ones_like(y) if w is None else w
+    # In float64 whatever the input: the certificate's slack is a few float64 ulps, so a
+    # float32 row whose violations are of float32 size is not certified as ordered.
+    y = y.to(torch.float64)
+    wt = torch.ones_like(y) if w is None else w.to(torch.float64)
     scale = y.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(y.dtype).tiny)
     rel = 64.0 * torch.finfo(y.dtype).eps * max(1.0, math.log2(max(n, 2)))
     x = y.clone()

@@ -64,8 +64,10 @@ def topk_cross_entropy(
 
     Petersen et al. 2022 build mask_K from a differentiable sorting network's relaxed
     permutation; here any mask operator of the registry (or a callable) supplies it, so
-    operators are compared with one string. The mask must lie in [0, 1]; masks that sum
-    to K make q a mixture of distributions, so q_y <= 1.
+    operators are compared with one string. Masks in [0, 1] that sum to K make q a
+    mixture of distributions, so q_y <= 1; for a mask that can exceed 1 (the column sums
+    of a relaxed permutation matrix, such as NeuralSort's) q_y is capped at 1, so the loss
+    is never negative.
 
     Args:
         logits: (..., C) class scores, floating dtype.
@@ -134,6 +136,10 @@ def topk_cross_entropy(
     if top1 == "softmax" and pk[0] > 0:
         q = q + pk[0] * torch.softmax(s, -1)
     q_y = (q.expand_as(s) if q.dim() == 0 else q).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    # Masks that can exceed 1 (the column sums of a relaxed permutation, e.g. NeuralSort)
+    # would make q_y > 1 and the loss unbounded below; q_y is a probability, so it is
+    # capped at 1 (no gradient beyond).
+    q_y = q_y.clamp(max=1.0)
     loss = -torch.log(q_y * (1 - 2 * EPS) + EPS)
     if top1 == "ce":
         loss = sum(pk[1:]) * loss + pk[0] * F.cross_entropy(s, y, reduction="none")

@@ -47,10 +47,18 @@ class CascadeTerms(NamedTuple):
 
 
 def _bce(p: Tensor, y: Tensor) -> Tensor:
-    # torch's BCE clamps log at -100 and its backward at 1e-12: finite where p is exactly
-    # 0 or 1 (sparse masks), and zero gradient there through the mask's Jacobian anyway.
+    """Mean binary cross-entropy exactly as torch's, but NaN (not an error) where p is NaN.
+
+    torch's clamps the logarithm at -100 and its gradient's denominator at 1e-12, so it is
+    finite where p is exactly 0 or 1 (sparse masks), where the mask's Jacobian is zero
+    anyway. torch raises on a NaN input; here a NaN score (so a NaN mask row) makes the
+    loss NaN, as for every other operator of the library.
+    """
     dtype = torch.promote_types(p.dtype, torch.float32)
-    return F.binary_cross_entropy(p.to(dtype).clamp(0.0, 1.0), y.to(dtype))
+    p, y = p.to(dtype), y.to(dtype)
+    nan = torch.isnan(p)
+    terms = F.binary_cross_entropy(torch.where(nan, 0.5, p).clamp(0.0, 1.0), y, reduction="none")
+    return torch.where(nan, math.nan, terms).mean()
 
 
 def _log_bce(p: Tensor, y: Tensor) -> Tensor:
@@ -93,7 +101,10 @@ def _cascade_terms(
             raise ValueError(
                 f"stage_scores[{s}] must have the shape {tuple(first.shape)}, got {tuple(x.shape)}"
             )
-        masks.append(op(x, k, -1, temperature=t, generator=generator))
+        # Masks of half-precision scores are formed in float32: the BCE's gradient near a
+        # mask value of 0 or 1 is far beyond float16's range.
+        xw = x.to(torch.promote_types(x.dtype, torch.float32))
+        masks.append(op(xw, k, -1, temperature=t, generator=generator))
     stages = torch.stack([bce(p, yt) for p in masks])
     joint = bce(math.prod(masks[1:], start=masks[0]), yt)
     return CascadeTerms(stages, joint, tuple(masks))

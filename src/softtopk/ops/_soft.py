@@ -113,18 +113,25 @@ def normalised_cost(x: Tensor, anchors: Tensor, present: Tensor | None = None) -
 
 
 class _SoftSinkhorn(torch.autograd.Function):
+    """SOFT's two-anchor plan by ``max_iter`` Sinkhorn iterations, with the implicit backward.
+
+    Entries equal to -inf are absent sources (weight 0): n counts the others.
+    """
+
     @staticmethod
     def forward(x: Tensor, k: Tensor, epsilon: float, max_iter: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # type: ignore[override]
-        n = x.shape[-1]
         x, k = x.detach().to(torch.float64), k.detach().to(torch.float64)
+        present = x > -math.inf
+        n = present.sum(-1, keepdim=True).to(torch.float64).clamp(min=1.0)
         anchors = x.new_tensor(_ANCHORS)
         # C_max is treated as a constant, as in the reference.
-        cost, c_max = normalised_cost(x, anchors)
+        cost, c_max = normalised_cost(torch.where(present, x, 0.0), anchors, present)
         # The selected entries go to the anchor at 1 (mass k/n), the others to 0: this is
         # the reference's "k smallest" with the roles of the anchors exchanged.
-        nu = torch.stack([(n - k) / n, k / n], -1)
-        log_mu = torch.full_like(x, -math.log(n))
+        nu = torch.cat([(n - k.unsqueeze(-1)) / n, k.unsqueeze(-1) / n], -1)
+        log_mu = torch.where(present, -torch.log(n), -math.inf)
         plan = sinkhorn_plan(cost, log_mu, torch.log(nu), epsilon, max_iter)
+        plan = torch.where(present.unsqueeze(-1), plan, 0.0)
         return n * plan[..., 1], plan, nu, c_max.squeeze(-1)
 
     @staticmethod
@@ -138,14 +145,19 @@ class _SoftSinkhorn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, *unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, plan, nu, c_max = ctx.saved_tensors
-        n = x.shape[-1]
         x = x.to(torch.float64)
+        present = x > -math.inf
+        n = present.sum(-1, keepdim=True).to(torch.float64).clamp(min=1.0)
         grad_plan = torch.stack([torch.zeros_like(plan[..., 0]), n * grad_y.to(torch.float64)], -1)
-        mu = torch.full_like(x, 1.0 / n)
-        grad_cost = sinkhorn_implicit_vjp(plan, mu, nu, grad_plan, ctx.epsilon) / c_max.unsqueeze(-1)
+        mu = torch.where(present, 1.0 / n, 0.0)
+        keep = torch.tensor([True, False], device=x.device).expand(x.shape[0], 2)
+        grad_cost = sinkhorn_implicit_vjp(plan, mu, nu, grad_plan, ctx.epsilon, keep=keep) / c_max.unsqueeze(
+            -1
+        )
         anchors = x.new_tensor(_ANCHORS)
-        grad = (grad_cost * 2.0 * (x.unsqueeze(-1) - anchors)).sum(-1)
-        return grad.to(grad_y.dtype), None, None, None
+        xs = torch.where(present, x, 0.0)
+        grad = (grad_cost * 2.0 * (xs.unsqueeze(-1) - anchors)).sum(-1)
+        return torch.where(present, grad, 0.0).to(grad_y.dtype), None, None, None
 
 
 def soft_sinkhorn_mask(
@@ -270,6 +282,10 @@ class SinkhornResult(NamedTuple):
     error: float
 
 
+#: Sinkhorn iterations at each epsilon of the warm start of :func:`sinkhorn_log`.
+WARM_ITERATIONS = 10
+
+
 def sinkhorn_log(
     cost: Tensor, log_mu: Tensor, log_nu: Tensor, epsilon: float, max_iter: int, tol: float
 ) -> SinkhornResult:
@@ -294,6 +310,15 @@ def sinkhorn_log(
     f = torch.zeros_like(cost[..., :1])
     g = torch.zeros_like(cost[..., :1, :])
     B = cost.shape[0]
+    # Epsilon scaling: at a small epsilon, Sinkhorn started from zero potentials crawls;
+    # a few iterations at each of epsilon = 1, 1/2, 1/4, ... (the costs are at most 1)
+    # warm-start the potentials. The fixed point at the final epsilon is the same.
+    stage = 1.0
+    while stage > 2.0 * epsilon:
+        for _ in range(WARM_ITERATIONS):
+            f = stage * (log_mu - torch.logsumexp((g - cost) / stage, dim=-1, keepdim=True))
+            g = stage * (log_nu - torch.logsumexp((f - cost) / stage, dim=-2, keepdim=True))
+        stage *= 0.5
     # Each row stops on its own test, so its result does not depend on the other rows.
     active = torch.ones(B, 1, 1, dtype=torch.bool, device=cost.device)
     row_error = torch.full((B,), math.inf, dtype=cost.dtype, device=cost.device)

@@ -211,8 +211,15 @@ def sorted_laplace_tau(s: Tensor, k: Tensor, t: float) -> Tensor:
     tail = torch.nn.functional.pad(lse_tail, (1, 0), value=0.0)
     tail = torch.where(j >= 0, tail.gather(-1, j + 1), torch.logsumexp(-u, -1, keepdim=True))
     d = (m - 1 - j).to(u.dtype) - k.unsqueeze(-1)
-    r = torch.sqrt(d * d + torch.exp(head + tail))
-    beta = torch.where(d >= 0, torch.log(d + r) - tail, head - torch.log(r - d))
+    # The root in the log domain: log r = log sqrt(d^2 + e^(head + tail)) and, for d >= 0,
+    # beta = log(d + r) - tail, else beta = head - log(r - d). exp(head + tail) underflows
+    # when the piece is far wider than t, which this form survives (beta = (head - tail) / 2
+    # at d = 0).
+    log_abs_d = torch.log(d.abs())
+    log_r = 0.5 * torch.logaddexp(2.0 * log_abs_d, head + tail)
+    beta = torch.where(
+        d >= 0, torch.logaddexp(log_abs_d, log_r) - tail, head - torch.logaddexp(log_r, log_abs_d)
+    )
     return (t * beta).squeeze(-1)
 
 
