@@ -456,8 +456,12 @@ def test_cascade_losses_in_half_precision_and_with_nan_scores():
 
 
 def test_topk_ce_is_non_negative_with_unbounded_masks():
-    g = torch.Generator().manual_seed(3)
-    logits, target = 5.0 * torch.randn(64, 10, generator=g), torch.randint(0, 10, (64,), generator=g)
+    logits = 3.0 * torch.randn(256, 10, generator=torch.Generator().manual_seed(0))
     for method in ("neuralsort", "softsort"):
-        loss = topk_cross_entropy(logits, target, p_k=[0.5, 0.5], method=method, reduction="none")
+        mask = softtopk.permutation_topk_mask(logits, 5, method=method, temperature=1.0)
+        target = mask.argmax(-1)
+        assert mask.max() > 1.05  # the case: q_y = mask_5 at the target exceeds 1
+        loss = topk_cross_entropy(
+            logits, target, p_k=[0, 0, 0, 0, 1], top1="mask", method=method, temperature=1.0, reduction="none"
+        )
         assert (loss >= 0).all()
