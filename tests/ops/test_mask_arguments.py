@@ -124,3 +124,17 @@ def test_topk_mag_arguments(x):
         softtopk.topk_mag(x, 2, debias=1)
     with pytest.raises(ValueError, match="not differentiable in k"):
         softtopk.topk_mag(x, torch.tensor(2.0, requires_grad=True))
+
+
+@pytest.mark.parametrize("method", ["sparse", "entropic", "lapsum", "hard", "dftopk"])
+def test_largest_false_selects_the_smallest(method):
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    y = softtopk.topk_mask(x, 2.5, method=method, largest=False)
+    z = softtopk.topk_mask(-x, 2.5, method=method)
+    torch.testing.assert_close(y, z)
+    w = torch.randn_like(y)
+    (gy,) = torch.autograd.grad((y * w).sum(), x)
+    (gz,) = torch.autograd.grad((z * w).sum(), x)
+    torch.testing.assert_close(gy, gz)
+    with pytest.raises(TypeError, match="largest"):
+        softtopk.topk_mask(x, 2, largest=1)

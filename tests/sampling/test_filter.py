@@ -236,7 +236,7 @@ def test_arguments_are_validated():
         filter_logits(x, top_p=torch.rand(3))
     with pytest.raises(TypeError, match="logits"):
         filter_logits(torch.arange(5), top_k=2)
-    with pytest.raises(ValueError, match="dim"):
+    with pytest.raises(IndexError, match="dim"):
         filter_logits(x, top_k=2, dim=2)
 
 

@@ -8,16 +8,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import (
-    check_choice,
-    check_dim,
-    check_p,
-    check_positive,
-    check_tensor,
-    compute_dtype,
-    prepare_k,
-    to_rows,
-)
+from .._checks import check_bool, check_choice, check_p, check_positive
+from .._rows import rowwise
 from ._dftopk import dftopk_mask
 from ._entropic import entropic_mask
 from ._hard import hard_mask
@@ -34,6 +26,7 @@ class Method(NamedTuple):
     solvers: tuple[str, ...]
     uses_p: bool = False
     uses_noise: bool = False
+    k_grad: bool = True
 
 
 #: Row functions take (x (B, n), k (B,), *, temperature, [p], [pert], solver) in the compute dtype.
@@ -41,10 +34,10 @@ METHODS: dict[str, Method] = {
     "sparse": Method(sparse_mask, ("auto", "newton", "sort", "pav", "dykstra"), uses_p=True),
     "entropic": Method(entropic_mask, ("auto", "newton")),
     "lapsum": Method(lapsum_mask, ("auto", "newton", "sort")),
-    "hard": Method(hard_mask, ("auto",)),
+    "hard": Method(hard_mask, ("auto",), k_grad=False),
     "soft": Method(soft_mask, ("auto", "newton")),
-    "dftopk": Method(dftopk_mask, ("auto",)),
-    "perturbed": Method(perturbed_mask, ("auto",), uses_noise=True),
+    "dftopk": Method(dftopk_mask, ("auto",), k_grad=False),
+    "perturbed": Method(perturbed_mask, ("auto",), uses_noise=True, k_grad=False),
 }
 
 #: Monte-Carlo samples of method="perturbed" when neither num_samples nor noise_samples is given.
@@ -58,6 +51,7 @@ def topk_mask(
     *,
     method: str = "sparse",
     temperature: float = 0.1,
+    largest: bool = True,
     p: float = 2.0,
     solver: str = "auto",
     num_samples: int | None = None,
@@ -114,6 +108,8 @@ def topk_mask(
         method: ``"sparse"``, ``"entropic"``, ``"lapsum"``, ``"hard"``, ``"soft"``,
             ``"dftopk"`` or ``"perturbed"``.
         temperature: t > 0, in the units of x. Smaller is closer to the hard mask.
+        largest: select the k largest entries (True) or the k smallest (False: the mask of
+            -x; +inf entries are then the padding).
         p: exponent of the sparse p-norm regulariser, in (1, 2]; only for ``"sparse"``.
             p = 2 is piecewise linear; p = 4/3 gives a C^1 mask.
         solver: ``"auto"`` (a selection of the few candidates for sparse links, else a
@@ -147,8 +143,7 @@ def topk_mask(
         (LapSum), Zhu et al. 2025 (DFTopK), Berthet et al. 2020 (perturbed); see each
         method's module for the details.
     """
-    x = check_tensor(x)
-    d = check_dim(dim, x.dim())
+    largest = check_bool(largest, "largest")
     method = check_choice(method, "method", tuple(METHODS))
     spec = METHODS[method]
     t = check_positive(temperature, "temperature")
@@ -170,13 +165,13 @@ def topk_mask(
                 raise ValueError(
                     f"{name} applies to method='perturbed' only, got {name}={value!r} with method={method!r}"
                 )
-    cd = compute_dtype(x.dtype)
-    rows, restore = to_rows(x, d)
-    kvec = prepare_k(k, x, d, rows.shape[0], cd)
+    rows = rowwise(x, k, dim, k_grad=spec.k_grad)
     options: dict[str, object] = {"p": p} if spec.uses_p else {}
     if spec.uses_noise:
-        options["pert"] = perturbation(x, d, rows.shape[0], **given, default_samples=PERTURBED_SAMPLES)
-    if rows.numel() == 0:
+        options["pert"] = perturbation(
+            x, rows.dim, rows.x.shape[0], **given, default_samples=PERTURBED_SAMPLES
+        )
+    if rows.x.numel() == 0:
         return torch.zeros_like(x)
-    y = spec.rows(rows.to(cd), kvec, temperature=t, solver=solver, **options)
-    return restore(y).to(x.dtype)
+    v = rows.x if largest else -rows.x
+    return rows.restore(spec.rows(v, rows.k, temperature=t, solver=solver, **options))
