@@ -8,8 +8,9 @@
 #   make bench        the full benchmark (n up to 4e6)
 #   make plot         every operator on a 1-D family of inputs (PNG)
 #   make docs         the documentation site (Sphinx, from the docstrings) into site/
-# They create .venv on first use. torch is pinned to the 2.13.0 CPU wheel here;
-# the package itself only asks for torch>=2.1.
+# They create .venv on first use. torch is pinned to the 2.13.0 CPU wheel here, the lowest
+# torch that CI installs and tests, so the package asks for torch>=2.13 (the registry here
+# serves no older CPU wheel to test against).
 
 PYTHON ?= python3
 VENV ?= .venv
