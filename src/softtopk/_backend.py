@@ -15,8 +15,11 @@ value         route
 
 numba is imported on first use of a CPU kernel, never by ``import softtopk``. Its
 parallel loops run on as many threads as torch uses (:func:`numba_threads`). Compiled
-kernels are cached on disk (numba's ``cache=True``): next to the package when that is
-writable, else in numba's user-wide cache directory (``NUMBA_CACHE_DIR`` overrides both).
+kernels are cached on disk (numba's ``cache=True``), so that a new process loads them
+instead of compiling them again: in ``NUMBA_CACHE_DIR`` when it is set, else next to the
+package's sources when that folder is writable, else (a read-only site-packages) in
+``$SOFTTOPK_CACHE/numba`` (default ``~/.cache/softtopk/numba``), else in a temporary
+folder for the process (:func:`kernel_cache_dir`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ import functools
 import importlib
 import importlib.util
 import os
+import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -73,8 +79,66 @@ def route(x: Tensor) -> str:
 
 
 def kernels(name: str) -> ModuleType:
-    """Imports a kernel module of the package (e.g. ``"threshold._cpu"``) on first use."""
-    return importlib.import_module(f"softtopk.{name}")
+    """Imports a kernel module of the package (e.g. ``"threshold._cpu"``) on first use.
+
+    numba picks the cache folder of a ``cache=True`` function when the function is
+    decorated, that is while its module is imported: the import runs with numba's cache
+    folder set to :func:`kernel_cache_dir` (and put back afterwards), so that only this
+    package's kernels are cached there.
+    """
+    full = f"softtopk.{name}"
+    module = sys.modules.get(full)
+    if module is not None:
+        return module
+    spec = importlib.util.find_spec(full)
+    folder = None if spec is None or spec.origin is None else kernel_cache_dir(Path(spec.origin).parent)
+    if folder is None:
+        return importlib.import_module(full)
+    import numba
+
+    previous = numba.config.CACHE_DIR
+    numba.config.CACHE_DIR = str(folder)
+    try:
+        return importlib.import_module(full)
+    finally:
+        numba.config.CACHE_DIR = previous
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be created in ``folder`` (made if missing), as numba tests it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return False
+    return True
+
+
+@functools.cache
+def _fallback_cache_dir() -> Path:
+    """The user's cache folder for compiled kernels, or a temporary one when it is read-only."""
+    root = Path(os.environ.get("SOFTTOPK_CACHE") or Path.home() / ".cache" / "softtopk")
+    folder = root / "numba"
+    if _writable(folder):
+        return folder
+    return Path(tempfile.mkdtemp(prefix="softtopk-numba-"))
+
+
+def kernel_cache_dir(source_dir: Path) -> Path | None:
+    """Where numba caches the kernels of the sources in ``source_dir``.
+
+    None leaves the choice to numba: ``NUMBA_CACHE_DIR`` when it is set, else the
+    ``__pycache__`` folder next to the sources when it is writable. Otherwise (an install
+    in a read-only site-packages) the folder ``$SOFTTOPK_CACHE/numba`` (default
+    ``~/.cache/softtopk/numba``), or a temporary folder when that is read-only too: numba
+    would otherwise try its own user-wide folder and, failing that, refuse to decorate
+    the kernels at all.
+    """
+    if os.environ.get("NUMBA_CACHE_DIR") or not has_numba():
+        return None
+    if _writable(source_dir / "__pycache__"):
+        return None
+    return _fallback_cache_dir()
 
 
 @contextlib.contextmanager
