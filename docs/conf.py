@@ -103,6 +103,22 @@ def write_results_page() -> None:
         lines += [
             "No report is committed yet: `make data && make experiments` writes docs/experiments/report.md."
         ]
+    listed = {"experiments/report", "experiments/other-operators-partial"}
+    others = sorted(
+        path.relative_to(HERE).with_suffix("").as_posix() for path in (HERE / "experiments").rglob("*.md")
+    )
+    others = [name for name in others if name not in listed]
+    if others:
+        lines += [
+            "",
+            "The claims table and the reports of single experiments run on their own:",
+            "",
+            "```{toctree}",
+            ":maxdepth: 1",
+            "",
+            *others,
+            "```",
+        ]
     text = "\n".join(lines) + "\n"
     path = HERE / "results.md"
     if not path.is_file() or path.read_text() != text:

@@ -152,7 +152,7 @@ def beam_gather(states: Tensor, weights: Tensor) -> Tensor:
     r"""The new beams' states: new[..., b, :] = sum_m weights[..., b, m] states[..., m, :].
 
     Args:
-        states: (..., M, *) candidate states (any trailing shape).
+        states: ``(..., M, *)`` candidate states (any trailing shape).
         weights: (..., beam, M) from :func:`beam_select`.
 
     Example:

@@ -74,7 +74,7 @@ def magnitude_prune(
 
     over the whole tensor (``dim=None``, n = W.numel()) or each slice along ``dim``
     (n = W.shape[dim]). A mask operator of the registry (``method="sparse"``, ...) gives
-    W * mask(|W|, k) instead.
+    ``W * mask(|W|, k)`` instead.
 
     Args:
         weight: the weight, any shape.
@@ -108,7 +108,7 @@ def magnitude_prune(
 
 
 def hard_magnitude_prune(weight: Tensor, sparsity: float, *, dim: int | None = None) -> Tensor:
-    """Exactly sparse weight: the k largest |W| kept unchanged, the rest set to 0 (ties by torch.topk).
+    """Exactly sparse weight: the k largest ``|W|`` kept unchanged, the rest set to 0 (ties by torch.topk).
 
     Example:
         >>> import torch
