@@ -1,7 +1,8 @@
 # Commands on a fresh machine (Python 3.11 and the package registries):
 #   make run          the main job, short default: a quick benchmark of every operator and the
 #                     MovieLens experiment at its quick size (data from PyPI, no system package)
-#   make test         lint + the test suite (what CI runs)
+#   make test         lint + the test suite without the tests marked slow (at most 4 minutes on 2 cores)
+#   make test-slow    the tests marked slow (long reference checks, toy experiments); CI runs both
 #   make data         the Debian data packages (Fashion-MNIST, LetterRecognition), unpacked
 #                     without installing them: apt-get download + dpkg -x into .softtopk-cache/debian
 #   make experiments  the full experiment suite at its documented size, report under docs/experiments
@@ -19,7 +20,7 @@ TORCH ?= torch==2.13.0
 CACHE ?= .softtopk-cache
 DEBIAN_DATA := dataset-fashion-mnist r-cran-mlbench
 
-.PHONY: run bench experiments plot test lint format peers data docs clean
+.PHONY: run bench experiments plot test test-slow lint format peers data docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +47,12 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 
+# pyproject's addopts select -m "not slow" (doctests included); a later -m replaces it.
 test: lint
 	$(BIN)/python -m pytest -p no:cacheprovider
+
+test-slow: $(VENV)/.installed
+	$(BIN)/python -m pytest -p no:cacheprovider -m slow
 
 # The published packages the oracle tests compare against (tests/peers.txt). allRank pins
 # torch <= 1.8 in its metadata, but its lambdaLoss file runs on any torch: it is installed

@@ -77,14 +77,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("softtopk plot needs matplotlib: pip install 'softtopk[bench]'", file=sys.stderr)
-        return 2
     if not 1 <= args.k <= len(BASE):
         print(f"--k must be in [1, {len(BASE)}], got {args.k}", file=sys.stderr)
         return 2
@@ -92,6 +84,14 @@ def main(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in OPERATORS]
     if unknown:
         print(f"unknown operator(s) {unknown}; known: {', '.join(OPERATORS)}", file=sys.stderr)
+        return 2
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("softtopk plot needs matplotlib: pip install 'softtopk[bench]'", file=sys.stderr)
         return 2
     ops = [OPERATORS[n] for n in names]
     s = torch.linspace(-2.5, 2.5, args.points, dtype=torch.float64)
