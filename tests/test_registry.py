@@ -69,7 +69,7 @@ def test_permutation_equivariance(name):
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
-@pytest.mark.parametrize("n", [12, 3000])
+@pytest.mark.parametrize("n", [12, pytest.param(3000, marks=pytest.mark.slow)])
 def test_batch_equals_loop(name, n):
     x = torch.randn(5, n, dtype=torch.float64)
     k = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)

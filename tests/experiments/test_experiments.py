@@ -137,6 +137,7 @@ def check_sane(results):
                 assert min(row.losses[1:]) < row.losses[0], (res.setting.key, row.method, row.losses)
 
 
+@pytest.mark.slow
 def test_classification_letter_noise_at_toy_size():
     (res,) = run_toy(classification, grid=(100.0,))  # sparse at t = 10 (the grid is tested above)
     check_sane([res])
@@ -157,6 +158,7 @@ def test_classification_letter_noise_at_toy_size():
 
 
 @pytest.mark.parametrize("name", ["knn", "moe", "pruning", "recsys", "imbalanced", "listops"])
+@pytest.mark.slow
 def test_experiment_at_toy_size(name):
     results = run_toy(EXPERIMENTS[name])
     check_sane(results)
@@ -238,6 +240,7 @@ def test_baseline_grids_match_the_operator_grid_size():
 
 
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
+@pytest.mark.slow
 def test_every_experiment_gives_every_trained_method_the_same_grid(name):
     grid = (1.0, 10.0, 100.0)
     for setting in settings_or_skip(EXPERIMENTS[name], only=["sparse", "lapsum"], grid=grid):

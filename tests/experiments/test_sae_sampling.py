@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from softtopk.experiments import run_setting, sae, sampling
 from tests.experiments.test_experiments import check_sane, settings_or_skip
 
 
+@pytest.mark.slow
 def test_sae_experiment_at_toy_size():
     torch.set_num_threads(1)
     (setting,) = settings_or_skip(sae, only=["sparse"])

@@ -63,6 +63,7 @@ def test_pav_l2_equals_scipy(rng, rows, n, increasing, weighted):
 
 @pytest.mark.parametrize("rows,n", SIZES)
 @pytest.mark.parametrize("increasing", [True, False])
+@pytest.mark.slow
 def test_pav_torch_rounds_equal_scipy(rng, rows, n, increasing):
     y = hard_rows(rng, rows, n)
     w = rng.uniform(0.05, 5.0, size=y.shape)
@@ -77,6 +78,7 @@ def test_pav_torch_rounds_equal_scipy(rng, rows, n, increasing):
 
 @pytest.mark.parametrize("rows,n", SIZES)
 @pytest.mark.parametrize("increasing", [True, False])
+@pytest.mark.slow
 def test_pav_kl_equals_scipy_change_of_variables(rng, rows, n, increasing):
     y = hard_rows(rng, rows, n)
     y = np.clip(y, -30.0, 30.0)
@@ -140,6 +142,7 @@ def test_nan_and_inf_rows_are_nan_and_stay_in_their_row():
 
 
 @pytest.mark.parametrize("rows,n", [(300, 7), (200, 40), (50, 300)])
+@pytest.mark.slow
 def test_dykstra_equals_pav_when_certified(rng, rows, n):
     y = torch.from_numpy(hard_rows(rng, rows, n))
     w = torch.from_numpy(rng.uniform(0.5, 2.0, size=(rows, n)))
@@ -163,6 +166,7 @@ def test_dykstra_equals_pav_when_certified(rng, rows, n):
         assert (info.iterations[ok] <= 3000).all() and (info.iterations[~ok] == 3000).all()
 
 
+@pytest.mark.slow
 def test_dykstra_iterations_grow_with_block_size(capsys):
     # One pooled block of B entries (an increasing row under a decreasing fit).
     counts = {}
@@ -210,6 +214,7 @@ def test_dykstra_tie_partition_is_split():
 @pytest.mark.parametrize("loss", ["l2", "kl"])
 @pytest.mark.parametrize("increasing", [True, False])
 @pytest.mark.parametrize("solver", ["pav", "dykstra"])
+@pytest.mark.slow
 def test_gradcheck(loss, increasing, solver):
     if solver == "dykstra" and loss == "kl":
         pytest.skip("Dykstra is L2 only (tested to raise)")
@@ -282,6 +287,7 @@ def test_empty_and_single():
 
 @pytest.mark.parametrize("loss", ["l2", "kl"])
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.slow
 def test_double_backward_and_forward_mode(monkeypatch, loss, backend):
     """Second derivatives by gradgradcheck (in y and the weights), first by forward mode."""
     monkeypatch.setenv("SOFTTOPK_BACKEND", backend)

@@ -148,6 +148,7 @@ def test_kl_small_temperature_finite_where_torchsort_is_nan(rng):
 
 
 @pytest.mark.parametrize("op", ["soft_rank", "soft_sort"])
+@pytest.mark.slow
 def test_kl_small_temperature_is_finite_and_hard(rng, route, op):
     x = torch.from_numpy(rng.normal(size=(8, 50)))
     for dtype in (torch.float64, torch.float32):
@@ -167,6 +168,7 @@ def test_kl_small_temperature_is_finite_and_hard(rng, route, op):
 @pytest.mark.parametrize("op", ["soft_rank", "soft_sort"])
 @pytest.mark.parametrize("reg", ["l2", "kl"])
 @pytest.mark.parametrize("descending", [False, True])
+@pytest.mark.slow
 def test_gradcheck(route, op, reg, descending):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(3, 7, dtype=torch.float64, generator=g).requires_grad_()
@@ -334,6 +336,7 @@ def test_numba_follows_torch_threads():
     assert _pav.numba.get_num_threads() == before
 
 
+@pytest.mark.slow
 def test_a_call_leaves_torch_threads_alone():
     """numba's OpenMP layer shares torch's pool; its first launch used to reset torch's count."""
     code = (

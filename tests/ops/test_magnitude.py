@@ -136,6 +136,7 @@ def test_pav_oracle_agrees_with_the_isotonic_oracle_at_p2(rng):
 
 @pytest.mark.parametrize("debias", [True, False])
 @pytest.mark.parametrize("rows,n", [(60, 4), (40, 15), (4, 150), (1, 800)])
+@pytest.mark.slow
 def test_p43_equals_pav_route_float64(rng, debias, rows, n):
     for l in (1e-2, 0.1, 1.0):
         for ties in (False, True):
@@ -158,6 +159,7 @@ def test_p43_golden_values_of_the_reference_readme():
 
 
 @pytest.mark.parametrize("debias", [True, False])
+@pytest.mark.slow
 def test_p43_gradcheck(debias):
     x = torch.randn(3, 40, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(

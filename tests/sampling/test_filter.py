@@ -44,6 +44,7 @@ COMBOS = [
 
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "+".join(c))
 @pytest.mark.parametrize("n", [7, 300, 3000])
+@pytest.mark.slow
 def test_equals_the_sort_reference_on_thousands_of_rows_with_ties(rng, combo, n):
     rows = 4000 if n < 3000 else 600
     x = logit_rows(rng, rows, n)

@@ -102,6 +102,7 @@ def test_gumbel_top_k_does_not_have_the_mask_as_marginals():
 
 
 @pytest.mark.parametrize("method", ["sparse", "entropic", "lapsum"])
+@pytest.mark.slow
 def test_marginals_of_soft_masks_within_five_standard_errors(method):
     torch.manual_seed(0)
     k, n, rows, S = 5, 30, 6, 20_000

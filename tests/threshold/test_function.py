@@ -48,6 +48,7 @@ def _tau_by_bisection(x: np.ndarray, k: float, t: float, link: str, p: float) ->
 @pytest.mark.parametrize("method,p,link", CASES)
 @pytest.mark.parametrize("solver", ["auto", "newton"])
 @pytest.mark.parametrize("n", [7, 40, 600])
+@pytest.mark.slow
 def test_gradcheck_in_x_and_k(method, p, link, solver, n):
     gen = torch.Generator().manual_seed(n)
     x = torch.randn(3, n, dtype=torch.float64, generator=gen, requires_grad=True)

@@ -68,6 +68,7 @@ def test_sparse_p2_float32_within_1e5(rng, rows, n):
     ],
 )
 @pytest.mark.parametrize("rows,n", [(200, 3), (200, 20), (60, 500), (8, 4000)])
+@pytest.mark.slow
 def test_links_equal_float64_bisection(rng, method, p, link, rows, n):
     for t in (0.05, 0.5, 5.0):
         x, k = _batch(rng, rows, n)
