@@ -48,7 +48,7 @@ def test_sparse_router_activates_k_experts_on_separated_logits():
 
 
 def test_normalize():
-    out = topk_route(torch.randn(9, 6), 2, normalize=True, temperature=0.3)
+    out = topk_route(torch.randn(9, 6), 2, renormalize=True, temperature=0.3)
     torch.testing.assert_close(out.gates.sum(-1), torch.ones(9))
 
 
