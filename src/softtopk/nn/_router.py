@@ -406,8 +406,8 @@ def topk_route(
     * ``n_groups``, ``topk_groups``: a token first keeps its ``topk_groups`` best groups of
       E / n_groups experts (:func:`group_limit`), then k experts inside them.
     * ``routing="expert"`` (Zhou et al. 2022): each expert takes its top C =
-      ceil(capacity_factor * T k / E) tokens (capacity_factor defaults to 1), the mask taken
-      along the token axis; a token may get 0 or several experts. It reads every token
+      ceil(capacity_factor * T k / E) tokens (capacity_factor defaults to 1) by u = pi + b,
+      the mask taken along the token axis; a token may get 0 or several experts. It reads every token
       of the batch, so it is not causal: ``causal=True`` raises unless ``hard=True``,
       which routes by token choice (decoding).
     * ``routing="balanced"``: the assignment of :func:`balanced_assignment` (every token k
@@ -522,7 +522,9 @@ def topk_route(
         u = flat
     elif score == "softmax":
         probs = torch.softmax(flat, -1)
-        u = flat
+        # Token choice selects on the logits (the same order as the probabilities within a
+        # token); expert choice compares tokens, whose order is that of the probabilities.
+        u = probs if routing == "expert" and not hard else flat
     else:
         probs = torch.sigmoid(flat)
         u = probs
