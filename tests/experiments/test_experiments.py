@@ -117,6 +117,7 @@ def test_registry_order_of_experiments():
         "distributed",
         "sae",
         "sampling",
+        "lm-moe",
     ]
 
 

@@ -66,17 +66,17 @@ class Config:
     """Corpus size, model shape and training budget."""
 
     max_bytes: int = 2_000_000
-    context: int = 64
+    context: int = 32
     width: int = 64
     heads: int = 4
     layers: int = 2
     experts: int = 8
     k: int = 2
     expert_hidden: int = 128
-    batch: int = 32
-    steps: int = 300
-    eval_every: int = 100
-    eval_windows: int = 256
+    batch: int = 16
+    steps: int = 200
+    eval_every: int = 50
+    eval_windows: int = 128
     lr: float = 3e-3
     bias_rate: float = 0.01
 
