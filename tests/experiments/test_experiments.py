@@ -118,6 +118,7 @@ def test_registry_order_of_experiments():
         "sae",
         "sampling",
         "lm-moe",
+        "mod",
     ]
 
 

@@ -19,7 +19,9 @@ operator registered later appears in every experiment without code changes:
 * :mod:`.sae`: (i) top-k sparse autoencoders (TopK, BatchTopK, soft masks) on MLP activations;
 * :mod:`.sampling`: (j) inclusion probabilities of k-subset samplers against the soft mask;
 * :mod:`.lm_moe`: (k) a small MoE language model on Python sources: hard, auxiliary-loss-free,
-  ReLU and soft-mask routers.
+  ReLU and soft-mask routers;
+* :mod:`.mod`: (l) a small mixture-of-depths language model: top-k (MoD) against
+  threshold-p (MoDification) token routing, loss against the fraction of tokens processed.
 
 The shared protocol (the same number of configurations for every method, chosen on
 validation, then seeds) is in :mod:`._runner`, the report in :mod:`.report`, the
@@ -35,6 +37,7 @@ from . import (
     knn,
     listops,
     lm_moe,
+    mod,
     moe,
     pruning,
     recsys,
@@ -69,6 +72,7 @@ EXPERIMENTS: dict[str, ModuleType] = {
         sae,
         sampling,
         lm_moe,
+        mod,
     )
 }
 

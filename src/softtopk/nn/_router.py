@@ -228,8 +228,9 @@ def balanced_assignment(
 
     ``hard=True`` rounds the soft solution: assignments are taken in decreasing order
     of Y (ties by score) while the token has fewer than k and the expert fewer than
-    ceil(C); a token left short takes its best remaining experts. Every token then has
-    exactly k experts, and on separated inputs every load is within one token of C.
+    ceil(C); a token left short then takes its best remaining experts. Every token has
+    exactly k experts, and every load is at most ceil(C) unless a short token had to be
+    completed (the tests find every load within one token of C).
 
     Args:
         scores: (T, E) selection scores (finite).
