@@ -376,6 +376,27 @@ def test_relu_routing_gates_penalty_and_coefficient_steering():
     assert out.l1_loss.item() == pytest.approx(1.0 * out.gates.sum(-1).mean().item(), rel=1e-6)
     router.eval()
     assert (router(torch.randn(8, 4)).active == 1).all() and router.l1_coef.item() == pytest.approx(2.0)
+    # The multiplicative steering brings the mean count of active experts to k: per-token
+    # logits pulled up at expert-dependent rates w_e (a task that wants every expert) and
+    # pushed down by the L1 penalty; the coefficient settles where about k stay active.
+    torch.manual_seed(0)
+    T, E = 64, 8
+    free = torch.randn(T, E).requires_grad_()
+    w = torch.linspace(0.1, 1.0, E)
+    steer = TopKRouter(1, E, k=2, routing="relu", l1_coef=1e-3, l1_rate=1.2)
+    opt = torch.optim.SGD([free], lr=0.5)
+    counts = []
+    for _ in range(400):
+        step = topk_route(free, 2, routing="relu", l1_coef=steer.l1_coef.float())
+        loss = -0.1 * (w * free).sum(-1).mean() + step.l1_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steer.update_l1(step.active)
+        counts.append(step.active.float().mean().item())
+    assert counts[0] > 3.5  # measured: 4.05 at the start
+    late = sum(counts[-100:]) / 100
+    assert 1.7 < late < 2.3, late  # measured: 1.99
     # gradcheck through relu gates and the penalty.
     z = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda w: topk_route(w, 2, routing="relu", l1_coef=0.3).l1_loss, (z,))
