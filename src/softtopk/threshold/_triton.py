@@ -57,9 +57,6 @@ CHUNK = 4096
 ITER_LOW = 64
 ITER_F64 = 100
 
-_EPS32 = 2.0**-23
-_EPS64 = 2.0**-52
-
 
 @triton.jit
 def _link(z, LINK: tl.constexpr, a):
@@ -197,7 +194,23 @@ def _solve(
 
 
 @triton.jit
-def _write(xc, idx, n, yrow, m, inv_t, s, tau, a, k, n_pos, rule, LINK: tl.constexpr, SNAP: tl.constexpr):
+def _write(
+    xc,
+    idx,
+    n,
+    yrow,
+    m,
+    inv_t,
+    s,
+    tau,
+    a,
+    k,
+    n_pos,
+    rule,
+    LINK: tl.constexpr,
+    SNAP: tl.constexpr,
+    NARROW: tl.constexpr,
+):
     """The mask on a tile of the row: the link's value on regular rows, the rules' elsewhere."""
     xv = xc.to(tl.float64)
     z = (xv - m) * inv_t - s
@@ -210,6 +223,8 @@ def _write(xc, idx, n, yrow, m, inv_t, s, tau, a, k, n_pos, rule, LINK: tl.const
     y = tl.where(rule == 4, tl.where(xv > float("-inf"), 1.0, 0.0), y)
     y = tl.where(rule == 2, 0.0, y)
     y = tl.where(rule == 1, float("nan"), y)
+    if NARROW:  # through float32 (the interpreter casts float64 to bfloat16 wrongly)
+        y = y.to(tl.float32)
     tl.store(yrow + idx, y.to(yrow.dtype.element_ty), mask=idx < n)
 
 
@@ -225,8 +240,7 @@ def _forward_kernel(
     a_lo,
     LINK: tl.constexpr,
     LOW: tl.constexpr,
-    TWO_PHASE: tl.constexpr,
-    EPS_LOW: tl.constexpr,
+    NARROW: tl.constexpr,
     ITER_LOW: tl.constexpr,
     ITER_F64: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -295,29 +309,26 @@ def _forward_kernel(
             ginv = tl.where(q <= 0.5, tl.log(2.0 * q), -tl.log(2.0 * (1.0 - q)))
         lo = umin - ginv - 1.0
         hi = 1.0 - ginv
-    # 3. the low-precision phase on the row held on chip, 4. the float64 phase from there
-    s0 = 0.5 * (lo + hi)
-    if TWO_PHASE:
-        s_low = _solve(
-            xrow,
-            n,
-            xt,
-            m.to(LOW),
-            inv_t.to(LOW),
-            kk.to(LOW),
-            lo.to(LOW),
-            hi.to(LOW),
-            s0.to(LOW),
-            a.to(LOW),
-            regular,
-            LINK,
-            LOW,
-            EPS_LOW,
-            ITER_LOW,
-            BLOCK,
-            ONCHIP,
-        )
-        s0 = s_low.to(tl.float64)
+    # 3. a float32 phase (on the row held on chip), 4. the float64 phase from there
+    s_low = _solve(
+        xrow,
+        n,
+        xt,
+        m.to(tl.float32),
+        inv_t.to(tl.float32),
+        kk.to(tl.float32),
+        lo.to(tl.float32),
+        hi.to(tl.float32),
+        (0.5 * (lo + hi)).to(tl.float32),
+        a.to(tl.float32),
+        regular,
+        LINK,
+        tl.float32,
+        1.1920928955078125e-07,
+        ITER_LOW,
+        BLOCK,
+        ONCHIP,
+    )
     s = _solve(
         xrow,
         n,
@@ -327,7 +338,7 @@ def _forward_kernel(
         kk,
         lo,
         hi,
-        s0,
+        s_low.to(tl.float64),
         a,
         regular,
         LINK,
@@ -341,12 +352,12 @@ def _forward_kernel(
     # 5. the mask and the threshold
     SNAP: tl.constexpr = LINK <= 1
     if ONCHIP:
-        _write(xt, offs, n, yrow, m, inv_t, s, tau, a, k, posf, rule, LINK, SNAP)
+        _write(xt, offs, n, yrow, m, inv_t, s, tau, a, k, posf, rule, LINK, SNAP, NARROW)
     else:
         for start in range(0, n, BLOCK):
             idx = start + offs
             xc = tl.load(xrow + idx, mask=idx < n, other=float("-inf"))
-            _write(xc, idx, n, yrow, m, inv_t, s, tau, a, k, posf, rule, LINK, SNAP)
+            _write(xc, idx, n, yrow, m, inv_t, s, tau, a, k, posf, rule, LINK, SNAP, NARROW)
     tau = tl.where(rule == 4, float("-inf"), tl.where((rule == 2) | (rule == 3), float("inf"), tau))
     tau = tl.where(rule == 1, float("nan"), tau)
     tl.store(tau_ptr + row, tau)
@@ -476,8 +487,7 @@ def forward(x: Tensor, k: Tensor, t: Tensor, link: int, p: float) -> tuple[Tenso
             a_lo,
             LINK=link,
             LOW=tl.float64 if wide else tl.float32,
-            TWO_PHASE=not wide,
-            EPS_LOW=_EPS64 if wide else _EPS32,
+            NARROW=not wide,
             ITER_LOW=ITER_LOW,
             ITER_F64=ITER_F64,
             BLOCK=block,
