@@ -31,8 +31,9 @@ longer rows are read from memory in chunks of :data:`CHUNK` at every step (still
 program per row).
 
 Backward of a row: with h = G'(G^{-1}(y)) (the slope from the mask value),
-grad_x = h/t (v - c), c = <h, v>/sum h, grad_k = c, accumulated in float32 (float64 for
-float64 rows).
+grad_x = h/t (v - c), c = <h, v>/sum h, grad_k = c, in float64 whatever the row's dtype
+(in float32 the products h v of a nearly hard row fall into the subnormal range, where
+c = <h, v>/sum h loses its digits).
 """
 
 from __future__ import annotations
@@ -300,7 +301,7 @@ def _forward_kernel(
     umin = tl.where(regular, (vmin.to(tl.float64) - m) * inv_t, 0.0)
     if LINK <= 1:
         lo = umin - 1.5
-        hi = 0.5
+        hi = umin * 0.0 + 0.5
     else:
         q = tl.where(regular, kk / tl.maximum(finf, 1.0), 0.5)
         if LINK == 2:
@@ -524,7 +525,7 @@ def backward(y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: fl
             a_hi,
             a_lo,
             LINK=link,
-            DT=tl.float64 if y.dtype == torch.float64 else tl.float32,
+            DT=tl.float64,
             BLOCK=block,
             ONCHIP=onchip,
             num_warps=_warps(block),
