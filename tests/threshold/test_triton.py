@@ -26,6 +26,7 @@ import softtopk  # noqa: E402
 from softtopk.threshold import _ops  # noqa: E402
 from softtopk.threshold import _triton as tri  # noqa: E402
 from tests.conftest import random_rows  # noqa: E402
+from tests.reference import oracles  # noqa: E402
 
 LINKS = [("sparse", 2.0, 0), ("sparse", 4.0 / 3.0, 1), ("entropic", 2.0, 2), ("lapsum", 2.0, 3)]
 LINK_IDS = ["sparse", "sparse-4/3", "entropic", "lapsum"]
@@ -261,8 +262,41 @@ def test_no_host_sync_in_forward_and_backward(rng, monkeypatch, method, p, code)
 @interpreter
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setattr(tri, "interpreted", lambda: False)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         tri.forward(torch.zeros(2, 3), torch.ones(2), torch.ones(2), 0, 2.0)
+
+
+@interpreter
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method,p,link",
+    [
+        ("sparse", 2.0, "sparse"),
+        ("sparse", 1.5, "sparse"),
+        ("entropic", 2.0, "logistic"),
+        ("lapsum", 2.0, "laplace"),
+    ],
+)
+def test_float64_oracles(rng, monkeypatch, method, p, link):
+    """Independent float64 oracles: bisection for every link, the isotonic route for p = 2."""
+    monkeypatch.setenv("SOFTTOPK_BACKEND", "triton")
+    for n in (3, 20, 64):
+        x, k, t = _batch(rng, 8, n, torch.float64)
+        for temperature in (0.05, 1.0):
+            y = softtopk.topk_mask(x, k, method=method, p=p, temperature=temperature).numpy()
+            xs, ks = x.numpy(), k.numpy()
+            ref = np.stack(
+                [
+                    oracles.bisection_mask(xs[i], float(ks[i]), t=temperature, link=link, p=p)
+                    for i in range(len(xs))
+                ]
+            )
+            np.testing.assert_allclose(y, ref, atol=1e-10, rtol=0)
+            if p == 2.0 and link == "sparse":
+                iso = np.stack(
+                    [oracles.isotonic_sparse_mask(xs[i], float(ks[i]), l=temperature) for i in range(len(xs))]
+                )
+                np.testing.assert_allclose(y, iso, atol=1e-10, rtol=0)
 
 
 # ------------------------------------------------------------------------------ CUDA

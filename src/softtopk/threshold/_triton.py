@@ -437,7 +437,7 @@ def interpreted() -> bool:
 
 def _check_device(x: Tensor) -> None:
     if x.device.type != "cuda" and not interpreted():
-        raise RuntimeError(
+        raise ValueError(
             f"the Triton kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter "
             f"(set TRITON_INTERPRET=1 before the first Triton call); got a tensor on {x.device}"
         )
