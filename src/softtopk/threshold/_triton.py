@@ -330,16 +330,22 @@ def _forward_kernel(
         BLOCK,
         ONCHIP,
     )
+    # Recentre on c, the float32 (float64) value nearest the rough threshold: x - c is
+    # exact near the threshold, so z = (x - c)/t - s keeps its digits however large |x|/t.
+    tau_low = m + t * s_low.to(tl.float64)
+    c = tau_low.to(LOW).to(tl.float64)
+    c = tl.where(regular & (tl.abs(c) < float("inf")), c, m)
+    shift = (m - c) * inv_t
     s = _solve(
         xrow,
         n,
         xt,
-        m,
+        c,
         inv_t,
         kk,
-        lo,
-        hi,
-        s_low.to(tl.float64),
+        lo + shift,
+        hi + shift,
+        (tau_low - c) * inv_t,
         a,
         regular,
         LINK,
@@ -349,16 +355,16 @@ def _forward_kernel(
         BLOCK,
         ONCHIP,
     )
-    tau = m + t * s
+    tau = c + t * s
     # 5. the mask and the threshold
     SNAP: tl.constexpr = LINK <= 1
     if ONCHIP:
-        _write(xt, offs, n, yrow, m, inv_t, s, tau, a, k, posf, rule, LINK, SNAP, NARROW)
+        _write(xt, offs, n, yrow, c, inv_t, s, tau, a, k, posf, rule, LINK, SNAP, NARROW)
     else:
         for start in range(0, n, BLOCK):
             idx = start + offs
             xc = tl.load(xrow + idx, mask=idx < n, other=float("-inf"))
-            _write(xc, idx, n, yrow, m, inv_t, s, tau, a, k, posf, rule, LINK, SNAP, NARROW)
+            _write(xc, idx, n, yrow, c, inv_t, s, tau, a, k, posf, rule, LINK, SNAP, NARROW)
     tau = tl.where(rule == 4, float("-inf"), tl.where((rule == 2) | (rule == 3), float("inf"), tau))
     tau = tl.where(rule == 1, float("nan"), tau)
     tl.store(tau_ptr + row, tau)
