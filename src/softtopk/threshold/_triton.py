@@ -11,20 +11,24 @@ from device tensors):
 1. scan the row: NaN, +inf and finite counts, finite min and max; the row rules
    (NaN row, k = 0, +inf entries sharing k, fewer entries than k) are decided here and
    written with their threshold sentinels (NaN, +inf, -inf);
-2. in the scaled variable u = (x - max)/t, tau/t - max/t lies in a bracket taken from
-   the row: [u_min - 1, 0] for the sparse links (every finite entry saturated at one end,
-   none active at the other), [u_min - G^{-1}(q) - 1, 1 - G^{-1}(q)] with q = k / n for
-   the dense ones (widened a little against rounding);
-3. a safeguarded Newton iteration (a Newton step when it stays in the bracket and
-   halves the last step, else bisection), in float32 for float16/bfloat16/float32 rows
-   with the row held on chip, for at most a fixed number of steps and ending when the
-   step or the bracket is below the precision;
-4. the same iteration in float64 from that point, which takes one to three steps: for
-   p = 2 a Newton step is the closed form of the linear piece it starts on,
-   (sum_S x - t (k - U)) / |S| over the active entries S and the U saturated ones,
-   so it ends exactly;
+2. in the scaled variable s = (tau - max)/t, a bracket taken from the row:
+   [u_min - 1, 0] with u = (x - max)/t for the sparse links (every finite entry
+   saturated at one end, none active at the other), [u_min - G^{-1}(q) - 1,
+   1 - G^{-1}(q)] with q = k / n for the dense ones (each widened a little against
+   rounding);
+3. a safeguarded Newton iteration in float32 on the row held on chip (a Newton step
+   when it stays in the bracket and halves the last step, else bisection; at most a
+   fixed number of steps, ending when the step or the bracket is below the precision);
+4. the same iteration in float64 from there, recentred on c, the value of the row's
+   dtype nearest that rough threshold, so that x - c is exact near tau and
+   z = (x - c)/t - s keeps its digits however large |x|/t is. It takes one to three
+   steps: for p = 2 a Newton step is the closed form of the linear piece it starts on,
+   (sum_S x - t (k - U)) / |S| over the active entries S and the U saturated ones, so
+   it ends exactly;
 5. write y = G((x - tau)/t) (sparse links: zero within rounding of the threshold) and
    tau.
+
+No step reads a value on the host: k, t and every decision stay on the device.
 
 Rows of at most :data:`ONCHIP_MAX` entries are held in registers for the whole solve;
 longer rows are read from memory in chunks of :data:`CHUNK` at every step (still one
