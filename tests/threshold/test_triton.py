@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import softtopk  # noqa: E402
-from softtopk.threshold import _ops  # noqa: E402
+from softtopk.threshold import _ops, link_of_code  # noqa: E402
 from softtopk.threshold import _triton as tri  # noqa: E402
 from tests.conftest import random_rows  # noqa: E402
 from tests.reference import oracles  # noqa: E402
@@ -93,8 +93,16 @@ def _close(a, b, atol):
 
 
 def _check_tau(tau, ref, y, sparse, atol):
-    """tau agrees where it is unique: every dense row, sparse rows with an entry inside (0, 1)."""
-    unique = ((y > 0) & (y < 1)).any(-1) if sparse else torch.ones_like(tau, dtype=torch.bool)
+    """tau agrees where it is well defined: every dense row, sparse rows with y in (1e-6, 1 - 1e-6).
+
+    A sparse row without a fractional entry has a whole interval of roots; one whose only
+    fractional entries are tiny (a root on an entry's value, where G = z^a is flat) fixes
+    tau only to about y^(1/a) t.
+    """
+    if sparse:
+        unique = ((y > 1e-6) & (y < 1 - 1e-6)).any(-1)
+    else:
+        unique = torch.ones_like(tau, dtype=torch.bool)
     unique = unique | ~torch.isfinite(ref)
     _close(tau[unique], ref[unique], atol)
 
@@ -109,15 +117,25 @@ def test_forward_and_backward_equal_cpu_and_torch(rng, monkeypatch, method, p, c
         x, k, t = _batch(rng, 5, n, dtype)
         y, tau = _ops.forward_impl(x, k, t, code, p, 0)
         assert y.dtype == dtype and tau.dtype == torch.float64
-        v = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+        v = torch.from_numpy(rng.normal(size=x.shape)).to(dtype)
         gx, gk = _ops.backward_impl(y, tau, t, v, code, p)
         for backend in ("cpu", "torch"):
             y_ref, tau_ref = _forward(monkeypatch, backend, x, k, t, code, p)
             _close(y, y_ref, atol)
             _check_tau(tau, tau_ref, y_ref, code <= 1, atol)
             gx_ref, gk_ref = _backward(monkeypatch, backend, y_ref, tau_ref, t, v, code, p)
-            _close(gx, gx_ref, atol)
-            _close(gk, gk_ref, atol)
+            # the Triton and cpu backwards accumulate in float64; the torch route's vjp runs in
+            # the rows' dtype, whose rounding of v - c is scaled by h/t (up to 3/t for p = 4/3)
+            scale = 3.0 / float(t.min()) if backend == "torch" and dtype == torch.float32 else 1.0
+            rows = torch.ones_like(tau, dtype=torch.bool)
+            if backend == "torch":
+                # The torch route's tau is not exact where a root sits on an entry's value
+                # (flat G): it leaves y ~ 1e-17 there, whose slope carries c = <h, v>/sum h
+                # of an otherwise hard row. Compared on rows whose slopes sum above 1e-6.
+                h = link_of_code(code, p).slope_from_value(y_ref.double()).sum(-1)
+                rows = (h > 1e-6) | ~torch.isfinite(tau_ref)
+            _close(gx[rows], gx_ref[rows], atol * scale)
+            _close(gk[rows], gk_ref[rows], atol * scale)
 
 
 @interpreter
@@ -184,7 +202,7 @@ def test_rows_longer_than_the_chip_are_read_in_chunks(rng, monkeypatch, method, 
     x, k, t = _batch(rng, 3, 50, torch.float32)
     x[0, 7] = math.inf
     y, tau = _ops.forward_impl(x, k, t, code, p, 0)
-    v = torch.randn_like(x)
+    v = torch.from_numpy(rng.normal(size=x.shape)).to(x.dtype)
     gx, gk = _ops.backward_impl(y, tau, t, v, code, p)
     y_ref, tau_ref = _forward(monkeypatch, "cpu", x, k, t, code, p)
     gx_ref, gk_ref = _backward(monkeypatch, "cpu", y_ref, tau_ref, t, v, code, p)
@@ -248,7 +266,7 @@ class _SyncCounter:
 def test_no_host_sync_in_forward_and_backward(rng, monkeypatch, method, p, code):
     monkeypatch.setenv("SOFTTOPK_BACKEND", "triton")
     x, k, t = _batch(rng, 3, 20, torch.float32)
-    v = torch.randn_like(x)
+    v = torch.from_numpy(rng.normal(size=x.shape)).to(x.dtype)
     counter = _SyncCounter(monkeypatch)
     y, tau = _ops.forward_impl(x, k, t, code, p, 0)
     _ops.backward_impl(y, tau, t, v, code, p)
@@ -310,7 +328,7 @@ def test_float64_oracles(rng, monkeypatch, method, p, link):
 def test_cuda_equals_cpu_route_without_sync(rng, monkeypatch, method, p, code, n, dtype):
     pytest.importorskip("numba")
     x, k, t = _batch(rng, 6, n, dtype)
-    v = torch.randn(x.shape, dtype=dtype)
+    v = torch.from_numpy(rng.normal(size=x.shape)).to(dtype)
     xg, kg, tg, vg = x.cuda(), k.cuda(), t.cuda(), v.cuda()
     monkeypatch.setenv("SOFTTOPK_BACKEND", "auto")
     torch.cuda.set_sync_debug_mode("error")

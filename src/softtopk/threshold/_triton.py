@@ -24,7 +24,8 @@ from device tensors):
    z = (x - c)/t - s keeps its digits however large |x|/t is. It takes one to three
    steps: for p = 2 a Newton step is the closed form of the linear piece it starts on,
    (sum_S x - t (k - U)) / |S| over the active entries S and the U saturated ones, so
-   it ends exactly;
+   it ends exactly (for p < 2 a root on the value of an entry, where G is flat, is
+   taken exactly);
 5. write y = G((x - tau)/t) (sparse links: zero within rounding of the threshold) and
    tau.
 
@@ -146,6 +147,25 @@ def _row_sums(
 
 
 @triton.jit
+def _next_above(xrow, n, xt, center, scale, s, BLOCK: tl.constexpr, ONCHIP: tl.constexpr):
+    """The smallest finite x with (x - center) scale > s, in float64 (+inf when none)."""
+    if ONCHIP:
+        xv = xt.to(tl.float64)
+        above = (xv < float("inf")) & ((xv - center) * scale - s > 0.0)
+        xb = tl.min(tl.where(above, xv, float("inf")), axis=0)
+    else:
+        offs = tl.arange(0, BLOCK)
+        acc = tl.full([BLOCK], float("inf"), tl.float64)
+        for start in range(0, n, BLOCK):
+            idx = start + offs
+            xv = tl.load(xrow + idx, mask=idx < n, other=float("-inf")).to(tl.float64)
+            above = (xv < float("inf")) & ((xv - center) * scale - s > 0.0)
+            acc = tl.minimum(acc, tl.where(above, xv, float("inf")))
+        xb = tl.min(acc, axis=0)
+    return xb
+
+
+@triton.jit
 def _solve(
     xrow,
     n,
@@ -164,11 +184,15 @@ def _solve(
     ITER: tl.constexpr,
     BLOCK: tl.constexpr,
     ONCHIP: tl.constexpr,
+    FSTOP: tl.constexpr,
 ):
     """Safeguarded Newton for sum G((x - center) scale - s) = kk in s on [lo, hi], from s.
 
     f(lo) >= 0 >= f(hi). At most ITER steps; stops when the bracket or the step is below
-    the precision EPS, or at once when ``active`` is false.
+    the precision EPS (with FSTOP also when |f| is), or at once when ``active`` is false.
+    FSTOP suits a rough solve, and the dense links, whose slope h = G'(G^{-1}(y)) is a
+    continuous function of y: for the sparse ones an entry y = 1e-15 left by a rough tau
+    instead of 0 would carry the whole gradient of a hard row.
     """
     s = tl.where((s > lo) & (s < hi), s, 0.5 * (lo + hi))
     dx_old = hi - lo
@@ -181,6 +205,10 @@ def _solve(
         lo = tl.where(above, s, lo)
         hi = tl.where(above, hi, s)
         stop = (f == 0.0) | (hi - lo <= 2.0 * EPS * (tl.abs(lo) + tl.abs(hi)))
+        if FSTOP:
+            # f within the rounding of the sum: where the row is nearly hard (sum G' tiny)
+            # the iterates would otherwise wander in the noise
+            stop = stop | (tl.abs(f) <= 4.0 * EPS * (kk + 1.0))
         has_d = d > 0.0
         delta = tl.where(has_d, f / tl.where(has_d, d, 1.0), float("inf"))
         cand = s + delta
@@ -333,6 +361,7 @@ def _forward_kernel(
         ITER_LOW,
         BLOCK,
         ONCHIP,
+        True,
     )
     # Recentre on c, the float32 (float64) value nearest the rough threshold: x - c is
     # exact near the threshold, so z = (x - c)/t - s keeps its digits however large |x|/t.
@@ -358,7 +387,19 @@ def _forward_kernel(
         ITER_F64,
         BLOCK,
         ONCHIP,
+        LINK >= 2,
     )
+    if LINK == 1:
+        # A root on a breakpoint x_b (an entry leaving the support), where G = z^a is flat:
+        # Newton creeps up to it and stops where y_b = z^a no longer moves the float64 sum,
+        # leaving a y_b of 1e-30 that would carry the whole gradient of a hard row. Take
+        # x_b itself when it solves the equation at least as well.
+        xb = _next_above(xrow, n, xt, c, inv_t, s, BLOCK, ONCHIP)
+        s_b = (xb - c) * inv_t
+        f_s, _ = _row_sums(xrow, n, xt, c, inv_t, s, a, LINK, tl.float64, BLOCK, ONCHIP)
+        f_b, _ = _row_sums(xrow, n, xt, c, inv_t, s_b, a, LINK, tl.float64, BLOCK, ONCHIP)
+        take = regular & (xb < float("inf")) & (tl.abs(f_b - kk) <= tl.abs(f_s - kk))
+        s = tl.where(take, s_b, s)
     tau = c + t * s
     # 5. the mask and the threshold
     SNAP: tl.constexpr = LINK <= 1
