@@ -11,9 +11,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-# The compiled kernels, not the interpreter; the automatic route (Triton on CUDA tensors).
+# The compiled kernels, not the interpreter; the Triton route forced (auto keeps CUDA tensors
+# on the tensor-op reference until the kernels are checked on a GPU).
 unset TRITON_INTERPRET
-export SOFTTOPK_BACKEND=auto
+export SOFTTOPK_BACKEND=triton
 
 "$PY" - <<'EOF'
 import sys

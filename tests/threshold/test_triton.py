@@ -330,7 +330,7 @@ def test_cuda_equals_cpu_route_without_sync(rng, monkeypatch, method, p, code, n
     x, k, t = _batch(rng, 6, n, dtype)
     v = torch.from_numpy(rng.normal(size=x.shape)).to(dtype)
     xg, kg, tg, vg = x.cuda(), k.cuda(), t.cuda(), v.cuda()
-    monkeypatch.setenv("SOFTTOPK_BACKEND", "auto")
+    monkeypatch.setenv("SOFTTOPK_BACKEND", "triton")
     torch.cuda.set_sync_debug_mode("error")
     try:
         y, tau = _ops.forward_impl(xg, kg, tg, code, p, 0)
@@ -355,7 +355,7 @@ def test_cuda_equals_cpu_route_without_sync(rng, monkeypatch, method, p, code, n
 def test_cuda_half_precision_and_rules_without_sync(monkeypatch, method, p, code, dtype):
     pytest.importorskip("numba")
     x, k, t = _rule_rows(torch.float32)
-    monkeypatch.setenv("SOFTTOPK_BACKEND", "auto")
+    monkeypatch.setenv("SOFTTOPK_BACKEND", "triton")
     torch.cuda.set_sync_debug_mode("error")
     try:
         y, tau = _ops.forward_impl(x.to("cuda", dtype), k.cuda(), t.cuda(), code, p, 0)
