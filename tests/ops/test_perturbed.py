@@ -72,14 +72,14 @@ def test_generator_draws_are_replayed_in_the_backward():
 
 
 def test_chunked_noise_matches_one_chunk(monkeypatch):
-    from softtopk.ops import _perturbed
+    from softtopk.ops import _perturbation
 
     x = torch.randn(2, 64, dtype=torch.float64)
     z = torch.randn(40, 2, 64, dtype=torch.float64)
     v = torch.randn(2, 64, dtype=torch.float64)
     outs = []
     for chunk in (1 << 23, 200):  # one chunk, or chunks of one or two samples
-        monkeypatch.setattr(_perturbed, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(_perturbation, "CHUNK_ELEMENTS", chunk)
         xr = x.clone().requires_grad_()
         y = perturbed(xr, 6, temperature=0.3, noise_samples=z)
         y.backward(v)

@@ -14,7 +14,7 @@ from ._dftopk import dftopk_mask
 from ._entropic import entropic_mask
 from ._hard import hard_mask
 from ._lapsum import lapsum_mask
-from ._perturbed import perturbation, perturbed_mask
+from ._perturbation import perturbation, perturbed_mask
 from ._soft import soft_mask
 from ._sparse import sparse_mask
 
