@@ -106,6 +106,18 @@ def check_positive(value: object, name: str) -> float:
     return value
 
 
+def check_temperature(value: object, name: str = "temperature") -> float | None:
+    """Checks an optional temperature: None (the operator's default) or a positive number."""
+    return None if value is None else check_positive(value, name)
+
+
+def check_generator(value: object, name: str = "generator") -> torch.Generator | None:
+    """Checks an optional ``torch.Generator`` (None: the global generator)."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__}")
+    return value
+
+
 def check_p(p: object) -> float:
     """Checks the exponent of the sparse p-norm regulariser, p in (1, 2]."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real):

@@ -332,7 +332,7 @@ def test_lambda_loss_matches_the_pairwise_loop(rng, weighting, k, truncation):
         k=k,
         truncation=truncation,
         weighting=weighting,
-        sigma=1.5,
+        temperature=1 / 1.5,
         reduction="none",
     )
     expected = [_lambda_oracle(s[b], rel[b], weighting, k, truncation, sigma=1.5) for b in range(5)]

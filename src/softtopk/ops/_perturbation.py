@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._checks import check_choice, check_tensor
+from .._checks import check_generator as check_generator_type
 from .._rows import apply_rules, classify, regular_rows
 
 #: Perturbed values held at once (num_samples is processed in chunks of this size).
@@ -131,10 +132,8 @@ def default_generator(device: torch.device) -> torch.Generator:
 
 def check_generator(generator: object, device: torch.device) -> torch.Generator:
     """A ``torch.Generator`` on the device type of ``device`` (None: that device's global one)."""
-    if generator is None:
+    if check_generator_type(generator) is None:
         return default_generator(device)
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if torch.device(generator.device).type != device.type:
         raise ValueError(f"generator is on {generator.device} but x is on {device}")
     return generator
