@@ -69,9 +69,11 @@ def _bce(p: Tensor, y: Tensor) -> Tensor:
 
 
 def _log_bce(p: Tensor, y: Tensor) -> Tensor:
-    # LCRON's form: -y log(p + 1e-6) - (1 - y) log(1 - p + 1e-6), mean over items.
+    # LCRON's form: -y log(p + 1e-6) - (1 - y) log(1 - p + 1e-6), mean over items. Masks of
+    # the unbounded operators (relaxed permutations, subset samples) can exceed 1: p is
+    # clipped to [0, 1] first, as in _bce, so that the logarithm stays finite.
     dtype = torch.promote_types(p.dtype, torch.float32)
-    p, y = p.to(dtype), y.to(dtype)
+    p, y = p.to(dtype).clamp(0.0, 1.0), y.to(dtype)
     return (-(y * torch.log(p + 1e-6) + (1 - y) * torch.log(1 - p + 1e-6))).mean()
 
 
