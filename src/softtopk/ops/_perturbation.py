@@ -263,25 +263,27 @@ class _Perturbed(torch.autograd.Function):
         y = x.new_zeros(B, width)
         value = x.new_zeros(B)
         slots, weights = [], []
+        if target is None:
+            scale, offset = x.new_ones(B), x.new_zeros(B)
+        else:
+            # F is computed on x / s with s a power of two near max |x| (exact scaling), and
+            # <c, x> / s is subtracted from every sample before the mean: each term is then
+            # O(k), so large scores give a finite loss whenever the loss itself is finite.
+            top = torch.where(torch.isfinite(xd), xd.abs(), 0.0).amax(-1)
+            scale = torch.exp2(torch.frexp(top).exponent.to(top.dtype) - 1.0).clamp(min=1.0)
+            c = target.detach()
+            offset = torch.where(c != 0, c * (xd / scale.unsqueeze(-1)), 0.0).sum(-1)
         for z in pert.chunks(B, n, x.dtype):
-            m = z.shape[0]
             u = xd.unsqueeze(0) + t * z
             slot, w = select(u)
             pos = slot % n if width != n else slot
             y.scatter_add_(-1, slot.permute(1, 0, 2).reshape(B, -1), w.permute(1, 0, 2).reshape(B, -1))
-            if target is None:
-                vals = u.gather(-1, pos)
-                per_sample = torch.where(w != 0, w * vals, 0.0).sum(-1)
-            else:
-                # <y*(u_m) - c, x> + t <y*(u_m), z_m>: the difference before the sum, so that
-                # large scores whose contributions cancel give a finite loss.
-                d = x.new_zeros(m, B, n).scatter_add_(-1, pos, w) - target.detach().unsqueeze(0)
-                per_sample = torch.where(d != 0, d * xd, 0.0).sum(-1)
-                per_sample = per_sample + t * torch.where(w != 0, w * z.gather(-1, pos), 0.0).sum(-1)
+            vals = u.gather(-1, pos) / scale.view(1, B, 1)
+            per_sample = torch.where(w != 0, w * vals, 0.0).sum(-1) - offset
             value += (per_sample / M).sum(0)
             slots.append(slot)
             weights.append(w)
-        return y / M, value, torch.cat(slots), torch.cat(weights)
+        return y / M, value * scale, torch.cat(slots), torch.cat(weights)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
