@@ -138,7 +138,7 @@ def contenders(temperature: float | None, peers: bool = True) -> list[Contender]
         Contender(
             "soft[sinkhorn-200]",
             "published",
-            lambda x, k: soft_sinkhorn_mask(x, k, epsilon=0.1, max_iter=200),
+            lambda x, k: soft_sinkhorn_mask(x, k, temperature=0.1, max_iter=200),
             note="Xie et al. 2020: 200 log-domain Sinkhorn iterations, implicit backward",
         ),
     ]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_bool, check_dim, check_positive, check_tensor
+from .._checks import check_bool, check_dim, check_positive, check_temperature, check_tensor
 from ..ops import soft_threshold_p_mask, threshold_p_mask, topk_mask
 from ..registry import resolve
 
@@ -236,6 +236,8 @@ class DepthRouter(nn.Module):
         if threshold is not None:
             _check_fraction(threshold, "threshold", closed=False)
         resolve(method)
+        check_temperature(temperature)
+        check_bool(causal, "causal")
         self.proj = nn.Linear(d_model, 1)
         self.capacity, self.threshold, self.method, self.temperature, self.causal = (
             capacity,

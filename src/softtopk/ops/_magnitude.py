@@ -11,18 +11,14 @@ from torch import Tensor
 from .. import _backend
 from .._checks import (
     check_bool,
-    check_dim,
     check_p,
     check_positive,
-    check_tensor,
-    compute_dtype,
     is_tracing,
     may_sync,
-    prepare_k,
     scatter_rows,
-    to_rows,
 )
 from .._roots import newton
+from .._rows import rowwise
 
 #: Rows up to this length are solved on all their entries.
 SHORT_ROW = 256
@@ -386,25 +382,20 @@ def topk_mag(
         Sander, Puigcerver, Djolonga, Peyré, Blondel. "Fast, Differentiable and Sparse
         Top-k: a Convex Analysis Perspective", ICML 2023.
     """
-    x = check_tensor(x)
-    d = check_dim(dim, x.dim())
+    rows = rowwise(x, k, dim, k_grad=False)
     l = check_positive(temperature, "temperature")
     p = check_p(p)
     if abs(p - 2.0) > 1e-12 and abs(p - 4.0 / 3.0) > 1e-12:
         raise ValueError(f"topk_mag implements p = 2 and p = 4/3, got p={p!r}")
     r = round(1.0 / (p - 1.0))
     check_bool(debias, "debias")
-    cd = compute_dtype(x.dtype)
-    rows, restore = to_rows(x, d)
-    kvec = prepare_k(k, x, d, rows.shape[0], cd)
-    if isinstance(k, Tensor) and k.requires_grad:
-        raise ValueError("topk_mag is not differentiable in k; pass k without requires_grad")
+    kvec = rows.k
     if not is_tracing() and kvec.numel() > 0 and bool((kvec != kvec.round()).any()):
         raise ValueError(f"k must be integer-valued for topk_mag, got {k!r}")
-    if rows.numel() == 0:
+    if rows.x.numel() == 0:
         return torch.zeros_like(x)
-    if may_sync(rows) and _backend.route(rows) == "cpu":
-        y = _TopKMagCPU.apply(rows.to(cd), kvec.to(torch.float64), l, r, debias)
+    if may_sync(rows.x) and _backend.route(rows.x) == "cpu":
+        y = _TopKMagCPU.apply(rows.x, kvec.to(torch.float64), l, r, debias)
     else:
-        y = _TopKMag.apply(rows.to(cd), kvec, l, r, debias)[0]
-    return restore(y).to(x.dtype)
+        y = _TopKMag.apply(rows.x, kvec, l, r, debias)[0]
+    return rows.restore(y)
