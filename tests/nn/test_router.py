@@ -568,3 +568,21 @@ def test_option_validation():
     for options, error, match in module_cases:
         with pytest.raises(error, match=match):
             TopKRouter(4, 6, k=1, **options)
+
+
+def test_stochastic_methods_draw_fresh_noise_or_follow_a_generator():
+    logits = torch.randn(16, 8)
+    a = topk_route(logits, 2, method="perturbed").gates
+    b = topk_route(logits, 2, method="perturbed").gates
+    assert not torch.equal(a, b)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    c = topk_route(logits, 2, method="perturbed", generator=g1).gates
+    d = topk_route(logits, 2, method="perturbed", generator=g2).gates
+    assert torch.equal(c, d)
+    with pytest.raises(TypeError, match="generator"):
+        topk_route(logits, 2, generator=5)
+    with pytest.raises(TypeError, match="generator"):
+        TopKRouter(4, 8, generator=5)
+    router = TopKRouter(4, 8, method="perturbed", generator=torch.Generator().manual_seed(1))
+    x = torch.randn(16, 4)
+    assert not torch.equal(router(x).gates, router(x).gates)

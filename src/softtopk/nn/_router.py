@@ -26,7 +26,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_bool, check_choice, check_int, check_positive, check_tensor, compute_dtype
+from .._checks import (
+    check_bool,
+    check_choice,
+    check_generator,
+    check_int,
+    check_positive,
+    check_tensor,
+    compute_dtype,
+)
 from ..registry import OPERATORS, Operator, resolve
 from ..threshold import LAPLACE, LOGISTIC, Link, ThresholdMask, sparse_link
 
@@ -377,6 +385,7 @@ def topk_route(
     l1_coef: float | Tensor = 1.0,
     hard: bool = False,
     causal: bool = False,
+    generator: torch.Generator | None = None,
     balance_tol: float = 1e-6,
     balance_iters: int = 500,
 ) -> RouterOutput:
@@ -445,6 +454,8 @@ def topk_route(
         l1_coef: ReLU routing's penalty coefficient (a number or a 0-dim tensor).
         hard: exactly k experts per token (see above).
         causal: the layer is autoregressive; refuses expert choice and balanced assignment.
+        generator: the random source of a stochastic ``method`` (``"perturbed"``,
+            ``"subset"``); None draws from the global generator, fresh on every call.
         balance_tol: tolerance of the balanced assignment's row sums.
         balance_iters: the most alternations of the balanced assignment.
 
@@ -483,6 +494,7 @@ def topk_route(
     check_bool(renormalize, "renormalize")
     check_bool(hard, "hard")
     check_bool(causal, "causal")
+    check_generator(generator)
     E = logits.shape[-1]
     k = _check_k(k, E, routing)
     groups = _check_groups(n_groups, topk_groups, E, k)
@@ -540,14 +552,14 @@ def topk_route(
         gates = probs * mask
     elif routing == "token":
         if op.kind == "magnitude":  # type: ignore[union-attr]
-            gates = op(probs, k, dim=-1, temperature=t)  # type: ignore[misc]
+            gates = op(probs, k, dim=-1, temperature=t, generator=generator)  # type: ignore[misc]
             mask = (gates != 0).to(cd)
         else:
-            mask = op(u, k, dim=-1, temperature=t).to(cd)
+            mask = op(u, k, dim=-1, temperature=t, generator=generator).to(cd)
             gates = probs * mask
     elif routing == "expert":
         C = expert_capacity(T, E, float(k), 1.0 if capacity_factor is None else cf)
-        mask = op(u.T, C, dim=-1, temperature=t).T.to(cd)
+        mask = op(u.T, C, dim=-1, temperature=t, generator=generator).T.to(cd)
         gates = probs * mask
     elif routing == "balanced":
         mask = balanced_assignment(
@@ -685,6 +697,7 @@ class TopKRouter(nn.Module):
         bias_rate: the step of the auxiliary-loss-free bias (0 disables it; DeepSeek-V3
             uses 0.001).
         bias_update: ``"forward"`` (update in each training forward) or ``"manual"``.
+        generator: the random source of a stochastic ``method`` (None: the global one).
         l1_coef: the initial L1 coefficient of ReLU routing (ReMoE: 1e-8).
         l1_rate: its multiplicative step alpha > 1 (ReMoE: 1.2).
         noise_std: standard deviation of Gaussian noise added to the logits in training
@@ -733,6 +746,7 @@ class TopKRouter(nn.Module):
         l1_rate: float = 1.2,
         noise_std: float = 0.0,
         bias: bool = False,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("num_experts", num_experts)):
@@ -775,6 +789,7 @@ class TopKRouter(nn.Module):
         if isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real) or noise_std < 0:
             raise ValueError(f"noise_std must be a non-negative number, got {noise_std!r}")
         check_bool(bias, "bias")
+        self.generator = check_generator(generator)
         self.proj = nn.Linear(in_features, num_experts, bias=bias)
         self.num_experts, self.k, self.method, self.temperature = num_experts, k, method, temperature
         self.score, self.renormalize, self.routing = score, renormalize, routing
@@ -807,6 +822,7 @@ class TopKRouter(nn.Module):
             l1_coef=self.l1_coef.to(logits.dtype) if self.routing == "relu" else 1.0,
             hard=not self.training and self.inference == "hard",
             causal=self.causal,
+            generator=self.generator,
         )
         if self.training and self.bias_update == "forward":
             if self.bias_rate > 0:
