@@ -224,3 +224,11 @@ def test_errors():
         softtopk.topk(x, 1, largest=1)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         softtopk.topk([1.0, 2.0], 1)
+
+
+def test_hard_mask_takes_ties_by_lowest_index():
+    x = torch.tensor([[1.0, 2.0, 2.0, 2.0, -math.inf], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    y = softtopk.topk_mask(x, 2, method="hard")
+    assert torch.equal(y, torch.tensor([[0.0, 1, 1, 0, 0], [1, 1, 0, 0, 0]]))
+    y = softtopk.topk_mask(x, 2.5, method="hard")
+    assert torch.equal(y, torch.tensor([[0.0, 1, 1, 0.5, 0], [1, 1, 0.5, 0, 0]]))
