@@ -203,8 +203,8 @@ def shapes_contenders(temperature: float | None, device: str = "cpu") -> list[Co
         return lambda x, k: topk_route(x, k, method=method, temperature=t).gates
 
     out = [
-        Contender("torch.topk", "floor", lambda x, k: torch.topk(x, k, dim=-1).values),
         Contender("hand router", "floor", hand_router, note="torch.topk + softmax + scatter"),
+        Contender("torch.topk", "floor", lambda x, k: torch.topk(x, k, dim=-1).values),
         Contender("softtopk.topk", "operator", lambda x, k: topk(x, k).values),
         Contender("sparse", "operator", op("sparse")),
         Contender("sparse-p4/3", "operator", op("sparse-p4/3")),
