@@ -24,7 +24,10 @@ instead, against ``torch.sort`` and, when it is installed, torchsort's C++ opera
 (the same maths), and prints torchsort's time over ours for every size.
 
 Timing: two warm-up calls, then the median of at least ``--repeat`` calls (more while the
-total stays under ``--budget`` seconds); CUDA timings synchronise. Peak memory is the
+total stays under ``--budget`` seconds); CUDA timings synchronise. In the shapes suite
+every timed call follows a call of ``torch.topk`` (and, for the routers, of the
+hand-written router) in the same round, and a ratio is the median of the per-round
+ratios, which cancels the drifts of a loaded machine. Peak memory is the
 largest amount allocated during one call beyond what was allocated before it (CPU: the
 profiler's allocation events; CUDA: ``torch.cuda.max_memory_allocated``).
 """
@@ -126,6 +129,7 @@ class Config:
     cases: list[tuple[int, int, int]] | None = None  # explicit (batch, n, k); overrides sizes x ks
     threads: list[int] = field(default_factory=list)  # torch thread counts to run (empty: as set)
     memory: bool = True
+    paired: bool = False  # time each call right after torch.topk (and the hand router) in rounds
 
 
 def default_k(n: int) -> int:
@@ -353,6 +357,39 @@ def _quiet() -> Iterator[None]:
             os.close(fd)
 
 
+def time_paired(
+    fn: Callable[[], object], refs: list[Callable[[], object]], device: str, repeat: int, budget: float
+) -> tuple[float, list[float], int]:
+    """Times ``fn`` in rounds, each also timing every reference call right before it.
+
+    Returns the median seconds of ``fn``, for each reference the median over the rounds
+    of ``fn``'s time over the reference's time in the same round, and the round count.
+    Pairing the calls cancels the slow drifts of a shared machine's load.
+    """
+    for call in (*refs, fn):
+        call()
+    _sync(device)
+    times: list[float] = []
+    ratios: list[list[float]] = [[] for _ in refs]
+    start = time.perf_counter()
+    while len(times) < repeat or (time.perf_counter() - start < budget and len(times) < 50):
+        ref_times = []
+        for call in refs:
+            t0 = time.perf_counter()
+            call()
+            _sync(device)
+            ref_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        for r, t in zip(ratios, ref_times, strict=True):
+            r.append(times[-1] / t)
+        if times[-1] > 5.0 and len(times) >= 3:
+            break
+    return statistics.median(times), [statistics.median(r) for r in ratios], len(times)
+
+
 def peak_memory(fn: Callable[[], object], device: str) -> float:
     """Largest number of bytes allocated during ``fn`` beyond those allocated before it."""
     if device.startswith("cuda"):
@@ -443,8 +480,14 @@ def _run_threads(config: Config, progress: Callable[[str], None] | None) -> list
     for batch, n, k in cases_of(config):
         x = torch.randn(batch, n, device=config.device).to(config.dtype)
         input_bytes = x.numel() * x.element_size()
-        base_fwd, _ = time_call(lambda: torch.topk(x, k, dim=-1), config.device, config.repeat, config.budget)
+
+        def topk_fwd() -> object:
+            with torch.no_grad():
+                return torch.topk(x, k, dim=-1)
+
+        base_fwd, _ = time_call(topk_fwd, config.device, config.repeat, config.budget)
         router: dict[str, float] = {}
+        hand = _calls(Contender("hand router", "floor", hand_router), x, k)
         for c in chosen:
             out_bytes: list[int] = []
             for mode, call in _calls(c, x, k).items():
@@ -478,19 +521,30 @@ def _run_threads(config: Config, progress: Callable[[str], None] | None) -> list
                 rows.append(row)
                 if skip:
                     continue
+                refs = [topk_fwd]
+                if c.group == "router":
+                    refs.append(hand[mode])
                 try:
-                    seconds, repeats = time_call(call, config.device, config.repeat, config.budget)
+                    if config.paired:
+                        seconds, paired, repeats = time_paired(
+                            call, refs, config.device, config.repeat, config.budget
+                        )
+                    else:
+                        seconds, repeats = time_call(call, config.device, config.repeat, config.budget)
+                        paired = [seconds / base_fwd]
                 except Exception as err:  # a contender that cannot run this case (e.g. no backward)
                     row.note = f"failed: {type(err).__name__}: {err}"[:200]
                     continue
                 if seconds > config.skip_slow_after / 10:
                     too_slow.add((c.name, mode))
                 row.ms = seconds * 1e3
-                row.ratio = seconds / base_fwd
+                row.ratio = paired[0]
                 row.repeats = repeats
                 if c.name == "hand router":
                     router[mode] = seconds
-                if mode in router:
+                if len(paired) > 1:
+                    row.router_ratio = paired[1]
+                elif mode in router:
                     row.router_ratio = seconds / router[mode]
                 if not out_bytes:
                     out_bytes.append(_nbytes(call()))
@@ -761,6 +815,7 @@ def main(args: argparse.Namespace) -> int:
             cases=cases,
             threads=threads,
             memory=suite != "shapes",
+            paired=suite == "shapes",
         )
         for dtype in dtypes
     ]
