@@ -94,7 +94,10 @@ def _(info, in_dims, x, k, largest, sorted):  # noqa: ANN001
 
 
 def _scatter_grad(grad_values: Tensor, indices: Tensor, n: int) -> Tensor:
-    return grad_values.new_zeros((indices.shape[0], n)).scatter(-1, indices, grad_values)
+    zeros = grad_values.new_zeros((indices.shape[0], n))
+    if is_tracing():  # torch.func transforms have no batching rule for the in-place form
+        return zeros.scatter(-1, indices, grad_values)
+    return zeros.scatter_(-1, indices, grad_values)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
@@ -217,12 +220,16 @@ def topk(
     n = v.shape[dim]
     if not 0 <= k <= n:
         raise ValueError(f"k must lie in [0, n] = [0, {n}] along dim={dim}, got {k}")
-    moved = v.movedim(dim, -1)
+    last = dim == v.dim() - 1
+    moved = v if last else v.movedim(dim, -1)
     batch = moved.shape[:-1]
-    rows = moved.reshape(math.prod(batch), n)
+    flat = moved.dim() == 2
+    rows = moved if flat else moved.reshape(math.prod(batch), n)
     values, indices = _rows_topk(rows, k, largest, sorted)
-    values = values.reshape(*batch, k).movedim(-1, dim)
-    indices = indices.reshape(*batch, k).movedim(-1, dim)
+    if not flat:
+        values, indices = values.reshape(*batch, k), indices.reshape(*batch, k)
+    if not last:
+        values, indices = values.movedim(-1, dim), indices.movedim(-1, dim)
     if scalar:
         values, indices = values.reshape(()), indices.reshape(())
     return torch.return_types.topk((values, indices))
