@@ -327,16 +327,12 @@ def time_call(
     """Median seconds of ``fn`` after warm-up calls (two, one for calls over a second).
 
     At least ``repeat`` calls, more while the total stays under ``budget`` seconds; a
-    call slower than ``cap`` seconds is timed once (its warm-up, when that already took
-    longer than ``cap``: the figure then includes any first-call compilation).
+    call slower than ``cap`` seconds is timed once (after one warm-up call).
     """
     t0 = _now()
     fn()
     _sync(device)
-    first = _now() - t0
-    if first > cap:
-        return first, 1
-    if first < 1.0:
+    if _now() - t0 < 1.0:
         fn()
         _sync(device)
     times: list[float] = []
