@@ -5,8 +5,9 @@
 ============  ==================================================================
 value         route
 ============  ==================================================================
-``auto``      the default: numba kernels for CPU tensors, Triton kernels for CUDA
-              tensors, the tensor-op reference for other devices (MPS, XPU, ...)
+``auto``      the default: numba kernels for CPU tensors, the tensor-op reference
+              for every other device (CUDA included: the Triton kernels have been
+              tested under the interpreter only, so on a GPU they are opt-in)
 ``torch``     the tensor-op reference everywhere (the test oracle)
 ``cpu``       the numba kernels (CPU tensors only)
 ``triton``    the Triton kernels; on CPU tensors they run under the Triton
@@ -66,8 +67,6 @@ def route(x: Tensor) -> str:
     if chosen == "auto":
         if device == "cpu":
             return "cpu" if has_numba() else "torch"
-        if device == "cuda":
-            return "triton" if has_triton() else "torch"
         return "torch"
     if chosen == "cpu" and device != "cpu":
         raise ValueError(f"SOFTTOPK_BACKEND='cpu' runs on CPU tensors only, got a tensor on {x.device}")

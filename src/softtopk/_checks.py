@@ -1,4 +1,4 @@
-"""Argument validation and the one helper that turns any-rank input into rows.
+"""Argument validation shared by every public function.
 
 Every public operator validates its arguments here, so that all of them raise the
 same errors: a ``TypeError`` for a wrong type, a ``ValueError`` for a wrong value,
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -107,6 +106,18 @@ def check_positive(value: object, name: str) -> float:
     return value
 
 
+def check_temperature(value: object, name: str = "temperature") -> float | None:
+    """Checks an optional temperature: None (the operator's default) or a positive number."""
+    return None if value is None else check_positive(value, name)
+
+
+def check_generator(value: object, name: str = "generator") -> torch.Generator | None:
+    """Checks an optional ``torch.Generator`` (None: the global generator)."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__}")
+    return value
+
+
 def check_p(p: object) -> float:
     """Checks the exponent of the sparse p-norm regulariser, p in (1, 2]."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
@@ -127,61 +138,6 @@ def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the solvers accumulate in: float64 stays, everything else uses float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def to_rows(x: Tensor, dim: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """Moves ``dim`` last and flattens the rest: returns rows ``(B, n)`` and the inverse map.
-
-    The inverse map takes a ``(B, n)`` tensor (or ``(B, m)`` for another row length m)
-    and restores the batch shape and the position of ``dim``.
-    """
-    moved = x.movedim(dim, -1)
-    batch_shape = moved.shape[:-1]
-    rows = moved.reshape(math.prod(batch_shape), moved.shape[-1])
-
-    def restore(y: Tensor) -> Tensor:
-        return y.reshape(*batch_shape, y.shape[-1]).movedim(-1, dim)
-
-    return rows, restore
-
-
-def prepare_k(k: object, x: Tensor, dim: int, rows: int, dtype: torch.dtype) -> Tensor:
-    """Validates ``k`` and returns it as a ``(rows,)`` tensor of ``dtype`` on ``x.device``.
-
-    ``k`` is a real number in [0, n], or a tensor of per-row budgets whose shape is the
-    batch shape of ``x`` (``x.shape`` without ``dim``), or ``x.shape`` with size 1 at
-    ``dim``, or anything that broadcasts to the batch shape. Gradients flow to a
-    floating ``k`` tensor.
-    """
-    n = x.shape[dim]
-    if isinstance(k, Tensor):
-        if k.dtype == torch.bool or k.is_complex():
-            raise TypeError(f"k must be a real number or a real tensor, got a tensor of {k.dtype}")
-        batch_shape = x.shape[:dim] + x.shape[dim + 1 :]
-        if k.dim() == x.dim() and k.dim() > 0 and k.shape[dim] == 1:
-            k = k.squeeze(dim)
-        try:
-            kb = torch.broadcast_to(k, batch_shape)
-        except RuntimeError:
-            raise ValueError(
-                f"k must be a number or a tensor broadcastable to the batch shape "
-                f"{tuple(batch_shape)} of x (x.shape without dim={dim}); got shape {tuple(k.shape)}"
-            ) from None
-        kvec = kb.reshape(rows).to(device=x.device, dtype=dtype)
-        if not is_tracing() and kvec.numel() > 0:
-            lo, hi = torch.aminmax(kvec.detach())
-            if not (bool(lo >= 0) and bool(hi <= n)):
-                raise ValueError(
-                    f"k must lie in [0, n] = [0, {n}] along dim={dim}; got values in "
-                    f"[{lo.item()}, {hi.item()}]"
-                )
-        return kvec
-    if isinstance(k, bool) or not isinstance(k, numbers.Real):
-        raise TypeError(f"k must be a real number or a tensor, got {type(k).__name__} {k!r}")
-    kf = float(k)
-    if not 0.0 <= kf <= n:
-        raise ValueError(f"k must lie in [0, n] = [0, {n}] along dim={dim}, got {k!r}")
-    return torch.full((rows,), kf, dtype=dtype, device=x.device)
 
 
 def scatter_rows(like: Tensor, idx: Tensor, src: Tensor) -> Tensor:

@@ -59,14 +59,22 @@ def to_rows(x: Tensor, dim: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     The inverse map takes a ``(B, m)`` tensor and restores the batch shape and the
     position of ``dim`` (with m entries along it).
     """
-    moved = x.movedim(dim, -1)
+    if x.dim() == 2 and dim == 1:  # already rows: the common case, without reshapes
+        return x, _identity
+    last = dim == x.dim() - 1
+    moved = x if last else x.movedim(dim, -1)
     batch_shape = moved.shape[:-1]
     rows = moved.reshape(math.prod(batch_shape), moved.shape[-1])
 
     def restore(y: Tensor) -> Tensor:
-        return y.reshape(*batch_shape, y.shape[-1]).movedim(-1, dim)
+        y = y.reshape(*batch_shape, y.shape[-1])
+        return y if last else y.movedim(-1, dim)
 
     return rows, restore
+
+
+def _identity(y: Tensor) -> Tensor:
+    return y
 
 
 def budgets(
@@ -108,7 +116,11 @@ def budgets(
             if integer and bool((kd != kd.round()).any()):
                 raise ValueError(f"{name} must hold whole numbers, got {k!r:.80}")
         return kvec
-    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+    if (
+        type(k) is not int
+        and type(k) is not float
+        and (isinstance(k, bool) or not isinstance(k, numbers.Real))
+    ):
         raise TypeError(f"{name} must be a real number or a tensor, got {type(k).__name__} {k!r}")
     kf = float(k)
     if not 0.0 <= kf <= n:
@@ -146,6 +158,8 @@ def rowwise(
     rows, restore = to_rows(x, d)
     kvec = budgets(k, x, d, rows.shape[0], cd, integer=integer_k)
     dtype = x.dtype
+    if cd == dtype:
+        return Rows(rows, kvec, d, dtype, restore)
 
     def back(y: Tensor) -> Tensor:
         return restore(y).to(dtype)

@@ -225,7 +225,7 @@ OPERATORS: dict[str, Operator] = {
             bench_max_elements=700_000,
             note=(
                 "logistic comparators; log2(n)^2/2 layers: O(n log^2 n) time and memory; "
-                "torch.compile works (tests/test_permutation.py, n = 8) but takes minutes at n = 40"
+                "torch.compile works at n = 8 but takes minutes at n = 40"
             ),
         ),
         Operator(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -37,6 +40,74 @@ def test_bench_sweeps_k_and_writes_csv_json_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert (out / "bench-time-batch2.png").is_file()
     assert "ratios are to torch.topk forward" in capsys.readouterr().out
+
+
+def test_bench_shapes_suite_rows_ratios_and_markdown(tmp_path, capsys):
+    out = tmp_path / "s"
+    code = main(
+        ["bench", "--suite", "shapes", "--sizes", "16x8,2x300", "--k", "2", "--threads", "1"]
+        + ["--dtype", "float32,bfloat16", "--repeat", "1", "--budget", "0"]
+        + ["--only", "sparse", "softtopk.topk", "router[sparse]", "--out", str(out)]
+        + ["--markdown", str(out / "shapes.md")]
+    )
+    assert code == 0
+    rows = list(csv.DictReader((out / "bench.csv").open()))
+    names = {r["contender"] for r in rows}
+    assert names == {"torch.topk", "hand router", "sparse", "softtopk.topk", "router[sparse]"}
+    assert {r["dtype"] for r in rows} == {"torch.float32", "torch.bfloat16"}
+    assert {(r["n"], r["k"]) for r in rows} == {("8", "2"), ("300", "2")}
+    assert all(r["threads"] == "1" for r in rows)
+    for r in rows:
+        assert float(r["ms"]) > 0 and float(r["ratio"]) > 0 and float(r["gbps"]) > 0
+        assert float(r["router_ratio"]) > 0  # the hand-written router ran first, in both modes
+        if r["contender"] == "hand router":
+            assert float(r["router_ratio"]) == 1.0
+    text = (out / "shapes.md").read_text()
+    assert "| (16, 8), 2 | router[sparse] |" in text and "### bfloat16, 1 thread" in text
+    assert "Targets:" in text and "fwd+bwd / hand router" in text and "1.5 x torch.topk fwd" in text
+    assert "USDT" not in capsys.readouterr().out
+
+
+def test_bench_shapes_lists_the_suite():
+    shapes = {(b, n, k) for b, n, k, _ in bench.SHAPES}
+    assert {(8192, 8, 2), (64, 131072, 50), (4, 262144, 2048), (16, 65536, 2048), (4096, 32768, 32)} <= shapes
+    names = [c.name for c in bench.shapes_contenders(None)]
+    for name in ("sparse", "sparse-p4/3", "topk_mag", "entropic", "lapsum", "soft", "softtopk.topk"):
+        assert name in names
+    assert "flashinfer.top_k" not in names  # a CUDA contender only
+    x = torch.randn(5, 9)
+    gates = bench.hand_router(x, 2)
+    assert torch.equal((gates > 0).sum(-1), torch.full((5,), 2))
+    assert torch.allclose(gates.sum(-1), torch.softmax(x, -1).topk(2).values.sum(-1))
+
+
+def test_bench_thread_and_dtype_lists():
+    assert bench.parse_threads("1,all,1") == [1, os.cpu_count()]
+    assert bench.parse_dtypes("float32, bfloat16") == ["float32", "bfloat16"]
+    with pytest.raises(argparse.ArgumentTypeError, match="threads must be positive"):
+        bench.parse_threads("0")
+    with pytest.raises(argparse.ArgumentTypeError, match="dtype must be one of"):
+        bench.parse_dtypes("int8")
+
+
+def test_bench_says_no_png_without_matplotlib(tmp_path, capsys, monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    code = main(
+        ["bench", "--sizes", "2x64,2x128", "--only", "sparse", "--repeat", "1", "--budget", "0"]
+        + ["--no-peers", "--out", str(tmp_path)]
+    )
+    assert code == 0
+    assert "matplotlib is not installed: no PNG written" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_peak_memory_prints_no_profiler_lines(capfd):
+    x = torch.randn(4, 100)
+    assert bench.peak_memory(lambda: torch.topk(x, 3), "cpu") >= 0
+    captured = capfd.readouterr()
+    assert "USDT" not in captured.out and "profiler_start" not in captured.err
 
 
 def test_bench_rejects_a_bad_k(tmp_path, capsys):

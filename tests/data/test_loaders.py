@@ -135,3 +135,25 @@ def test_real_movielens():
     assert len(r.rating) == 100_004 and r.users == 671 and r.items == 9066
     assert r.rating.min() == 0.5 and r.rating.max() == 5.0
     assert len(r.titles) == r.items
+
+
+def test_load_text_is_deterministic_and_split_by_file():
+    from softtopk.data import load_text
+
+    a, b = load_text(100_000), load_text(100_000)
+    for split in ("train", "val", "test"):
+        assert np.array_equal(getattr(a, split), getattr(b, split))
+        assert a.files[split] == b.files[split] and a.files[split]
+        # one 0 byte after each file, none inside
+        assert int((getattr(a, split) == 0).sum()) == len(a.files[split])
+    assert not set(a.files["train"]) & set(a.files["val"])
+    assert not set(a.files["train"]) & set(a.files["test"])
+    assert not set(a.files["val"]) & set(a.files["test"])
+    assert all(
+        f.endswith(".py") and "/test/" not in f and not f.startswith("test/") for f in a.files["train"]
+    )
+    assert a.train.dtype == np.uint8 and len(a.train) >= 80_000
+    with pytest.raises(ValueError, match="max_bytes"):
+        load_text(10)
+    with pytest.raises(ValueError, match="val_fraction"):
+        load_text(10_000, val_fraction=0.7)

@@ -117,6 +117,8 @@ def test_registry_order_of_experiments():
         "distributed",
         "sae",
         "sampling",
+        "lm-moe",
+        "mod",
     ]
 
 

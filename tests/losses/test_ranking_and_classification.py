@@ -332,7 +332,7 @@ def test_lambda_loss_matches_the_pairwise_loop(rng, weighting, k, truncation):
         k=k,
         truncation=truncation,
         weighting=weighting,
-        sigma=1.5,
+        temperature=1 / 1.5,
         reduction="none",
     )
     expected = [_lambda_oracle(s[b], rel[b], weighting, k, truncation, sigma=1.5) for b in range(5)]
@@ -465,3 +465,22 @@ def test_topk_ce_is_non_negative_with_unbounded_masks():
             logits, target, p_k=[0, 0, 0, 0, 1], top1="mask", method=method, temperature=1.0, reduction="none"
         )
         assert (loss >= 0).all()
+
+
+@pytest.mark.parametrize("method", ["neuralsort", "subset"])
+def test_lcron_loss_is_finite_for_masks_above_one(method):
+    """Unbounded masks (relaxed permutations, subset samples) exceed 1 at moderate t: the
+    LCRON BCE clips them to [0, 1] instead of taking the log of a negative number."""
+    gen = torch.Generator().manual_seed(0)
+    stages = [torch.randn(4, 8, generator=gen, requires_grad=True) for _ in range(2)]
+    truth = torch.zeros(4, 8)
+    truth[:, :2] = 1.0
+    op = softtopk.registry.OPERATORS[method]
+    masks = [op(s.detach(), 4, temperature=1.0, generator=torch.Generator().manual_seed(1)) for s in stages]
+    assert max(float(m.max()) for m in masks) > 1.0  # the case this guards
+    terms = lcron_loss(
+        stages, truth, [4, 2], method=method, temperature=1.0, generator=torch.Generator().manual_seed(1)
+    )
+    assert torch.isfinite(terms.stages).all() and torch.isfinite(terms.joint)
+    grads = torch.autograd.grad(terms.joint + terms.stages.sum(), stages)
+    assert all(torch.isfinite(g).all() for g in grads)

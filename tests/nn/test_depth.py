@@ -151,3 +151,15 @@ def test_bad_input():
         depth_route(torch.randn(2, 4), threshold=0.5, per_token=1)
     with pytest.raises(ValueError, match="x must have shape"):
         depth_dispatch(torch.randn(4, 3), depth_route(torch.randn(4, 3), threshold=0.5), math.sin)
+
+
+def test_stochastic_methods_follow_a_generator():
+    logits = torch.randn(2, 16)
+    a = depth_route(logits, capacity=0.5, method="perturbed").weights
+    b = depth_route(logits, capacity=0.5, method="perturbed").weights
+    assert not torch.equal(a, b)
+    c = depth_route(logits, capacity=0.5, method="perturbed", generator=torch.Generator().manual_seed(3))
+    d = depth_route(logits, capacity=0.5, method="perturbed", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(c.weights, d.weights)
+    with pytest.raises(TypeError, match="generator"):
+        DepthRouter(8, capacity=0.5, generator="seed")

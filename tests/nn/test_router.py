@@ -48,7 +48,7 @@ def test_sparse_router_activates_k_experts_on_separated_logits():
 
 
 def test_normalize():
-    out = topk_route(torch.randn(9, 6), 2, normalize=True, temperature=0.3)
+    out = topk_route(torch.randn(9, 6), 2, renormalize=True, temperature=0.3)
     torch.testing.assert_close(out.gates.sum(-1), torch.ones(9))
 
 
@@ -228,3 +228,361 @@ def test_bad_input():
         moe_dispatch(torch.randn(3, 2), torch.randn(4, 2), [math.sin, math.cos])
     with pytest.raises(ValueError, match="experts were given"):
         moe_dispatch(torch.randn(3, 2), torch.randn(3, 2), [math.sin])
+
+
+# --- Routing options -------------------------------------------------------------------
+
+
+def _mixtral(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Hand-written Mixtral router: softmax, top-k, renormalise over the chosen experts."""
+    out = torch.zeros_like(logits)
+    for t in range(logits.shape[0]):
+        probs = [math.exp(v) for v in logits[t].tolist()]
+        total = sum(probs)
+        probs = [p / total for p in probs]
+        chosen = sorted(range(len(probs)), key=lambda e: -probs[e])[:k]
+        norm = sum(probs[e] for e in chosen)
+        for e in chosen:
+            out[t, e] = probs[e] / norm
+    return out
+
+
+def test_softmax_topk_renormalise_is_mixtral():
+    logits = torch.randn(40, 8, dtype=torch.float64)
+    out = topk_route(logits, 2, method="hard", renormalize=True)
+    torch.testing.assert_close(out.gates, _mixtral(logits, 2))
+    assert (out.active == 2).all()
+
+
+def test_sigmoid_scores_with_bias_are_deepseek_v3():
+    torch.manual_seed(0)
+    logits = torch.randn(30, 8, dtype=torch.float64)
+    bias = torch.randn(8, dtype=torch.float64)
+    out = topk_route(logits, 3, method="hard", score="sigmoid", expert_bias=bias, renormalize=True)
+    s = torch.sigmoid(logits)
+    for t in range(30):
+        chosen = sorted(range(8), key=lambda e: -(s[t, e] + bias[e]).item())[:3]
+        want = torch.zeros(8, dtype=torch.float64)
+        want[chosen] = s[t, chosen] / s[t, chosen].sum()
+        torch.testing.assert_close(out.gates[t], want)
+    torch.testing.assert_close(out.probs, s)
+
+
+@pytest.mark.parametrize("method", ["hard", "sparse", "entropic"])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_bias_never_enters_the_gate_values(method, score):
+    logits = torch.randn(25, 6, dtype=torch.float64, requires_grad=True)
+    bias = (3 * torch.randn(6, dtype=torch.float64)).requires_grad_()
+    out = topk_route(logits, 2, method=method, score=score, expert_bias=bias, temperature=0.3)
+    plain = topk_route(logits, 2, method=method, score=score, temperature=0.3)
+    # The gates are the unbiased scores times the (biased) selection.
+    torch.testing.assert_close(out.gates, plain.probs * out.mask)
+    assert not torch.equal(out.mask, plain.mask)  # the bias moved the selection
+    out.gates.sum().backward()
+    assert bias.grad is None  # outside the gradient
+
+
+def test_update_bias_step_and_it_balances_a_skewed_router():
+    router = TopKRouter(4, 4, k=1, method="hard", bias_rate=0.1)
+    router.update_bias(torch.tensor([6.0, 2.0, 0.0, 4.0]))  # mean 3
+    torch.testing.assert_close(router.expert_bias, torch.tensor([-0.1, 0.1, 0.1, -0.1]))
+    router.update_bias(torch.tensor([3.0, 3.0, 3.0, 3.0]))  # balanced: no move
+    torch.testing.assert_close(router.expert_bias, torch.tensor([-0.1, 0.1, 0.1, -0.1]))
+    with pytest.raises(ValueError, match="load must have shape"):
+        router.update_bias(torch.ones(3))
+    # A router with a skewed projection balances itself through the forward updates.
+    torch.manual_seed(0)
+    router = TopKRouter(8, 8, k=2, method="hard", bias_rate=0.01)
+    with torch.no_grad():
+        router.proj.weight.add_(torch.linspace(0, 0.3, 8)[:, None])  # later experts favoured
+    x = torch.randn(512, 8).abs()
+    before = router(x).load
+    for _ in range(200):
+        out = router(x)
+    after = out.load
+    assert before.max() / before.mean() > 3.0  # measured: 496 / 128
+    assert after.max() / after.mean() < 1.1, after  # measured: 133 / 128
+    # Manual mode leaves the bias to the caller; eval never updates it.
+    manual = TopKRouter(8, 8, k=2, bias_rate=0.1, bias_update="manual")
+    manual(x)
+    assert (manual.expert_bias == 0).all()
+    router.eval()
+    frozen = router.expert_bias.clone()
+    router(x)
+    torch.testing.assert_close(router.expert_bias, frozen)
+
+
+def _group_limited_topk(u: torch.Tensor, k: int, n_groups: int, topk_groups: int, top2: bool) -> torch.Tensor:
+    """Brute force: rank the groups, keep the best ``topk_groups``, then the top k inside."""
+    T, E = u.shape
+    size = E // n_groups
+    out = torch.zeros_like(u)
+    for t in range(T):
+        row = u[t].tolist()
+        scores = []
+        for g in range(n_groups):
+            members = sorted(row[g * size : (g + 1) * size], reverse=True)
+            scores.append(sum(members[:2]) if top2 else members[0])
+        chosen = sorted(range(n_groups), key=lambda g: (-scores[g], g))[:topk_groups]
+        allowed = [e for e in range(E) if e // size in chosen]
+        for e in sorted(allowed, key=lambda e: -row[e])[:k]:
+            out[t, e] = 1.0
+    return out
+
+
+@pytest.mark.parametrize("group_score", ["max", "top2"])
+def test_group_limited_routing_against_brute_force(group_score):
+    torch.manual_seed(1)
+    logits = torch.randn(60, 12, dtype=torch.float64)
+    out = topk_route(logits, 3, method="hard", n_groups=4, topk_groups=2, group_score=group_score)
+    want = _group_limited_topk(logits, 3, 4, 2, group_score == "top2")
+    torch.testing.assert_close(out.mask, want)
+    # A soft mask stays inside the chosen groups and still sums to k.
+    soft = topk_route(
+        logits, 3, method="sparse", temperature=2.0, n_groups=4, topk_groups=2, group_score=group_score
+    )
+    groups_used = (soft.mask.reshape(60, 4, 3) > 0).any(-1)
+    allowed = (want.reshape(60, 4, 3) > 0).any(-1) | (
+        _group_limited_topk(logits, 6, 4, 2, group_score == "top2").reshape(60, 4, 3) > 0
+    ).any(-1)
+    assert (groups_used.sum(-1) <= 2).all() and not (groups_used & ~allowed).any()
+    torch.testing.assert_close(soft.mask.sum(-1), torch.full((60,), 3.0, dtype=torch.float64))
+    # Differentiable through the soft mask (the group choice is a constant).
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda z: topk_route(z, 2, method="sparse", temperature=1.0, n_groups=3, topk_groups=2).gates, (x,)
+    )
+
+
+def test_relu_routing_gates_penalty_and_coefficient_steering():
+    logits = torch.randn(20, 6, dtype=torch.float64)
+    out = topk_route(logits, 2, routing="relu", l1_coef=0.5)
+    torch.testing.assert_close(out.gates, torch.relu(logits))
+    torch.testing.assert_close(out.active, (logits > 0).sum(-1))
+    assert out.l1_loss.item() == pytest.approx(0.5 * torch.relu(logits).sum(-1).mean().item())
+    router = TopKRouter(4, 6, k=2, routing="relu", l1_coef=1.0, l1_rate=1.5)
+    router.update_l1(torch.tensor([3, 3, 4]))  # too many active: penalty up
+    assert router.l1_coef.item() == pytest.approx(1.5)
+    router.update_l1(torch.tensor([1, 2, 0]))  # too few: down
+    assert router.l1_coef.item() == pytest.approx(1.0)
+    router.update_l1(torch.tensor([2, 2]))  # on target: unchanged
+    assert router.l1_coef.item() == pytest.approx(1.0)
+    # In training the module updates its coefficient after each forward, from that call's count.
+    router = TopKRouter(4, 6, k=1, routing="relu", l1_coef=1.0, l1_rate=2.0, bias=True)
+    with torch.no_grad():
+        router.proj.bias.fill_(5.0)  # every expert active: above k
+    out = router(torch.randn(8, 4))
+    assert (out.active == 6).all() and router.l1_coef.item() == pytest.approx(2.0)
+    assert out.l1_loss.item() == pytest.approx(1.0 * out.gates.sum(-1).mean().item(), rel=1e-6)
+    router.eval()
+    assert (router(torch.randn(8, 4)).active == 1).all() and router.l1_coef.item() == pytest.approx(2.0)
+    # The multiplicative steering brings the mean count of active experts to k: per-token
+    # logits pulled up at expert-dependent rates w_e (a task that wants every expert) and
+    # pushed down by the L1 penalty; the coefficient settles where about k stay active.
+    torch.manual_seed(0)
+    T, E = 64, 8
+    free = torch.randn(T, E).requires_grad_()
+    w = torch.linspace(0.1, 1.0, E)
+    steer = TopKRouter(1, E, k=2, routing="relu", l1_coef=1e-3, l1_rate=1.2)
+    opt = torch.optim.SGD([free], lr=0.5)
+    counts = []
+    for _ in range(400):
+        step = topk_route(free, 2, routing="relu", l1_coef=steer.l1_coef.float())
+        loss = -0.1 * (w * free).sum(-1).mean() + step.l1_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steer.update_l1(step.active)
+        counts.append(step.active.float().mean().item())
+    assert counts[0] > 3.5  # measured: 4.05 at the start
+    late = sum(counts[-100:]) / 100
+    assert 1.7 < late < 2.3, late  # measured: 1.99
+    # gradcheck through relu gates and the penalty.
+    z = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w: topk_route(w, 2, routing="relu", l1_coef=0.3).l1_loss, (z,))
+
+
+def test_expert_choice_and_its_causal_guard():
+    torch.manual_seed(0)
+    T, E, k = 32, 4, 1
+    logits = torch.randn(T, E, dtype=torch.float64)
+    out = topk_route(logits, k, method="hard", routing="expert", capacity_factor=1.0)
+    C = expert_capacity(T, E, k, 1.0)
+    probs = torch.softmax(logits, -1)
+    # Zhou et al.: each expert takes its C tokens with the largest softmax probabilities.
+    for e in range(E):
+        want = set(sorted(range(T), key=lambda t: -probs[t, e].item())[:C])
+        assert set(out.mask[:, e].nonzero().squeeze(-1).tolist()) == want
+    torch.testing.assert_close(out.gates, probs * out.mask)
+    assert (out.load == C).all()
+    # Not causal: a later token changes the routing of an earlier one.
+    changed = logits.clone()
+    changed[-1] = 10.0 * torch.tensor([1.0, -1.0, -1.0, -1.0])
+    changed[-2] = 10.0 * torch.tensor([1.0, -1.0, -1.0, -1.0])
+    later = topk_route(changed, k, method="hard", routing="expert")
+    assert not torch.equal(later.mask[:-2], out.mask[:-2])
+    # The guard: a causal layer refuses it; decoding (hard=True) routes by token choice.
+    with pytest.raises(ValueError, match="not causal"):
+        topk_route(logits, k, routing="expert", causal=True)
+    with pytest.raises(ValueError, match="not causal"):
+        TopKRouter(4, E, k=1, routing="expert", causal=True)
+    with pytest.raises(ValueError, match="not causal"):
+        TopKRouter(4, E, k=1, routing="balanced", causal=True)
+    decode = topk_route(logits, 2, routing="expert", causal=True, hard=True)
+    assert (decode.active == 2).all()
+    router = TopKRouter(6, E, k=2, routing="expert", method="sparse").eval()
+    assert (router(torch.randn(10, 6)).active == 2).all()
+    # A soft mask along the token axis: each expert's column sums to C.
+    soft = topk_route(logits, k, method="entropic", routing="expert", temperature=0.05)
+    torch.testing.assert_close(soft.mask.sum(0), torch.full((E,), float(C), dtype=torch.float64))
+
+
+def _lp_assignment(scores: torch.Tensor, C: int) -> torch.Tensor:
+    """k = 1 balanced assignment by scipy's Hungarian method on C copies of every expert."""
+    from scipy.optimize import linear_sum_assignment
+
+    T, E = scores.shape
+    cost = -scores.repeat_interleave(C, dim=1).numpy()  # (T, E * C)
+    rows, cols = linear_sum_assignment(cost)
+    out = torch.zeros(T, E, dtype=scores.dtype)
+    out[torch.as_tensor(rows), torch.as_tensor(cols) // C] = 1.0
+    return out
+
+
+@pytest.mark.parametrize("method", ["sparse", "sparse-p4/3", "entropic", "lapsum"])
+def test_balanced_assignment_marginals(method):
+    from softtopk.nn.functional import balanced_assignment
+
+    torch.manual_seed(0)
+    T, E, k = 48, 6, 2
+    s = torch.randn(T, E, dtype=torch.float64)
+    s[:, 0] += 2.0  # everyone prefers expert 0
+    y = balanced_assignment(s, k, method=method, temperature=0.3, tol=1e-9)
+    torch.testing.assert_close(y.sum(1), torch.full((T,), 2.0, dtype=torch.float64), atol=1e-8, rtol=0)
+    torch.testing.assert_close(y.sum(0), torch.full((E,), T * k / E, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert ((y >= 0) & (y <= 1)).all()
+    hard = balanced_assignment(s, k, method=method, temperature=0.3, hard=True)
+    assert set(hard.unique().tolist()) <= {0.0, 1.0}
+    assert (hard.sum(1) == k).all()
+    assert ((hard.sum(0) - T * k / E).abs() <= 1).all()
+
+
+def test_balanced_assignment_at_low_temperature_is_the_optimal_assignment():
+    from softtopk.nn.functional import balanced_assignment
+
+    torch.manual_seed(3)
+    for T, E in [(12, 3), (20, 4), (30, 5)]:
+        s = torch.randn(T, E, dtype=torch.float64)
+        C = T // E
+        want = _lp_assignment(s, C)
+        hard = balanced_assignment(
+            s, 1, method="sparse", temperature=1e-3, hard=True, tol=1e-10, max_iter=5000
+        )
+        torch.testing.assert_close(hard, want)
+        soft = balanced_assignment(s, 1, method="sparse", temperature=1e-3, tol=1e-10, max_iter=5000)
+        # The soft objective approaches the optimum from below (regularised transport).
+        opt = (want * s).sum().item()
+        assert opt - 0.05 <= (soft * s).sum().item() <= opt + 1e-9
+
+
+@pytest.mark.parametrize("method", ["sparse", "entropic"])
+def test_balanced_assignment_gradcheck(method):
+    from softtopk.nn.functional import balanced_assignment
+
+    torch.manual_seed(0)
+    s = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda z: balanced_assignment(z, 1, method=method, temperature=1.0, tol=1e-12, max_iter=10000), (s,)
+    )
+    # Through the router: gates = probs * Y.
+    out = topk_route(s, 1, method=method, routing="balanced", temperature=1.0)
+    torch.testing.assert_close(out.mask.sum(0), torch.full((3,), 2.0, dtype=torch.float64))
+    out.gates.sum().backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"score": "sigmoid", "renormalize": True},
+        {"bias_rate": 0.01},
+        {"n_groups": 8, "topk_groups": 3},
+        {"routing": "expert"},
+        {"routing": "balanced", "method": "entropic"},
+        {"method": "entropic"},
+    ],
+)
+def test_eval_gives_exactly_k_experts(options):
+    torch.manual_seed(0)
+    router = TopKRouter(16, 64, k=2, **options)
+    x = torch.randn(128, 16)
+    if options.get("bias_rate"):
+        router(x)  # training forward moves the bias
+    router.eval()
+    out = router(x)
+    assert (out.active == 2).all()
+    assert (out.mask.sum(-1) == 2).all()
+    router.inference = "soft"
+    if options.get("method") == "entropic" and "routing" not in options:
+        assert (router(x).active == 64).all()  # the soft routing keeps every expert
+
+
+def test_option_validation():
+    x = torch.randn(4, 6)
+    cases = [
+        (dict(score="relu"), ValueError, "score"),
+        (dict(routing="tokens"), ValueError, "routing"),
+        (dict(n_groups=4), ValueError, "n_groups and topk_groups"),
+        (dict(n_groups=4, topk_groups=2), ValueError, "divisor"),
+        (dict(n_groups=3, topk_groups=4), ValueError, "topk_groups"),
+        (dict(n_groups=2.0, topk_groups=1), TypeError, "n_groups"),
+        (dict(n_groups=6, topk_groups=1, k=2), ValueError, "exceeds"),
+        (dict(group_score="sum"), ValueError, "group_score"),
+        (dict(renormalize=1), TypeError, "renormalize"),
+        (dict(routing="balanced", method="dftopk"), ValueError, "method"),
+        (dict(routing="balanced", capacity_factor=1.0), ValueError, "capacity_factor"),
+        (dict(routing="balanced", k=1.5), ValueError, "k must be an int"),
+        (dict(routing="expert", n_groups=2, topk_groups=1), ValueError, "token choice"),
+        (dict(expert_bias=torch.zeros(5)), ValueError, "expert_bias"),
+        (dict(method="magnitude", expert_bias=torch.zeros(6)), ValueError, "magnitude"),
+        (dict(hard="yes"), TypeError, "hard"),
+        (dict(causal=1), TypeError, "causal"),
+    ]
+    for options, error, match in cases:
+        opts = {"k": 1, **options}
+        k = opts.pop("k")
+        with pytest.raises(error, match=match):
+            topk_route(x, k, **opts)
+    module_cases = [
+        (dict(inference="exact"), ValueError, "inference"),
+        (dict(bias_rate=-1.0), ValueError, "bias_rate"),
+        (dict(bias_update="step"), ValueError, "bias_update"),
+        (dict(l1_rate=1.0), ValueError, "l1_rate"),
+        (dict(l1_coef=0.0), ValueError, "l1_coef"),
+        (dict(score="tanh"), ValueError, "score"),
+        (dict(n_groups=4, topk_groups=1), ValueError, "divisor"),
+        (dict(routing="balanced", method="soft"), ValueError, "method"),
+        (dict(bias=1), TypeError, "bias"),
+    ]
+    for options, error, match in module_cases:
+        with pytest.raises(error, match=match):
+            TopKRouter(4, 6, k=1, **options)
+
+
+def test_stochastic_methods_draw_fresh_noise_or_follow_a_generator():
+    logits = torch.randn(16, 8)
+    a = topk_route(logits, 2, method="perturbed").gates
+    b = topk_route(logits, 2, method="perturbed").gates
+    assert not torch.equal(a, b)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    c = topk_route(logits, 2, method="perturbed", generator=g1).gates
+    d = topk_route(logits, 2, method="perturbed", generator=g2).gates
+    assert torch.equal(c, d)
+    with pytest.raises(TypeError, match="generator"):
+        topk_route(logits, 2, generator=5)
+    with pytest.raises(TypeError, match="generator"):
+        TopKRouter(4, 8, generator=5)
+    router = TopKRouter(4, 8, method="perturbed", generator=torch.Generator().manual_seed(1))
+    x = torch.randn(16, 4)
+    assert not torch.equal(router(x).gates, router(x).gates)

@@ -1,4 +1,4 @@
-"""CUDA for the operators of issue 4 with explicit noise (skipped without a GPU)."""
+"""CUDA for the operators that take explicit noise (skipped without a GPU)."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -172,3 +173,63 @@ def test_rows_of_length_one_and_k_zero(p):
     for x, k, expected in [([[0.5]], 1, [[0.5]]), ([[0.5]], 0, [[0.0]]), ([0.5, -1.0], 0, [0.0, 0.0])]:
         y = softtopk.topk_mag(torch.tensor(x), k, p=p)  # the first raised an index error
         torch.testing.assert_close(y, torch.tensor(expected))
+
+
+def _route(name, fn, *args, **kwargs):
+    old = os.environ.get("SOFTTOPK_BACKEND")
+    os.environ["SOFTTOPK_BACKEND"] = name
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if old is None:
+            del os.environ["SOFTTOPK_BACKEND"]
+        else:
+            os.environ["SOFTTOPK_BACKEND"] = old
+
+
+def _value_and_grad(x, w, **kwargs):
+    x = x.clone().requires_grad_()
+    y = softtopk.topk_mag(x, **kwargs)
+    (g,) = torch.autograd.grad((y * w).sum(), x)
+    return y.detach(), g
+
+
+@pytest.mark.parametrize("p", [2.0, 4.0 / 3.0])
+@pytest.mark.parametrize("debias", [True, False])
+@pytest.mark.parametrize("rows,n,k", [(40, 3, 1), (40, 8, 2), (30, 100, 10), (6, 3000, 40), (5, 7, 7)])
+def test_cpu_kernel_equals_the_tensor_route(rng, p, debias, rows, n, k):
+    """The numba kernel (short rows on every entry, long rows from a sample) against the reference."""
+    x = torch.from_numpy(rng.standard_normal((rows, n)))
+    x[:2, -1] = math.inf
+    x[2, 0] = -math.inf
+    x[3, 1] = math.nan
+    w = torch.randn(rows, n, dtype=torch.float64)
+    for t in (0.01, 0.3):
+        kwargs = dict(k=k, temperature=t, p=p, debias=debias)
+        y_cpu, g_cpu = _route("cpu", _value_and_grad, x, w, **kwargs)
+        y_ref, g_ref = _route("torch", _value_and_grad, x, w, **kwargs)
+        torch.testing.assert_close(y_cpu, y_ref, rtol=1e-10, atol=1e-12, equal_nan=True)
+        torch.testing.assert_close(g_cpu, g_ref, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_cpu_kernel_float32_and_ties():
+    x = torch.tensor([[3.0, -3.0, 3.0, 1.0, 0.5], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    y = _route("cpu", softtopk.topk_mag, x, 2, temperature=0.01)
+    # ties at the k-th magnitude go to the lowest index; the third 3.0 is outside the top 2
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.sum(-1), _route("torch", softtopk.topk_mag, x, 2, temperature=0.01).sum(-1))
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("route", ["cpu", "torch"])
+def test_double_backward(route):
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    f = lambda v: softtopk.topk_mag(v, 3, temperature=0.5)  # noqa: E731
+    assert _route(route, torch.autograd.gradgradcheck, f, (x,))
+    g = lambda v: softtopk.topk_mag(v, 3, temperature=0.5, p=4.0 / 3.0)  # noqa: E731
+    y = _route(route, g, x)
+    w = torch.randn_like(y)
+    (gx,) = torch.autograd.grad((y * w).sum(), x, create_graph=True)
+    torch.testing.assert_close(gx, torch.autograd.grad((_route(route, g, x) * w).sum(), x)[0])
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad((gx**2).sum(), x)

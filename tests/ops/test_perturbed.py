@@ -72,14 +72,14 @@ def test_generator_draws_are_replayed_in_the_backward():
 
 
 def test_chunked_noise_matches_one_chunk(monkeypatch):
-    from softtopk.ops import _perturbed
+    from softtopk.ops import _perturbation
 
     x = torch.randn(2, 64, dtype=torch.float64)
     z = torch.randn(40, 2, 64, dtype=torch.float64)
     v = torch.randn(2, 64, dtype=torch.float64)
     outs = []
     for chunk in (1 << 23, 200):  # one chunk, or chunks of one or two samples
-        monkeypatch.setattr(_perturbed, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(_perturbation, "CHUNK_ELEMENTS", chunk)
         xr = x.clone().requires_grad_()
         y = perturbed(xr, 6, temperature=0.3, noise_samples=z)
         y.backward(v)
@@ -317,7 +317,7 @@ def test_noise_arguments_are_validated():
     x = torch.randn(2, 6)
     with pytest.raises(ValueError, match="num_samples applies to method='perturbed' only, got num_samples=5"):
         softtopk.topk_mask(x, 2, method="sparse", num_samples=5)
-    with pytest.raises(ValueError, match="generator applies to method='perturbed' only"):
+    with pytest.raises(ValueError, match="generator applies to the stochastic methods only"):
         softtopk.topk_mask(x, 2, method="entropic", generator=torch.Generator())
     with pytest.raises(ValueError, match="noise must be one of 'gaussian', 'gumbel'; got 'cauchy'"):
         perturbed(x, 2, noise="cauchy")
@@ -325,7 +325,7 @@ def test_noise_arguments_are_validated():
         perturbed(x, 2, num_samples=0)
     with pytest.raises(TypeError, match="num_samples must be a positive int, got float 2.0"):
         perturbed(x, 2, num_samples=2.0)
-    with pytest.raises(TypeError, match="generator must be a torch.Generator, got int"):
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
         perturbed(x, 2, generator=0)
     with pytest.raises(ValueError, match=r"noise_samples must have shape \(num_samples, \*x.shape\)"):
         perturbed(x, 2, noise_samples=torch.randn(3, 6, 2))

@@ -33,7 +33,7 @@ def test_soft_equals_published_sinkhorn(rng, n, k, eps):
 def test_soft_equals_soft_sinkhorn_mask_and_entropic(rng):
     x = torch.from_numpy(rng.normal(size=(4, 30)))
     ours = softtopk.topk_mask(x, 6, method="soft", temperature=0.3)
-    sink = softtopk.soft_sinkhorn_mask(x, 6, epsilon=0.3, max_iter=400)
+    sink = softtopk.soft_sinkhorn_mask(x, 6, temperature=0.3, max_iter=400)
     torch.testing.assert_close(ours, sink, atol=1e-9, rtol=0)
     c_max = torch.maximum(x**2, (x - 1) ** 2).amax(-1, keepdim=True)
     for i in range(4):

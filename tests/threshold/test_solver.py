@@ -154,7 +154,7 @@ def test_published_sinkhorn_soft_converges_to_the_entropic_mask(rng):
     the entropic mask at temperature epsilon * C_max / 2, values and gradients."""
     x = torch.from_numpy(rng.normal(size=(4, 30))).requires_grad_()
     k = 6.0
-    y = softtopk.soft_sinkhorn_mask(x, k, epsilon=0.3, max_iter=5000)
+    y = softtopk.soft_sinkhorn_mask(x, k, temperature=0.3, max_iter=5000)
     c_max = torch.maximum((x.detach() ** 2).amax(-1), ((x.detach() - 1) ** 2).amax(-1))
     ye = torch.stack(
         [
@@ -180,7 +180,7 @@ def test_published_sinkhorn_soft_reference_demo():
     """The reference demo: scores (5, 2, 3, 4, 1, 6), k = 3, eps = 0.05, 100 iterations,
     gives (.16, .84, .64, .36, .94, .06) for the k smallest; we select the largest."""
     y = softtopk.soft_sinkhorn_mask(
-        torch.tensor([5.0, 2.0, 3.0, 4.0, 1.0, 6.0]), 3, epsilon=0.05, max_iter=100
+        torch.tensor([5.0, 2.0, 3.0, 4.0, 1.0, 6.0]), 3, temperature=0.05, max_iter=100
     )
     np.testing.assert_allclose(y.numpy(), 1.0 - np.array([0.16, 0.84, 0.64, 0.36, 0.94, 0.06]), atol=6e-3)
 

@@ -315,3 +315,107 @@ def load(
     if name == "movielens":
         return load_movielens(refresh=refresh)
     raise ValueError(f"name must be one of {', '.join(NAMES)}; got {name!r}")
+
+
+@dataclass
+class Text:
+    """A byte-level text corpus split by file: each split is one uint8 stream.
+
+    Attributes:
+        name: the corpus's name.
+        train, val, test: the concatenated bytes of each split's files, each file
+            followed by a 0 byte (absent from source text), as uint8 arrays.
+        files: the relative paths of each split's files, in order.
+        root: the folder the files were read from.
+    """
+
+    name: str
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    files: dict[str, list[str]] = field(default_factory=dict)
+    root: str = ""
+
+    vocab: int = 256
+
+
+#: Folders of the standard library left out of the text corpus (tests, installed packages).
+STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "__pycache__", "idle_test"})
+
+
+def _split_of(relpath: str, val_fraction: float, test_fraction: float) -> str:
+    """A file's split from a hash of its relative path: independent of the file order and the run."""
+    import zlib
+
+    u = zlib.crc32(relpath.encode()) / 2**32
+    if u < val_fraction:
+        return "val"
+    if u < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def load_text(
+    max_bytes: int = 4_000_000,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> Text:
+    """The Python standard library's own ``.py`` sources as a byte-level corpus, split by file.
+
+    Files are read in sorted order of their path relative to ``root`` (by default the
+    running interpreter's standard library, ``sysconfig.get_paths()["stdlib"]``), skipping
+    the folders in :data:`STDLIB_SKIP`. Each file goes to a split by a hash of its relative
+    path (``val_fraction`` to validation, ``test_fraction`` to test, the rest to training),
+    so no file is in two splits, and a split stops taking files once it holds its share
+    of ``max_bytes``. Tokens are bytes (vocabulary 256). The corpus depends on the Python
+    version; the report states it.
+
+    Example:
+        >>> from softtopk.data import load_text
+        >>> text = load_text(200_000)
+        >>> text.train.dtype, len(text.train) >= 150_000, set(text.files["val"]) & set(text.files["train"])
+        (dtype('uint8'), True, set())
+    """
+    import sysconfig
+
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1000:
+        raise ValueError(f"max_bytes must be an int >= 1000, got {max_bytes!r}")
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < value < 0.5:
+            raise ValueError(f"{name} must be in (0, 0.5), got {value!r}")
+    base = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+    if not base.is_dir():
+        raise DataNotFoundError(f"no folder {base} to read Python sources from")
+    quota = {
+        "train": int(max_bytes * (1.0 - val_fraction - test_fraction)),
+        "val": int(max_bytes * val_fraction),
+        "test": int(max_bytes * test_fraction),
+    }
+    parts: dict[str, list[bytes]] = {s: [] for s in quota}
+    files: dict[str, list[str]] = {s: [] for s in quota}
+    size = dict.fromkeys(quota, 0)
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_SKIP)
+        for fn in sorted(filenames):
+            if not fn.endswith(".py"):
+                continue
+            path = Path(dirpath) / fn
+            rel = path.relative_to(base).as_posix()
+            split = _split_of(rel, val_fraction, test_fraction)
+            if size[split] >= quota[split]:
+                continue
+            data = path.read_bytes().replace(b"\x00", b"")
+            parts[split].append(data + b"\x00")
+            files[split].append(rel)
+            size[split] += len(data) + 1
+        if all(size[s] >= quota[s] for s in quota):
+            break
+    if not all(parts.values()):
+        raise DataNotFoundError(f"{base} holds too few .py files for a train/val/test split")
+
+    def stream(split: str) -> np.ndarray:
+        return np.frombuffer(b"".join(parts[split]), dtype=np.uint8).copy()
+
+    return Text("python-stdlib", stream("train"), stream("val"), stream("test"), files, str(base))

@@ -17,7 +17,11 @@ operator registered later appears in every experiment without code changes:
 * :mod:`.distributed`: (h) top-k gradient compression with error feedback, PowerSGD and
   DiLoCo in gloo processes: final loss against bytes on the wire;
 * :mod:`.sae`: (i) top-k sparse autoencoders (TopK, BatchTopK, soft masks) on MLP activations;
-* :mod:`.sampling`: (j) inclusion probabilities of k-subset samplers against the soft mask.
+* :mod:`.sampling`: (j) inclusion probabilities of k-subset samplers against the soft mask;
+* :mod:`.lm_moe`: (k) a small MoE language model on Python sources: hard, auxiliary-loss-free,
+  ReLU and soft-mask routers;
+* :mod:`.mod`: (l) a small mixture-of-depths language model: top-k (MoD) against
+  threshold-p (MoDification) token routing, loss against the fraction of tokens processed.
 
 The shared protocol (the same number of configurations for every method, chosen on
 validation, then seeds) is in :mod:`._runner`, the report in :mod:`.report`, the
@@ -26,7 +30,20 @@ paper-claims table in :mod:`.claims`.
 
 from types import ModuleType
 
-from . import classification, distributed, imbalanced, knn, listops, moe, pruning, recsys, sae, sampling
+from . import (
+    classification,
+    distributed,
+    imbalanced,
+    knn,
+    listops,
+    lm_moe,
+    mod,
+    moe,
+    pruning,
+    recsys,
+    sae,
+    sampling,
+)
 from ._runner import (
     PROTOCOL,
     Method,
@@ -43,7 +60,20 @@ from ._runner import (
 #: name -> module, in the order of the report.
 EXPERIMENTS: dict[str, ModuleType] = {
     m.NAME: m
-    for m in (classification, knn, moe, pruning, recsys, imbalanced, listops, distributed, sae, sampling)
+    for m in (
+        classification,
+        knn,
+        moe,
+        pruning,
+        recsys,
+        imbalanced,
+        listops,
+        distributed,
+        sae,
+        sampling,
+        lm_moe,
+        mod,
+    )
 }
 
 __all__ = [

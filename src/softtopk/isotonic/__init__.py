@@ -1,4 +1,4 @@
-"""Isotonic regression, projections onto the permutahedron, soft_sort and soft_rank (DESIGN 2.4).
+"""Isotonic regression, projections onto the permutahedron, soft_sort and soft_rank.
 
 * :func:`isotonic_regression`: L2 (weighted) and KL, increasing or decreasing, any dim,
   exact PAV (numba on CPU, tensor-op rounds elsewhere) or certified Dykstra, with the

@@ -324,12 +324,26 @@ def permutahedron_projection(
     return restore(_unsort(out, perm)).to(x.dtype)
 
 
+def _strength(temperature: object, regularization_strength: object) -> float:
+    """The temperature, given as ``temperature`` or as torchsort's ``regularization_strength``."""
+    if regularization_strength is None:
+        return check_positive(1.0 if temperature is None else temperature, "temperature")
+    strength = check_positive(regularization_strength, "regularization_strength")
+    if temperature is not None and check_positive(temperature, "temperature") != strength:
+        raise ValueError(
+            "temperature and regularization_strength name the same parameter; got "
+            f"temperature={temperature!r} and regularization_strength={regularization_strength!r}"
+        )
+    return strength
+
+
 def soft_rank(
     x: Tensor,
+    regularization: str = "l2",
+    regularization_strength: float | None = None,
     *,
     dim: int = -1,
-    temperature: float = 1.0,
-    regularization: str = "l2",
+    temperature: float | None = None,
     descending: bool = False,
     solver: str = "auto",
 ) -> Tensor:
@@ -349,9 +363,11 @@ def soft_rank(
 
     Args:
         x: scores, any shape, floating dtype (float16, bfloat16, float32, float64).
-        dim: the dimension to rank along.
-        temperature: t > 0 (torchsort's ``regularization_strength``), in the units of x.
         regularization: ``"l2"`` (piecewise linear in x) or ``"kl"``.
+        regularization_strength: torchsort's name for ``temperature`` (give one or the
+            other, or both equal), so that torchsort calls run unchanged.
+        dim: the dimension to rank along.
+        temperature: t > 0, in the units of x (default 1, as torchsort).
         descending: rank 1 for the largest entry instead of the smallest.
         solver: ``"auto"``/``"pav"`` (exact) or ``"dykstra"`` (L2 only).
 
@@ -373,7 +389,7 @@ def soft_rank(
         ICML 2020.
     """
     x, d, regularization, solver = _check_common(x, dim, regularization, solver)
-    t = check_positive(temperature, "temperature")
+    t = _strength(temperature, regularization_strength)
     descending = check_bool(descending, "descending")
     rows, restore = to_rows(x, d)
     if rows.numel() == 0:
@@ -389,10 +405,11 @@ def soft_rank(
 
 def soft_sort(
     x: Tensor,
+    regularization: str = "l2",
+    regularization_strength: float | None = None,
     *,
     dim: int = -1,
-    temperature: float = 1.0,
-    regularization: str = "l2",
+    temperature: float | None = None,
     descending: bool = False,
     k: int | None = None,
     solver: str = "auto",
@@ -413,9 +430,11 @@ def soft_sort(
 
     Args:
         x: values, any shape, floating dtype.
-        dim: the dimension to sort along.
-        temperature: t > 0 (torchsort's ``regularization_strength``).
         regularization: ``"l2"`` or ``"kl"``.
+        regularization_strength: torchsort's name for ``temperature`` (give one or the
+            other, or both equal), so that torchsort calls run unchanged.
+        dim: the dimension to sort along.
+        temperature: t > 0 (default 1, as torchsort).
         descending: largest first.
         k: if given (an int in [0, n]), only the first k sorted entries along ``dim``: the
             k soft largest values, largest first, with ``descending=True`` (a sorted soft
@@ -439,7 +458,7 @@ def soft_sort(
         ICML 2020.
     """
     x, d, regularization, solver = _check_common(x, dim, regularization, solver)
-    t = check_positive(temperature, "temperature")
+    t = _strength(temperature, regularization_strength)
     descending = check_bool(descending, "descending")
     n = x.shape[d]
     if k is not None:

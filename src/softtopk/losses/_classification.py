@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_positive, check_tensor, has_values
+from .._checks import (
+    check_choice,
+    check_generator,
+    check_positive,
+    check_temperature,
+    check_tensor,
+    has_values,
+)
 from ..registry import resolve
 
 #: Petersen et al.'s stabilisation: -log(p (1 - 2 eps) + eps).
@@ -174,6 +181,13 @@ class TopKCrossEntropyLoss(nn.Module):
         super().__init__()
         self.p_k = _check_p_k(p_k)
         resolve(method)
+        check_temperature(temperature)
+        check_choice(top1, "top1", ("softmax", "mask", "ce"))
+        check_choice(reduction, "reduction", ("mean", "sum", "none"))
+        if m is not None and (
+            isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < len(self.p_k)
+        ):
+            raise ValueError(f"m must be an int >= len(p_k) = {len(self.p_k)}, got {m!r}")
         self.method, self.temperature, self.m, self.top1, self.reduction = (
             method,
             temperature,
@@ -181,7 +195,7 @@ class TopKCrossEntropyLoss(nn.Module):
             top1,
             reduction,
         )
-        self.generator = generator
+        self.generator = check_generator(generator)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return topk_cross_entropy(

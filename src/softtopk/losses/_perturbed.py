@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_dim, check_positive, check_tensor, compute_dtype, prepare_k, to_rows
-from ..ops._perturbed import fenchel_young_rows, perturbation
+from .._checks import check_choice, check_dim, check_positive, check_tensor
+from .._rows import rowwise, to_rows
+from ..ops._perturbation import fenchel_young_rows, perturbation
 from ._topk_hinge import REDUCTIONS, _reduce
 
 
@@ -14,8 +15,8 @@ def fenchel_young_topk_loss(
     x: Tensor,
     target: Tensor,
     k: float | Tensor | None = None,
-    *,
     dim: int = -1,
+    *,
     temperature: float = 0.1,
     num_samples: int | None = None,
     noise: str | None = None,
@@ -74,20 +75,17 @@ def fenchel_young_topk_loss(
     d = check_dim(dim, x.dim())
     t = check_positive(temperature, "temperature")
     reduction = check_choice(reduction, "reduction", REDUCTIONS)
-    cd = compute_dtype(x.dtype)
-    rows, _ = to_rows(x, d)
-    target_rows, _ = to_rows(target, d)
     if k is None:
         k = target.detach().sum(d)
-    kvec = prepare_k(k, x, d, rows.shape[0], cd)
-    if kvec.requires_grad:
+    if isinstance(k, Tensor) and k.requires_grad:
         raise ValueError(
             "fenchel_young_topk_loss is not differentiable in k; pass a k that does not require grad"
         )
+    rows = rowwise(x, k, d)
     pert = perturbation(
         x,
         d,
-        rows.shape[0],
+        rows.x.shape[0],
         num_samples=num_samples,
         noise=noise,
         generator=generator,
@@ -95,7 +93,8 @@ def fenchel_young_topk_loss(
         default_samples=100,
     )
     batch = x.shape[:d] + x.shape[d + 1 :]
-    if rows.numel() == 0:
+    if rows.x.numel() == 0:
         return _reduce(x.new_zeros(batch), reduction)
-    loss, _ = fenchel_young_rows(rows.to(cd), target_rows.to(cd), kvec, t, pert)
+    target_rows = to_rows(target, d)[0].to(rows.x.dtype)
+    loss, _ = fenchel_young_rows(rows.x, target_rows, rows.k, t, pert)
     return _reduce(loss.reshape(batch).to(x.dtype), reduction)

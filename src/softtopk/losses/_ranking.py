@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_positive, check_tensor, has_values
+from .._checks import (
+    check_choice,
+    check_generator,
+    check_positive,
+    check_temperature,
+    check_tensor,
+    has_values,
+)
 from ..registry import resolve
 
 
@@ -62,9 +69,11 @@ def _bce(p: Tensor, y: Tensor) -> Tensor:
 
 
 def _log_bce(p: Tensor, y: Tensor) -> Tensor:
-    # LCRON's form: -y log(p + 1e-6) - (1 - y) log(1 - p + 1e-6), mean over items.
+    # LCRON's form: -y log(p + 1e-6) - (1 - y) log(1 - p + 1e-6), mean over items. Masks of
+    # the unbounded operators (relaxed permutations, subset samples) can exceed 1: p is
+    # clipped to [0, 1] first, as in _bce, so that the logarithm stays finite.
     dtype = torch.promote_types(p.dtype, torch.float32)
-    p, y = p.to(dtype), y.to(dtype)
+    p, y = p.to(dtype).clamp(0.0, 1.0), y.to(dtype)
     return (-(y * torch.log(p + 1e-6) + (1 - y) * torch.log(1 - p + 1e-6))).mean()
 
 
@@ -255,8 +264,9 @@ class CascadeLoss(nn.Module):
         if recipe == "lcron" and (ms is None or len(ms) != num_stages):
             raise ValueError(f"recipe='lcron' needs ms with one budget per stage ({num_stages}), got {ms!r}")
         resolve(method)
+        check_temperature(temperature)
         self.num_stages, self.ms, self.method, self.temperature = int(num_stages), ms, method, temperature
-        self.generator = generator
+        self.generator = check_generator(generator)
         self.weights = nn.Parameter(torch.ones(int(num_stages)))
 
     def terms(self, stage_scores: Sequence[Tensor], target: Tensor) -> CascadeTerms:
@@ -312,7 +322,7 @@ def lambda_loss(
     k: int | None = None,
     truncation: str = "either",
     weighting: str = "ndcg2++",
-    sigma: float = 1.0,
+    temperature: float = 1.0,
     mu: float = 10.0,
     reduction: str = "mean",
 ) -> Tensor:
@@ -324,7 +334,7 @@ def lambda_loss(
     .. math::
 
         \ell = -\sum_{\mathrm{rel}_i > \mathrm{rel}_j} w_{ij}\,
-               \log_2 \sigma\big(\sigma_s (s_i - s_j)\big),\qquad
+               \log_2 \sigma\big((s_i - s_j) / t\big),\qquad
         \rho_{ij} = \Big|\frac{1}{D_i} - \frac{1}{D_j}\Big|,\quad
         \delta_{ij} = \Big|\frac{1}{D(|r_i - r_j|)} - \frac{1}{D(|r_i - r_j| + 1)}\Big|
 
@@ -342,7 +352,7 @@ def lambda_loss(
         k: NDCG cut-off, or None for the whole list.
         truncation: ``"either"`` or ``"both"``: which pairs count with k (see above).
         weighting: ``"ndcg2++"``, ``"ndcg2"`` or ``"lambdarank"``.
-        sigma: the logistic scale sigma_s.
+        temperature: t > 0, the scale of the pairwise logistic (the paper's 1 / sigma).
         mu: the weight of delta in ``"ndcg2++"``.
         reduction: ``"mean"`` or ``"sum"`` over lists, or ``"none"``.
 
@@ -362,7 +372,7 @@ def lambda_loss(
     weighting = check_choice(weighting, "weighting", ("ndcg2++", "ndcg2", "lambdarank"))
     truncation = check_choice(truncation, "truncation", ("either", "both"))
     reduction = check_choice(reduction, "reduction", ("mean", "sum", "none"))
-    sigma = check_positive(sigma, "sigma")
+    t = check_positive(temperature, "temperature")
     mu = float(mu)
     n = scores.shape[-1]
     if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n):
@@ -401,7 +411,7 @@ def lambda_loss(
     diff = s.unsqueeze(-1) - s.unsqueeze(-2)
     # Pairs outside the mask (and -inf - -inf = NaN between padded items) contribute 0.
     diff = torch.where(pairs, diff, 0.0)
-    per_pair = torch.where(pairs, w * F.logsigmoid(sigma * diff) / math.log(2.0), 0.0)
+    per_pair = torch.where(pairs, w * F.logsigmoid(diff / t) / math.log(2.0), 0.0)
     loss = -per_pair.sum((-2, -1))
     if reduction == "mean":
         return loss.mean()

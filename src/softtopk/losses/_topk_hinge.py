@@ -9,17 +9,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._checks import (
-    check_choice,
-    check_dim,
-    check_int,
-    check_positive,
-    check_tensor,
-    compute_dtype,
-    prepare_k,
-    to_rows,
-)
-from ..ops._perturbed import perturbation, smoothed_kth_rows
+from .._checks import check_choice, check_dim, check_int, check_positive, check_tensor
+from .._rows import rowwise
+from ..ops._perturbation import perturbation, smoothed_kth_rows
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -35,8 +27,8 @@ def _reduce(loss: Tensor, reduction: str) -> Tensor:
 def smoothed_kth_value(
     x: Tensor,
     k: int | Tensor,
-    *,
     dim: int = -1,
+    *,
     temperature: float = 1.0,
     num_samples: int | None = None,
     noise: str | None = None,
@@ -85,17 +77,14 @@ def smoothed_kth_value(
         Garcin, Servajean, Joly, Salmon. "Stochastic smoothing of the top-K calibrated
         hinge loss for deep imbalanced classification", ICML 2022.
     """
-    x = check_tensor(x)
-    d = check_dim(dim, x.dim())
     t = check_positive(temperature, "temperature")
-    cd = compute_dtype(x.dtype)
-    rows, _ = to_rows(x, d)
-    n = x.shape[d]
-    kvec = prepare_k(k, x, d, rows.shape[0], cd)
+    rows = rowwise(x, k, dim)
+    d, n = rows.dim, rows.x.shape[-1]
+    kvec = rows.k
     pert = perturbation(
         x,
         d,
-        rows.shape[0],
+        rows.x.shape[0],
         num_samples=num_samples,
         noise=noise,
         generator=generator,
@@ -103,12 +92,12 @@ def smoothed_kth_value(
         default_samples=5,
     )
     batch = x.shape[:d] + x.shape[d + 1 :]
-    if rows.numel() == 0:
+    if rows.x.numel() == 0:
         return x.new_zeros(batch)
     if bool((kvec < 1).any()) or bool((kvec != kvec.round()).any()):
         raise ValueError(f"k must be an integer in [1, n] = [1, {n}] for the k-th value, got {k!r}")
-    value = smoothed_kth_rows(rows.to(cd), kvec.detach().long(), t, pert)
-    nan = torch.isnan(rows).any(-1)
+    value = smoothed_kth_rows(rows.x, kvec.detach().long(), t, pert)
+    nan = torch.isnan(rows.x).any(-1)
     value = torch.where(nan, math.nan, value)
     return value.reshape(batch).to(x.dtype)
 
@@ -145,8 +134,8 @@ def balanced_topk_hinge_loss(
     scores: Tensor,
     target: Tensor,
     k: int,
-    *,
     dim: int = -1,
+    *,
     temperature: float = 1.0,
     margin: float = 1.0,
     num_samples: int | None = None,
@@ -234,11 +223,11 @@ def imbalanced_topk_hinge_loss(
     scores: Tensor,
     target: Tensor,
     k: int,
+    dim: int = -1,
     *,
     class_counts: Sequence[int] | Tensor,
     max_margin: float,
     scale: float = 50.0,
-    dim: int = -1,
     temperature: float = 1.0,
     num_samples: int | None = None,
     noise: str | None = None,

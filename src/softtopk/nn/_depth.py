@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_bool, check_dim, check_positive, check_tensor
+from .._checks import check_bool, check_dim, check_generator, check_positive, check_temperature, check_tensor
 from ..ops import soft_threshold_p_mask, threshold_p_mask, topk_mask
 from ..registry import resolve
 
@@ -68,6 +68,7 @@ def depth_route(
     temperature: float | None = None,
     dim: int = -1,
     per_token: bool = False,
+    generator: torch.Generator | None = None,
 ) -> DepthRouting:
     r"""Chooses the tokens that run a block: top-k per sequence (MoD) or score >= p (MoDification).
 
@@ -99,6 +100,7 @@ def depth_route(
         temperature: the operator's temperature in logit units; None: registry default.
         dim: the sequence dimension.
         per_token: use the per-token (causal) decision; set it at inference.
+        generator: the random source of a stochastic ``method`` (None: the global one).
 
     Returns:
         :class:`DepthRouting`.
@@ -133,7 +135,7 @@ def depth_route(
         else:
             k = math.ceil(c * logits.shape[d])
             target = topk_mask(logits.detach(), k, dim=d, method="hard")
-            mask = op(logits, k, dim=d, temperature=t)
+            mask = op(logits, k, dim=d, temperature=t, generator=check_generator(generator))
             aux = F.binary_cross_entropy_with_logits(logits.float(), target.float())
     else:
         pf = _check_fraction(threshold, "threshold", closed=False)
@@ -201,6 +203,7 @@ class DepthRouter(nn.Module):
         d_model: token width D.
         capacity, threshold, method, temperature: as in :func:`depth_route`.
         causal: per-token decision at inference (evaluation mode).
+        generator: the random source of a stochastic ``method`` (None: the global one).
 
     Example:
         >>> import torch, softtopk
@@ -222,6 +225,7 @@ class DepthRouter(nn.Module):
         method: str | Callable[..., Tensor] = "hard",
         temperature: float | None = None,
         causal: bool = True,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if isinstance(d_model, bool) or not isinstance(d_model, numbers.Integral) or d_model < 1:
@@ -236,6 +240,9 @@ class DepthRouter(nn.Module):
         if threshold is not None:
             _check_fraction(threshold, "threshold", closed=False)
         resolve(method)
+        check_temperature(temperature)
+        check_bool(causal, "causal")
+        self.generator = check_generator(generator)
         self.proj = nn.Linear(d_model, 1)
         self.capacity, self.threshold, self.method, self.temperature, self.causal = (
             capacity,
@@ -255,6 +262,7 @@ class DepthRouter(nn.Module):
             temperature=self.temperature,
             dim=-1,
             per_token=self.causal and not self.training,
+            generator=self.generator,
         )
 
     def extra_repr(self) -> str:

@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_positive, check_tensor, has_values
+from .._checks import (
+    check_choice,
+    check_generator,
+    check_positive,
+    check_temperature,
+    check_tensor,
+    has_values,
+)
 from ..registry import resolve
 
 DISTANCES = ("sqeuclidean", "cosine", "dot")
@@ -167,9 +174,13 @@ class SoftKNN(nn.Module):
         super().__init__()
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         resolve(method)
         check_choice(distance, "distance", DISTANCES)
-        self.k, self.num_classes, self.method = int(k), num_classes, method
+        check_temperature(temperature)
+        check_generator(generator)
+        self.k, self.num_classes, self.method = int(k), int(num_classes), method
         self.temperature, self.distance, self.generator = temperature, distance, generator
 
     def forward(self, queries: Tensor, candidates: Tensor, candidate_labels: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .._checks import check_positive, check_tensor
+from .._checks import check_generator, check_int, check_positive, check_temperature, check_tensor
 from ..registry import resolve
 
 
@@ -157,8 +157,12 @@ class MagnitudePruning(nn.Module):
     ) -> None:
         super().__init__()
         resolve(method, kinds=("magnitude", "mask"))
+        if dim is not None:
+            check_int(dim, "dim")
+        check_temperature(temperature)
+        check_generator(generator)
         self.dim, self.method, self.temperature, self.generator = dim, method, temperature, generator
-        self.sparsity = float(sparsity)
+        self.sparsity = sparsity
 
     @property
     def sparsity(self) -> float:

@@ -8,7 +8,14 @@ from ._beam import BEAM_METHODS, BeamSelection, beam_gather, beam_select
 from ._depth import DepthRouting, depth_dispatch, depth_route
 from ._knn import neighbour_scores, soft_knn, soft_knn_loss
 from ._pruning import hard_magnitude_prune, magnitude_prune, polynomial_sparsity
-from ._router import RouterOutput, expert_capacity, moe_dispatch, topk_route
+from ._router import (
+    RouterOutput,
+    balanced_assignment,
+    expert_capacity,
+    group_limit,
+    moe_dispatch,
+    topk_route,
+)
 from ._sae import (
     BatchTopK,
     SAEOutput,
@@ -27,6 +34,7 @@ __all__ = [
     "RouterOutput",
     "SAEOutput",
     "auxk_loss",
+    "balanced_assignment",
     "beam_gather",
     "batch_topk_activation",
     "beam_select",
@@ -34,6 +42,7 @@ __all__ = [
     "depth_route",
     "expert_capacity",
     "fraction_of_variance_unexplained",
+    "group_limit",
     "hard_magnitude_prune",
     "jumprelu",
     "magnitude_prune",

@@ -7,6 +7,7 @@ from ._permutation import permutation_topk_mask
 from ._soft import soft_sinkhorn_mask
 from ._subset import relaxed_subset
 from ._threshold_p import soft_threshold_p_mask, threshold_p_gate, threshold_p_mask
+from ._topk import topk
 
 __all__ = [
     "METHODS",
@@ -16,6 +17,7 @@ __all__ = [
     "soft_threshold_p_mask",
     "threshold_p_gate",
     "threshold_p_mask",
+    "topk",
     "topk_indicators",
     "topk_mag",
     "topk_mask",

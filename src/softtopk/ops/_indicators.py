@@ -17,7 +17,7 @@ from .._checks import (
     may_sync,
 )
 from ._permutation import PERMUTATION_METHODS, _method_options, permutation_rows
-from ._perturbed import perturbation, perturbed_indicators
+from ._perturbation import perturbation, perturbed_indicators
 from ._soft import sorted_soft_indicators
 
 INDICATOR_METHODS = ("soft", "perturbed", *PERMUTATION_METHODS)

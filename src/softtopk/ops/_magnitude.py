@@ -8,20 +8,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _backend
 from .._checks import (
     check_bool,
-    check_dim,
     check_p,
     check_positive,
-    check_tensor,
-    compute_dtype,
     is_tracing,
     may_sync,
-    prepare_k,
     scatter_rows,
-    to_rows,
 )
 from .._roots import newton
+from .._rows import rowwise
 
 #: Rows up to this length are solved on all their entries.
 SHORT_ROW = 256
@@ -139,7 +136,9 @@ def _mag_candidates(x: Tensor, k: Tensor, l: float, r: int, K: int) -> tuple[Ten
     debiased = torch.where(block, z**r + gap, torch.where(kept, s, 0.0))
     slope_block = r * z ** (r - 1) / l
     kept_slope = 1.0 / (1.0 + l) if r == 1 else 3.0 * u * u / (3.0 * u * u + lr)
+    # infinite entries are returned as they are: slope 1 in both outputs
     diag_plain = torch.where(block, slope_block, torch.where(kept, kept_slope, 0.0))
+    diag_plain = torch.where(finite, diag_plain, 1.0)
     diag_debiased = torch.where(block, slope_block + 1.0, torch.where(kept, 1.0, 0.0))
     right = torch.where(block, r * gap ** (r - 1), 0.0)
     weight = right.sum(-1) + lr * pooled.sum(-1)
@@ -189,19 +188,131 @@ class _TopKMag(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        ctx.r = inputs[3]
         _, *saved = output
         ctx.mark_non_differentiable(*saved)
-        ctx.save_for_backward(*saved)
+        ctx.save_for_backward(inputs[0], *saved)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, *unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         # In s = |x|: dy_i/ds_j = d_i delta_ij - left_i right_j / W (left = the block
         # entries' slope, right = dh/ds_j, W = -dh/dtau), then the chain rule through |x|.
-        idx, sign, diag, left, right, weight = ctx.saved_tensors
+        x, idx, sign, diag, left, right, weight = ctx.saved_tensors
         v = sign * grad_y.gather(-1, idx)
         coupling = (left * v).sum(-1) / torch.where(weight > 0, weight, 1.0)
         grad_s = diag * v - right * coupling.unsqueeze(-1)
-        return scatter_rows(grad_y, idx, sign * grad_s), None, None, None, None
+        grad_x = scatter_rows(grad_y, idx, sign * grad_s)
+        nan_row = torch.isnan(diag[:, :1])  # a NaN row's gradient is NaN, as its value
+        grad_x = torch.where(nan_row, math.nan, grad_x)
+        if torch.is_grad_enabled() and ctx.r != 1:
+            grad_x = _NoDoubleBackward.apply(grad_x, x, grad_y)
+        return grad_x, None, None, None, None
+
+
+class _TopKMagCPU(torch.autograd.Function):
+    """The numba route of :class:`_TopKMag` for eager CPU calls.
+
+    It saves x and three numbers per row (tau, the k-th magnitude, its ties in the top
+    set); the backward rebuilds the Jacobian from them in two passes over the row.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, k: Tensor, l: float, r: int, debias: bool) -> Tensor:  # type: ignore[override]
+        cpu = _backend.kernels("ops._magnitude_cpu")
+        xc = x.detach().contiguous()
+        y = torch.empty_like(xc)
+        info = torch.empty(xc.shape[0], 3, dtype=torch.float64)
+        args = (
+            xc.numpy(),
+            k.detach().contiguous().numpy(),
+            float(l),
+            int(r),
+            bool(debias),
+            y.numpy(),
+            info.numpy(),
+        )
+        if _backend.serial(xc.numel()):
+            cpu.forward_serial(*args)
+        else:
+            with _backend.numba_threads():
+                cpu.forward(*args, _backend.chunks())
+        ctx.save_for_backward(x, info)
+        ctx.options = (float(l), int(r), bool(debias))
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, info = ctx.saved_tensors
+        l, r, debias = ctx.options
+        if torch.is_grad_enabled() and r == 1:
+            return _mag_backward_tensors(x.detach(), info, grad_y, l, debias), None, None, None, None
+        cpu = _backend.kernels("ops._magnitude_cpu")
+        xc = x.detach().contiguous()
+        gy = grad_y.detach().to(xc.dtype).contiguous()
+        grad_x = torch.empty_like(xc)
+        args = (xc.numpy(), info.numpy(), l, r, debias, gy.numpy(), grad_x.numpy())
+        if _backend.serial(xc.numel()):
+            cpu.backward_serial(*args)
+        else:
+            with _backend.numba_threads():
+                cpu.backward(*args)
+        if torch.is_grad_enabled():
+            grad_x = _NoDoubleBackward.apply(grad_x, x, grad_y)
+        return grad_x, None, None, None, None
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on a first-order gradient whose own derivative is refused with a clear error.
+
+    topk_mag's Jacobian for p = 4/3 depends on x through tau; differentiating the backward
+    (``create_graph=True``) raises instead of returning a second derivative without that
+    term. First-order ``torch.func.grad``, which runs the backward in grad mode, is fine.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_x: Tensor, x: Tensor, grad_y: Tensor) -> Tensor:  # type: ignore[override]
+        return grad_x.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        raise RuntimeError(
+            "topk_mag with p=4/3 has no double backward (create_graph=True): its Jacobian "
+            "depends on x through tau; use p=2 (piecewise linear, exact to second order) "
+            "or first-order gradients"
+        )
+
+
+def _mag_backward_tensors(x: Tensor, info: Tensor, grad_y: Tensor, l: float, debias: bool) -> Tensor:
+    """The numba backward for p = 2 in tensor ops, linear in grad_y, for double backward.
+
+    The Jacobian is piecewise constant in x, so differentiating this is exact.
+    """
+    f64 = torch.float64
+    s = x.abs().to(f64)
+    tau, a, m = (info[:, j : j + 1] for j in range(3))
+    finite = torch.isfinite(s)
+    ties = (s == a) & finite
+    top = finite & ((s > a) | (ties & (ties.cumsum(-1) <= m)))
+    gap = s - tau
+    pooled = top & (gap > 0) & (gap < l * tau)
+    block = (gap > 0) & finite & (pooled | ~top)
+    kept = top & (gap > 0) & ~pooled
+    d = torch.where(
+        block, 1.0 / l + float(debias), torch.where(kept, 1.0 if debias else 1.0 / (1.0 + l), 0.0)
+    )
+    right = block.to(f64)
+    weight = right.sum(-1, keepdim=True) + l * pooled.sum(-1, keepdim=True)
+    sign = torch.sign(x).to(f64)
+    v = sign * grad_y.to(f64)
+    c = (d * right * v).sum(-1, keepdim=True) / torch.where(weight > 0, weight, 1.0)
+    grad_x = torch.where(finite, sign * (d * v - right * c), grad_y.to(f64))
+    return torch.where(torch.isnan(tau), math.nan, grad_x).to(x.dtype)
 
 
 def topk_mag(
@@ -256,7 +367,11 @@ def topk_mag(
 
     Returns:
         Tensor of the same shape and dtype as x. Rows containing NaN, or more than k
-        infinite entries, are NaN; up to k infinite entries are kept as they are.
+        infinite entries, are NaN; up to k infinite entries are kept as they are. Ties
+        in abs(x) at the k-th place go to the lowest index on CPU (numba kernel) and as
+        ``torch.topk`` orders them elsewhere. First derivatives are exact; the second
+        derivative is exact for p = 2 (piecewise linear) and refused with a
+        RuntimeError for p = 4/3 (``create_graph=True``).
 
     Example:
         >>> import torch, softtopk
@@ -267,22 +382,20 @@ def topk_mag(
         Sander, Puigcerver, Djolonga, Peyré, Blondel. "Fast, Differentiable and Sparse
         Top-k: a Convex Analysis Perspective", ICML 2023.
     """
-    x = check_tensor(x)
-    d = check_dim(dim, x.dim())
+    rows = rowwise(x, k, dim, k_grad=False)
     l = check_positive(temperature, "temperature")
     p = check_p(p)
     if abs(p - 2.0) > 1e-12 and abs(p - 4.0 / 3.0) > 1e-12:
         raise ValueError(f"topk_mag implements p = 2 and p = 4/3, got p={p!r}")
     r = round(1.0 / (p - 1.0))
     check_bool(debias, "debias")
-    cd = compute_dtype(x.dtype)
-    rows, restore = to_rows(x, d)
-    kvec = prepare_k(k, x, d, rows.shape[0], cd)
-    if isinstance(k, Tensor) and k.requires_grad:
-        raise ValueError("topk_mag is not differentiable in k; pass k without requires_grad")
+    kvec = rows.k
     if not is_tracing() and kvec.numel() > 0 and bool((kvec != kvec.round()).any()):
         raise ValueError(f"k must be integer-valued for topk_mag, got {k!r}")
-    if rows.numel() == 0:
+    if rows.x.numel() == 0:
         return torch.zeros_like(x)
-    y = _TopKMag.apply(rows.to(cd), kvec, l, r, debias)[0]
-    return restore(y).to(x.dtype)
+    if may_sync(rows.x) and _backend.route(rows.x) == "cpu":
+        y = _TopKMagCPU.apply(rows.x, kvec.to(torch.float64), l, r, debias)
+    else:
+        y = _TopKMag.apply(rows.x, kvec, l, r, debias)[0]
+    return rows.restore(y)

@@ -8,15 +8,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import check_bool, check_choice, check_p, check_positive
+from .._checks import check_bool, check_choice, check_p, check_positive, check_tensor
 from .._rows import rowwise
 from ._dftopk import dftopk_mask
-from ._entropic import entropic_mask
 from ._hard import hard_mask
-from ._lapsum import lapsum_mask
-from ._perturbed import perturbation, perturbed_mask
+from ._perturbation import perturbation, perturbed_mask
 from ._soft import soft_mask
-from ._sparse import sparse_mask
+from ._threshold_masks import entropic_mask, lapsum_mask, sparse_mask
 
 
 class Method(NamedTuple):
@@ -42,6 +40,19 @@ METHODS: dict[str, Method] = {
 
 #: Monte-Carlo samples of method="perturbed" when neither num_samples nor noise_samples is given.
 PERTURBED_SAMPLES = 100
+
+
+def mask_methods() -> tuple[str, ...]:
+    """Every ``method`` name of :func:`topk_mask`: the mask operators of the registry.
+
+    The same names select an operator in the layers (``softtopk.nn``), the losses and
+    the experiments; the rows of :data:`METHODS` are computed here, the other names run
+    their registry entry (the subset sampler, the relaxed permutations, fixed-p variants).
+    """
+    from ..registry import OPERATORS  # the registry imports ops: read it at call time
+
+    extra = tuple(name for name, op in OPERATORS.items() if op.kind == "mask" and name not in METHODS)
+    return (*METHODS, *extra)
 
 
 def topk_mask(
@@ -96,6 +107,15 @@ def topk_mask(
       score-function backward on the same draws (a Monte-Carlo estimate: the output is
       random, sums to k and is sparse-ish). Not differentiable in k.
 
+    Every other mask operator of :data:`softtopk.registry.OPERATORS` is a method too,
+    so that one name set selects an operator here, in the layers (``softtopk.nn``), the
+    losses and the experiments (:func:`mask_methods`): ``"sparse-p4/3"`` (``"sparse"``
+    with p = 4/3), ``"subset"`` (:func:`softtopk.relaxed_subset`, a sampler whose
+    entries can exceed 1) and the relaxed permutations ``"neuralsort"``, ``"softsort"``,
+    ``"odd_even"`` and ``"bitonic"`` (:func:`softtopk.permutation_topk_mask`, logistic
+    comparators for the networks). They take ``temperature``, ``largest`` and, for the
+    sampler, ``generator``.
+
     Args:
         x: scores of any shape with a floating dtype (float16, bfloat16, float32, float64).
             Entries equal to -inf are padding: they get 0 and no gradient, and a row with
@@ -106,7 +126,7 @@ def topk_mask(
             accepted). A floating k tensor that requires grad receives dy/dk = g/sum(g).
         dim: the dimension to select along.
         method: ``"sparse"``, ``"entropic"``, ``"lapsum"``, ``"hard"``, ``"soft"``,
-            ``"dftopk"`` or ``"perturbed"``.
+            ``"dftopk"``, ``"perturbed"``, or a registry mask name as above.
         temperature: t > 0, in the units of x. Smaller is closer to the hard mask.
         largest: select the k largest entries (True) or the k smallest (False: the mask of
             -x; +inf entries are then the padding).
@@ -122,9 +142,9 @@ def topk_mask(
         num_samples: ``"perturbed"`` only: number of noise draws M (default
             100, or the size of ``noise_samples``).
         noise: ``"perturbed"`` only: ``"gaussian"`` (default) or ``"gumbel"``.
-        generator: ``"perturbed"`` only: the ``torch.Generator`` the noise is drawn from
-            (default: the global generator of x's device). The backward replays the
-            same draws from the state saved at the call.
+        generator: ``"perturbed"`` and ``"subset"`` only: the ``torch.Generator`` the
+            noise is drawn from (default: the global generator of x's device). The
+            backward replays the same draws from the state saved at the call.
         noise_samples: ``"perturbed"`` only: explicit standard noise draws of shape
             ``(num_samples, *x.shape)``, instead of a generator.
 
@@ -144,10 +164,14 @@ def topk_mask(
         method's module for the details.
     """
     largest = check_bool(largest, "largest")
-    method = check_choice(method, "method", tuple(METHODS))
-    spec = METHODS[method]
+    method = check_choice(method, "method", mask_methods())
     t = check_positive(temperature, "temperature")
     p = check_p(p)
+    if method not in METHODS:
+        return _registry_mask(
+            x, k, dim, method, t, largest, p, solver, num_samples, noise, generator, noise_samples
+        )
+    spec = METHODS[method]
     if p != 2.0 and not spec.uses_p:
         raise ValueError(f"p applies to method='sparse' only, got p={p!r} with method={method!r}")
     solver = check_choice(solver, "solver", spec.solvers)
@@ -161,6 +185,11 @@ def topk_mask(
     }
     if not spec.uses_noise:
         for name, value in given.items():
+            if value is not None and name == "generator":
+                raise ValueError(
+                    f"generator applies to the stochastic methods only, got generator={value!r} "
+                    f"with method={method!r}"
+                )
             if value is not None:
                 raise ValueError(
                     f"{name} applies to method='perturbed' only, got {name}={value!r} with method={method!r}"
@@ -175,3 +204,39 @@ def topk_mask(
         return torch.zeros_like(x)
     v = rows.x if largest else -rows.x
     return rows.restore(spec.rows(v, rows.k, temperature=t, solver=solver, **options))
+
+
+def _registry_mask(
+    x: Tensor,
+    k: object,
+    dim: object,
+    method: str,
+    t: float,
+    largest: bool,
+    p: float,
+    solver: object,
+    num_samples: object,
+    noise: object,
+    generator: object,
+    noise_samples: object,
+) -> Tensor:
+    """``topk_mask`` for a registry mask operator outside :data:`METHODS`: runs its entry."""
+    from ..registry import OPERATORS
+
+    op = OPERATORS[method]
+    if p != 2.0:
+        raise ValueError(f"p applies to method='sparse' only, got p={p!r} with method={method!r}")
+    check_choice(solver, "solver", ("auto",))
+    for name, value in (("num_samples", num_samples), ("noise", noise), ("noise_samples", noise_samples)):
+        if value is not None:
+            raise ValueError(
+                f"{name} applies to method='perturbed' only, got {name}={value!r} with method={method!r}"
+            )
+    if generator is not None and not op.stochastic:
+        raise ValueError(
+            f"generator applies to the stochastic methods only, got generator={generator!r} "
+            f"with method={method!r}"
+        )
+    if not largest:
+        x = -check_tensor(x)
+    return op(x, k, dim, temperature=t, generator=generator)  # type: ignore[arg-type]

@@ -28,17 +28,8 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import (
-    check_choice,
-    check_dim,
-    check_positive,
-    check_tensor,
-    compute_dtype,
-    may_sync,
-    prepare_k,
-    to_rows,
-)
-from .._rows import apply_rules, classify, regular_rows
+from .._checks import check_choice, check_positive, may_sync
+from .._rows import apply_rules, classify, regular_rows, rowwise
 
 PERMUTATION_METHODS = ("neuralsort", "softsort", "odd_even", "bitonic")
 NETWORKS = ("odd_even", "bitonic")
@@ -437,17 +428,13 @@ def permutation_topk_mask(
         Deussen. "Differentiable Sorting Networks for Scalable Sorting and Ranking
         Supervision", ICML 2021; "Monotonic Differentiable Sorting Networks", ICLR 2022.
     """
-    x = check_tensor(x)
-    d = check_dim(dim, x.dim())
+    rows = rowwise(x, k, dim)
     method = check_choice(method, "method", PERMUTATION_METHODS)
     t = check_positive(temperature, "temperature")
     options = _method_options(method, power, distribution, art_lambda)
-    cd = compute_dtype(x.dtype)
-    rows, restore = to_rows(x, d)
-    kvec = prepare_k(k, x, d, rows.shape[0], cd)
-    if rows.numel() == 0:
+    v, kvec, cd = rows.x, rows.k, rows.x.dtype
+    if v.numel() == 0:
         return torch.zeros_like(x)
-    v = rows.to(cd)
     rules = classify(v, kvec)
     vr = regular_rows(v, rules)
     k_reg = torch.where(rules.regular, kvec, 1.0)
@@ -460,4 +447,4 @@ def permutation_topk_mask(
         y = torch.where(plus, 1.0, y)
     else:
         y = permutation_mask_rows(vr, k_reg, method, t, **options)
-    return restore(apply_rules(v, kvec, y, rules)).to(x.dtype)
+    return rows.restore(apply_rules(v, kvec, y, rules))

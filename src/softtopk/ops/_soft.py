@@ -165,7 +165,7 @@ def soft_sinkhorn_mask(
     k: float | Tensor,
     dim: int = -1,
     *,
-    epsilon: float = 0.1,
+    temperature: float = 0.1,
     max_iter: int = 200,
 ) -> Tensor:
     r"""SOFT top-k mask by Sinkhorn iterations, as published (largest k selected).
@@ -188,7 +188,7 @@ def soft_sinkhorn_mask(
         x: scores, any shape, floating dtype.
         k: budget in [0, n] or a per-row tensor (see :func:`softtopk.topk_mask`).
         dim: dimension to select along.
-        epsilon: entropic strength on the max-normalised cost.
+        temperature: SOFT's epsilon, the entropic strength on the max-normalised cost.
         max_iter: number of Sinkhorn iterations.
 
     Returns:
@@ -197,7 +197,7 @@ def soft_sinkhorn_mask(
     Example:
         >>> import torch, softtopk
         >>> x = torch.tensor([5.0, 2.0, 3.0, 4.0, 1.0, 6.0])
-        >>> y = softtopk.soft_sinkhorn_mask(x, 3, epsilon=0.05, max_iter=100)
+        >>> y = softtopk.soft_sinkhorn_mask(x, 3, temperature=0.05, max_iter=100)
         >>> [round(v, 2) for v in y.tolist()]  # the reference demo's mask, complemented
         [0.84, 0.16, 0.36, 0.64, 0.06, 0.94]
 
@@ -207,7 +207,7 @@ def soft_sinkhorn_mask(
     """
     x = check_tensor(x)
     d = check_dim(dim, x.dim())
-    eps = check_positive(epsilon, "epsilon")
+    eps = check_positive(temperature, "temperature")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     rows = rowwise(x, k, d)

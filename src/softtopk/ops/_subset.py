@@ -7,18 +7,9 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import (
-    check_bool,
-    check_dim,
-    check_positive,
-    check_tensor,
-    compute_dtype,
-    may_sync,
-    prepare_k,
-    to_rows,
-)
-from .._rows import apply_rules, classify, regular_rows
-from ._perturbed import default_generator, draw
+from .._checks import check_bool, check_positive, check_tensor, may_sync
+from .._rows import apply_rules, classify, regular_rows, rowwise, to_rows
+from ._perturbation import GUMBEL, check_generator
 
 #: The floor of 1 - a in the reference code: the smallest normal float32.
 TINY = float(torch.finfo(torch.float32).tiny)
@@ -110,28 +101,21 @@ def relaxed_subset(
         Xie, Ermon. "Reparameterizable Subset Sampling via Continuous Relaxations",
         IJCAI 2019.
     """
-    x = check_tensor(x)
-    d = check_dim(dim, x.dim())
     t = check_positive(temperature, "temperature")
     check_bool(hard, "hard")
-    cd = compute_dtype(x.dtype)
-    rows, restore = to_rows(x, d)
-    kvec = prepare_k(k, x, d, rows.shape[0], cd)
+    rows = rowwise(x, k, dim)
+    v, kvec, cd = rows.x, rows.k, rows.x.dtype
     if gumbel is not None:
         gumbel = check_tensor(gumbel, "gumbel")
         if generator is not None:
             raise ValueError("pass either generator or gumbel, not both")
         if gumbel.shape != x.shape:
             raise ValueError(f"gumbel must have the shape of x, {tuple(x.shape)}; got {tuple(gumbel.shape)}")
-        g = to_rows(gumbel.detach().to(device=x.device), d)[0].to(cd)
+        g = to_rows(gumbel.detach().to(device=x.device), rows.dim)[0].to(cd)
     else:
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        gen = generator if generator is not None else default_generator(x.device)
-        g = draw(tuple(rows.shape), "gumbel", gen, cd, x.device)
-    if rows.numel() == 0:
+        g = GUMBEL.sample(tuple(v.shape), check_generator(generator, x.device), cd, x.device)
+    if v.numel() == 0:
         return torch.zeros_like(x)
-    v = rows.to(cd)
     rules = classify(v, kvec)
     vr = regular_rows(v, rules)
     k_reg = torch.where(rules.regular, kvec, 1.0)
@@ -147,4 +131,4 @@ def relaxed_subset(
     if hard:
         y_hard = torch.where(plus, 1.0, _hard_of(torch.where(plus, -math.inf, y), k_rest))
         y = y_hard - y.detach() + y
-    return restore(apply_rules(v, kvec, y, rules)).to(x.dtype)
+    return rows.restore(apply_rules(v, kvec, y, rules))

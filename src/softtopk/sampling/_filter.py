@@ -15,7 +15,8 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_dim, check_int, check_tensor, is_tracing, to_rows
+from .._checks import check_dim, check_int, check_tensor, is_tracing
+from .._rows import to_rows
 
 #: Probabilities are counted in integer units of 2**-UNIT_BITS: sums of units are exact and do
 #: not depend on the order of summation, so a threshold search and a sort agree exactly.

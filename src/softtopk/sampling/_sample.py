@@ -16,7 +16,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_bool, check_dim, check_int, check_tensor, is_tracing, to_rows
+from .._checks import check_bool, check_dim, check_int, check_tensor, is_tracing
+from .._rows import to_rows
 
 #: Inclusion probabilities are counted in integer units of 2**-UNIT_BITS: the k points and the
 #: interval ends are integers, so exactly k distinct items are drawn whatever the rounding.

@@ -1,0 +1,351 @@
+"""The sparse top-k in magnitude on CPU: one numba pass structure per row, rows in parallel.
+
+This module is imported on first use (numba is loaded then, not at ``import softtopk``).
+It computes what :func:`softtopk.topk_mag` defines, on rows x (B, n) of float32 or float64
+values, with integer budgets k (B,) in float64; s = abs(x) and r = 1/(p - 1) in {1, 3}.
+
+Forward of a row:
+
+1. count NaN and infinite magnitudes; a NaN, or more infinite entries than k, makes the row
+   NaN; infinite entries are kept as they are and take their share of k;
+2. select a = s_(k) and b = s_(k+1) among the finite magnitudes (one partition, no sort);
+   the top set is the k largest, ties at a broken by the lowest index;
+3. tau lies in [min(lo, b), b] with lo = a - u(a), the k-th entry's own value; when
+   lo >= b nothing pools and tau = b;
+4. otherwise a safeguarded Newton iteration on the entries above lo, in float64, solves
+   h(tau) = sum_{top, pooled} ((s - tau)^r - l^r tau) + sum_{rest} (s - tau)_+^r = 0
+   (h is decreasing; for r = 1 it is piecewise linear and Newton ends on the exact root);
+5. write y = sign(x) psi(s).
+
+A row's threshold tau (NaN for a NaN row, +inf when nothing is kept, -inf when every
+finite entry is kept), a and the number of ties at a in the top set are all the backward
+needs besides x: it rebuilds the Jacobian diag(d) - left right^T / W in two passes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from ..threshold._cpu import _kth_largest
+
+#: Newton iterations at most (the bracket at least halves on every rejected step).
+MAX_ITER = 200
+EPS = 2.220446049250313e-16
+#: Rows of at most SMALL entries select s_(k+1) among all of them; longer rows first
+#: bound it from below by a strided sample (every 8th entry, at most about SAMPLE).
+SMALL = 64
+SAMPLE = 1024
+
+_jit = numba.njit(cache=True, nogil=True, fastmath=False)
+
+
+@_jit
+def _own_gap(s, l, r):  # pragma: no cover - compiled
+    """u = s - v for an unpooled top entry: the root of u^r + l^r u = l^r s (u >= 0)."""
+    if r == 1:
+        return l * s / (1.0 + l)
+    a = l * l * l
+    b = a * s
+    root = math.sqrt((0.5 * b) ** 2 + (a / 3.0) ** 3)
+    p = 0.5 * b + root
+    q = 0.5 * b - root
+    u = math.copysign(abs(p) ** (1.0 / 3.0), p) + math.copysign(abs(q) ** (1.0 / 3.0), q)
+    for _ in range(2):
+        u = u - (u * u * u + a * u - b) / (3.0 * u * u + a)
+    return u
+
+
+@_jit
+def _evaluate(sv, st, c, tau, lr, r):  # pragma: no cover - compiled
+    """h(tau), -h'(tau) and the sum of the magnitudes of h's terms on the c candidates."""
+    f = 0.0
+    d = 0.0
+    size = 0.0
+    for j in range(c):
+        gap = sv[j] - tau
+        if gap <= 0.0:
+            continue
+        if r == 1:
+            power = gap
+            slope = 1.0
+        else:
+            power = gap * gap * gap
+            slope = 3.0 * gap * gap
+        if st[j]:
+            if power < lr * tau:
+                f += power - lr * tau
+                d += slope + lr
+                size += power + lr * tau
+        else:
+            f += power
+            d += slope
+            size += power
+    return f, d, size
+
+
+@_jit
+def _solve(sv, st, c, lo, hi, lr, r):  # pragma: no cover - compiled
+    """The root of h in [lo, hi] (h(lo) >= 0 >= h(hi)) by safeguarded Newton."""
+    tau = 0.5 * (lo + hi)
+    for _ in range(MAX_ITER):
+        f, d, size = _evaluate(sv, st, c, tau, lr, r)
+        if abs(f) <= 4.0 * EPS * size:  # a root up to the rounding of h's sum
+            return tau
+        if f > 0.0:
+            lo = tau
+        else:
+            hi = tau
+        new = tau + f / d if d > 0.0 else 0.5 * (lo + hi)
+        if not (lo < new < hi):
+            new = 0.5 * (lo + hi)
+        if new == tau or hi - lo <= 1e-15 * abs(hi):
+            return new
+        tau = new
+    return tau
+
+
+@_jit
+def _is_top(s, a, m, seen):  # pragma: no cover - compiled
+    """Whether an entry of magnitude s is in the top set, and the ties at a seen so far."""
+    if s > a:
+        return True, seen
+    if s == a:
+        return seen < m, seen + 1
+    return False, seen
+
+
+@_jit
+def _collect(x, lower, sv, si):  # pragma: no cover - compiled
+    """Finite magnitudes above ``lower`` into (sv, si), in index order; returns their count."""
+    c = 0
+    for i in range(x.shape[0]):
+        s = abs(x[i])
+        if s > lower and s < math.inf:
+            sv[c] = s
+            si[c] = i
+            c += 1
+    return c
+
+
+@_jit
+def _forward_row(x, k, l, r, debias, y, buf, sv, si, st, info):  # pragma: no cover - compiled
+    """One row: writes y and info = (tau, a, ties of a in the top set)."""
+    n = x.shape[0]
+    lr = l**r
+    lower = -1.0  # collect every finite magnitude, unless a sample gives a bound
+    if n > SMALL and (int(k) + 1) * 8 < n:
+        # s_(k+1) estimated from a strided sample, with a margin towards smaller values
+        stride = max(8, n // SAMPLE)
+        m = 0
+        for i in range(0, n, stride):
+            s = abs(x[i])
+            if s < math.inf:
+                buf[m] = s
+                m += 1
+        js = (int(k) + 1) * m / n
+        j = int(math.ceil(js + 3.0 * math.sqrt(js) + 3.0))
+        if j <= m:
+            # below the own value of an entry under s_(k+1): below the pooled block's reach
+            v = _kth_largest(buf, m, j)
+            lower = v - _own_gap(v, l, r)
+    n_inf = 0
+    nan = False
+    c = 0
+    for i in range(n):
+        v = x[i]
+        s = abs(v)
+        y[i] = 0.0
+        if s > lower and s < math.inf:
+            sv[c] = s
+            si[c] = i
+            c += 1
+        elif s == math.inf:
+            n_inf += 1
+            y[i] = v
+        elif s != s:
+            nan = True
+    nf = n - n_inf
+    if nan or n_inf > k:
+        for i in range(n):
+            y[i] = math.nan
+        info[0] = math.nan
+        info[1] = math.nan
+        info[2] = 0.0
+        return
+    kk = int(k) - n_inf
+    if kk == 0 or kk >= nf:
+        # Nothing finite kept (tau = +inf), or every finite entry kept (tau = -inf).
+        if kk > 0:
+            for i in range(n):
+                v = x[i]
+                s = abs(v)
+                if s < math.inf:
+                    y[i] = v + 0.0 if debias else math.copysign(s - _own_gap(s, l, r), v) + 0.0
+        info[0] = -math.inf if kk > 0 else math.inf
+        info[1] = -math.inf
+        info[2] = 0.0
+        return
+    need = kk + 1
+    if c < need:
+        lower = -1.0
+        c = _collect(x, lower, sv, si)
+    for j in range(c):
+        buf[j] = sv[j]
+    b = _kth_largest(buf, c, need)
+    a = buf[0]
+    for j in range(1, kk):
+        a = min(a, buf[j])
+    n_gt = 0
+    for j in range(c):
+        if sv[j] > a:
+            n_gt += 1
+    m = kk - n_gt  # ties at a that the top set takes, lowest index first
+    lo = a - _own_gap(a, l, r)
+    hi = b
+    if lo >= hi:
+        tau = hi
+    else:
+        if lo < lower:  # the support may reach below the candidates: collect down to lo
+            c = _collect(x, lo, sv, si)
+        else:
+            cc = 0
+            for j in range(c):
+                if sv[j] > lo:
+                    sv[cc] = sv[j]
+                    si[cc] = si[j]
+                    cc += 1
+            c = cc
+        seen = 0
+        for j in range(c):
+            top, seen = _is_top(sv[j], a, m, seen)
+            st[j] = top
+        tau = _solve(sv, st, c, lo, hi, lr, r)
+    seen = 0
+    for j in range(c):
+        s = sv[j]
+        top, seen = _is_top(s, a, m, seen)
+        gap = s - tau
+        if not gap > 0.0:
+            continue
+        power = gap if r == 1 else gap * gap * gap
+        if top and not power < lr * tau:
+            out = s if debias else s - _own_gap(s, l, r)
+        else:
+            z = gap / l
+            out = z if r == 1 else z * z * z
+            if debias:
+                out += gap
+        i = si[j]
+        y[i] = math.copysign(out, x[i]) + 0.0
+    info[0] = tau
+    info[1] = a
+    info[2] = m
+
+
+@_jit
+def _forward_rows(x, k, l, r, debias, y, info, start, stop):  # pragma: no cover - compiled
+    n = x.shape[1]
+    buf = np.empty(n, dtype=np.float64)
+    sv = np.empty(n, dtype=np.float64)
+    si = np.empty(n, dtype=np.int64)
+    st = np.empty(n, dtype=np.bool_)
+    for b in range(start, stop):
+        _forward_row(x[b], k[b], l, r, debias, y[b], buf, sv, si, st, info[b])
+
+
+@numba.njit(cache=True, parallel=True)
+def forward(x, k, l, r, debias, y, info, chunks):  # pragma: no cover - compiled
+    """Writes y (B, n) and info (B, 3) = (tau, a, ties) of rows x (B, n), rows in parallel."""
+    B = x.shape[0]
+    chunks = max(1, min(B, chunks))
+    per = (B + chunks - 1) // chunks
+    for ch in numba.prange(chunks):
+        _forward_rows(x, k, l, r, debias, y, info, ch * per, min(B, (ch + 1) * per))
+
+
+@_jit
+def forward_serial(x, k, l, r, debias, y, info):  # pragma: no cover - compiled
+    """:func:`forward` on the calling thread (small batches: no thread wake-up)."""
+    _forward_rows(x, k, l, r, debias, y, info, 0, x.shape[0])
+
+
+@_jit
+def _entry(s, tau, top, l, lr, r, debias):  # pragma: no cover - compiled
+    """(d, right, in_block, pooled) of one finite entry: its Jacobian terms in s."""
+    gap = s - tau
+    if not gap > 0.0:
+        return 0.0, 0.0, False, False
+    power = gap if r == 1 else gap * gap * gap
+    pooled = top and power < lr * tau
+    if top and not pooled:
+        if debias:
+            return 1.0, 0.0, False, False
+        if r == 1:
+            return 1.0 / (1.0 + l), 0.0, False, False
+        u = _own_gap(s, l, r)
+        return 3.0 * u * u / (3.0 * u * u + lr), 0.0, False, False
+    right = 1.0 if r == 1 else 3.0 * gap * gap
+    d = right / lr  # r z^(r-1) / l with z = gap / l
+    if debias:
+        d += 1.0
+    return d, right, True, pooled
+
+
+@_jit
+def _backward_row(x, info, l, r, debias, gy, gx):  # pragma: no cover - compiled
+    n = x.shape[0]
+    tau = info[0]
+    if tau != tau:
+        for i in range(n):
+            gx[i] = math.nan
+        return
+    a = info[1]
+    m = int(info[2])
+    lr = l**r
+    weight = 0.0
+    coupled = 0.0
+    seen = 0
+    for i in range(n):
+        v = x[i]
+        s = abs(v)
+        if not (s > tau and s < math.inf):
+            continue  # entries at or below tau have no ties at a in the top set to count
+        top, seen = _is_top(s, a, m, seen)
+        d, right, block, pooled = _entry(s, tau, top, l, lr, r, debias)
+        if block:
+            weight += right
+            if pooled:
+                weight += lr
+            coupled += d * (gy[i] if v > 0.0 else -gy[i])
+    c = coupled / weight if weight > 0.0 else 0.0
+    seen = 0
+    for i in range(n):
+        v = x[i]
+        s = abs(v)
+        if s == math.inf:
+            gx[i] = gy[i]
+            continue
+        if not s > tau or v == 0.0:
+            gx[i] = 0.0
+            continue
+        top, seen = _is_top(s, a, m, seen)
+        d, right, block, pooled = _entry(s, tau, top, l, lr, r, debias)
+        g = d * gy[i] - (right * c if v > 0.0 else -right * c)
+        gx[i] = g
+
+
+@numba.njit(cache=True, parallel=True)
+def backward(x, info, l, r, debias, gy, gx):  # pragma: no cover - compiled
+    """grad_x of rows x (B, n) given the forward's info (B, 3) and grad_y (B, n)."""
+    for b in numba.prange(x.shape[0]):
+        _backward_row(x[b], info[b], l, r, debias, gy[b], gx[b])
+
+
+@_jit
+def backward_serial(x, info, l, r, debias, gy, gx):  # pragma: no cover - compiled
+    """:func:`backward` on the calling thread."""
+    for b in range(x.shape[0]):
+        _backward_row(x[b], info[b], l, r, debias, gy[b], gx[b])

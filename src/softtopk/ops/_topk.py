@@ -1,0 +1,235 @@
+"""``softtopk.topk``: the hard top-k of ``torch.topk``, by threshold selection, deterministic.
+
+The rows go through one ``torch.library`` custom op,
+``torch.ops.softtopk.topk(x, k, largest, sorted) -> (values, indices)`` on rows (B, n):
+numba kernels on CPU tensors (a selection, no sort of the row), a stable sort of the row
+on other devices and with ``SOFTTOPK_BACKEND=torch`` (the reference route and the test
+oracle), shapes only on meta and fake tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from .._checks import FLOAT_DTYPES, check_bool, check_dim, check_int, has_values, is_tracing
+
+#: Bit layout per dtype: (integer view, magnitude mask, bits of +inf).
+_BITS = {
+    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
+    torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000),
+    torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
+}
+
+
+def _reference(x: Tensor, k: int, largest: bool, sorted: bool) -> tuple[Tensor, Tensor]:
+    """The rows' top-k by a stable sort: ties to the lowest index, NaN above every number.
+
+    ``torch.sort`` orders NaN after +inf when ascending and before it when descending,
+    and -0.0 equal to 0.0, as ``torch.topk`` does.
+    """
+    values, indices = torch.sort(x, dim=-1, descending=largest, stable=True)
+    values, indices = values[:, :k], indices[:, :k]
+    if not sorted:
+        indices, order = torch.sort(indices, dim=-1)
+        values = values.gather(-1, order)
+    return values, indices
+
+
+def topk_rows_impl(x: Tensor, k: int, largest: bool, sorted: bool) -> tuple[Tensor, Tensor]:
+    """What ``torch.ops.softtopk.topk`` computes on real tensors (rows (B, n))."""
+    B, n = x.shape
+    if B == 0 or k == 0 or _backend.route(x) != "cpu":
+        return _reference(x, k, largest, sorted)
+    cpu = _backend.kernels("ops._topk_cpu")
+    view, magmask, infbits = _BITS[x.dtype]
+    x = x.contiguous()
+    bits = x.view(view).numpy()
+    floats = x.dtype in (torch.float32, torch.float64)
+    values = torch.empty((B, k), dtype=x.dtype)
+    indices = torch.empty((B, k), dtype=torch.int64)
+    args = (
+        x.numpy() if floats else bits,
+        bits,
+        k,
+        sorted,
+        floats,
+        magmask,
+        infbits,
+        1 if largest else -1,
+        values.view(view).numpy(),
+        indices.numpy(),
+    )
+    if _backend.serial(x.numel()):
+        cpu.topk_serial(*args)
+    else:
+        with _backend.numba_threads():
+            cpu.topk(*args, _backend.chunks())
+    return values, indices
+
+
+@torch.library.custom_op("softtopk::topk", mutates_args=())
+def topk_rows(x: Tensor, k: int, largest: bool, sorted: bool) -> tuple[Tensor, Tensor]:
+    return topk_rows_impl(x, k, largest, sorted)
+
+
+@topk_rows.register_fake
+def _(x: Tensor, k: int, largest: bool, sorted: bool) -> tuple[Tensor, Tensor]:
+    B = x.shape[0]
+    return x.new_empty((B, k)), x.new_empty((B, k), dtype=torch.int64)
+
+
+@topk_rows.register_vmap
+def _(info, in_dims, x, k, largest, sorted):  # noqa: ANN001
+    d = in_dims[0]
+    xs = x.movedim(d, 0) if d is not None else x.unsqueeze(0).expand(info.batch_size, *x.shape)
+    size, B, n = xs.shape
+    values, indices = topk_rows(xs.reshape(size * B, n), k, largest, sorted)
+    return (values.reshape(size, B, k), indices.reshape(size, B, k)), (0, 0)
+
+
+def _scatter_grad(grad_values: Tensor, indices: Tensor, n: int) -> Tensor:
+    zeros = grad_values.new_zeros((indices.shape[0], n))
+    if is_tracing():  # torch.func transforms have no batching rule for the in-place form
+        return zeros.scatter(-1, indices, grad_values)
+    return zeros.scatter_(-1, indices, grad_values)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    ctx.save_for_backward(output[1])
+    ctx.n = inputs[0].shape[-1]
+
+
+def _backward(ctx: Any, grad_values: Tensor, grad_indices: Tensor | None) -> tuple[Tensor | None, ...]:
+    (indices,) = ctx.saved_tensors
+    return _scatter_grad(grad_values, indices, ctx.n), None, None, None
+
+
+topk_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerTopK(torch.autograd.Function):
+    """The custom op's forward and backward without its dispatch cost (eager calls)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, k: int, largest: bool, sorted: bool) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        values, indices = topk_rows_impl(x, k, largest, sorted)
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(indices)
+        ctx.n = x.shape[-1]
+        return values, indices
+
+    @staticmethod
+    def backward(ctx: Any, grad_values: Tensor, grad_indices: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return _backward(ctx, grad_values, grad_indices)
+
+
+class _TopK(torch.autograd.Function):
+    """The custom op with its backward, in the form torch.func transforms accept."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, k: int, largest: bool, sorted: bool) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return torch.ops.softtopk.topk(x, k, largest, sorted)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        ctx.mark_non_differentiable(output[1])
+        _setup_context(ctx, inputs, output)
+
+    backward = staticmethod(_backward)
+
+
+def _rows_topk(x: Tensor, k: int, largest: bool, sorted: bool) -> tuple[Tensor, Tensor]:
+    """Top-k of validated rows (B, n) through the op (or its eager twin)."""
+    if is_tracing() or not has_values(x):
+        return _TopK.apply(x, k, largest, sorted)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _EagerTopK.apply(x, k, largest, sorted)
+    return topk_rows_impl(x, k, largest, sorted)
+
+
+def topk(
+    x: Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True
+) -> torch.return_types.topk:
+    r"""The k largest (or smallest) entries along ``dim`` and their indices, as ``torch.topk``.
+
+    .. math::
+
+        \text{indices} = (\sigma(1), \dots, \sigma(k)),\qquad
+        x_{\sigma(1)} \succeq x_{\sigma(2)} \succeq \dots,\qquad
+        \text{values}_j = x_{\sigma(j)}
+
+    with the order of ``torch.topk``: -0.0 equals 0.0, NaN lies above +inf (so with
+    ``largest=True`` NaN entries come first, and with ``largest=False`` they come after
+    every number). Equal entries are taken by lowest index, deterministically (the one
+    difference from ``torch.topk``, whose choice among equal entries is unspecified).
+
+    On CPU tensors the rows are solved by a threshold selection without sorting them: a
+    strided sample brackets the k-th value, one pass collects the entries above the
+    bracket, a quickselect among those finds the k-th, and only the k kept entries are
+    sorted. The values are bit-identical to the input entries. Other devices use a stable
+    sort of the rows (same result).
+
+    Args:
+        x: a tensor of float16, bfloat16, float32 or float64 (0-d is treated as one entry).
+        k: how many entries to return, an int in [0, x.shape[dim]].
+        dim: the dimension to select along.
+        largest: the k largest entries (True) or the k smallest (False).
+        sorted: return them in order (largest first, or smallest first for
+            ``largest=False``, ties by index); with False, in increasing index order.
+
+    Returns:
+        ``(values, indices)`` (the named tuple of ``torch.topk``): tensors shaped like x
+        with ``k`` at ``dim``; values are differentiable (the gradient goes to the
+        selected entries, as with ``torch.topk``).
+
+    Example:
+        >>> import torch, softtopk
+        >>> x = torch.tensor([1.0, 3.0, 3.0, float("nan"), 2.0])
+        >>> softtopk.topk(x, 3)
+        torch.return_types.topk(
+        values=tensor([nan, 3., 3.]),
+        indices=tensor([3, 1, 2]))
+        >>> values, indices = softtopk.topk(x, 3, sorted=False)
+        >>> indices
+        tensor([1, 2, 3])
+
+    References:
+        The threshold search of FlashInfer's and vLLM's top-k sampling kernels and RTop-K
+        (Xie et al. 2024), applied to exact selection.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"x must have a floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}"
+        )
+    k = check_int(k, "k")
+    largest = check_bool(largest, "largest")
+    sorted = check_bool(sorted, "sorted")
+    scalar = x.dim() == 0
+    v = x.reshape(1) if scalar else x
+    dim = check_dim(dim, v.dim())
+    n = v.shape[dim]
+    if not 0 <= k <= n:
+        raise ValueError(f"k must lie in [0, n] = [0, {n}] along dim={dim}, got {k}")
+    last = dim == v.dim() - 1
+    moved = v if last else v.movedim(dim, -1)
+    batch = moved.shape[:-1]
+    flat = moved.dim() == 2
+    rows = moved if flat else moved.reshape(math.prod(batch), n)
+    values, indices = _rows_topk(rows, k, largest, sorted)
+    if not flat:
+        values, indices = values.reshape(*batch, k), indices.reshape(*batch, k)
+    if not last:
+        values, indices = values.movedim(-1, dim), indices.movedim(-1, dim)
+    if scalar:
+        values, indices = values.reshape(()), indices.reshape(())
+    return torch.return_types.topk((values, indices))

@@ -1,0 +1,234 @@
+"""softtopk.topk against torch.topk and an independent brute-force oracle."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import softtopk
+from softtopk.ops._topk import topk_rows_impl
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def oracle_indices(row: list[float], k: int, largest: bool, sorted: bool) -> list[int]:
+    """Brute force: NaN above every number, -0.0 equal to 0.0, ties by lowest index."""
+
+    def order(i: int) -> tuple:
+        v = row[i]
+        if math.isnan(v):
+            return (0 if largest else 1, 0.0, i)
+        return (1 if largest else 0, -v if largest else v, i)
+
+    chosen = sorted_(range(len(row)), key=order)[:k]
+    return chosen if sorted else sorted_(chosen)
+
+
+sorted_ = sorted  # the argument name shadows the builtin inside the tests
+
+
+def check_against_oracle(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True):
+    got = softtopk.topk(x, k, dim, largest=largest, sorted=sorted)
+    rows = x.movedim(dim, -1).reshape(-1, x.shape[dim]).double().tolist()
+    want = torch.tensor([oracle_indices(r, k, largest, sorted) for r in rows], dtype=torch.int64)
+    want = want.reshape(*x.movedim(dim, -1).shape[:-1], k).movedim(-1, dim)
+    assert torch.equal(got.indices, want)
+    bits = INT_VIEW[x.element_size()]
+    # the values are the entries themselves, bit for bit (signed zeros, NaN payloads)
+    assert torch.equal(got.values.view(bits), x.gather(dim, want).view(bits))
+    return got
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal as numbers, NaN equal to NaN (signed zeros compare equal, as in torch)."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def test_matches_torch_topk_on_distinct_values():
+    torch.manual_seed(0)
+    for shape, k in [((8192, 8), 2), ((256, 1000), 10), ((3, 70000), 300), ((2, 9000), 17), ((5, 20000), 3)]:
+        x = torch.randn(*shape, dtype=torch.float64)  # distinct: no ties to break
+        for largest in (True, False):
+            got = softtopk.topk(x, k, largest=largest)
+            want = torch.topk(x, k, largest=largest)
+            assert torch.equal(got.values, want.values) and torch.equal(got.indices, want.indices)
+            unsorted = softtopk.topk(x, k, largest=largest, sorted=False)
+            assert torch.equal(unsorted.indices, want.indices.sort(-1).values)
+
+
+def test_values_equal_torch_and_ties_go_to_the_lowest_index():
+    torch.manual_seed(1)
+    x = torch.randint(-2, 3, (6, 5000)).float()
+    got = check_against_oracle(x, 700)
+    assert same_values(got.values, torch.topk(x, 700).values)
+    # every kept 2 comes before the kept 1s, and the 1s kept are the first ones of each row
+    zeros = torch.zeros(3, 100)
+    assert torch.equal(softtopk.topk(zeros, 5).indices, torch.arange(5).expand(3, 5))
+    assert torch.equal(softtopk.topk(zeros, 5, largest=False).indices, torch.arange(5).expand(3, 5))
+
+
+def test_nan_inf_and_signed_zeros_ordered_as_torch():
+    nan, inf = math.nan, math.inf
+    x = torch.tensor([1.0, 3.0, nan, inf, -inf, -0.0, 0.0, nan, -1.0, 3.0])
+    for dtype in DTYPES:
+        xd = x.to(dtype)
+        for largest in (True, False):
+            for k in range(11):
+                got = check_against_oracle(xd, k, largest=largest)
+                assert same_values(got.values, torch.topk(xd, k, largest=largest).values)
+    got = softtopk.topk(x, 4)
+    assert got.indices.tolist() == [2, 7, 3, 1]  # NaN above +inf, ties by index
+    assert softtopk.topk(x, 10, largest=False).indices.tolist()[-2:] == [2, 7]  # NaN last
+    # -0.0 and 0.0 are equal: the first of them is taken, with its own sign
+    z = torch.tensor([-0.0, 0.0, -0.0])
+    assert torch.equal(torch.signbit(softtopk.topk(z, 1).values), torch.tensor([True]))
+    assert torch.equal(torch.signbit(softtopk.topk(z[1:], 1).values), torch.tensor([False]))
+    # NaN with the sign bit set (the x86 default NaN) is a NaN like any other
+    negnan = torch.tensor([0.0, 1.0]).view(torch.int32)
+    negnan[0] = -4194304  # 0xFFC00000
+    y = negnan.view(torch.float32)
+    assert softtopk.topk(y, 1).indices.tolist() == [0]
+    assert softtopk.topk(y, 1, largest=False).indices.tolist() == [1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_rows_take_the_sampled_route_exactly(dtype):
+    torch.manual_seed(2)
+    n = 20000
+    rows = [
+        torch.randn(n),
+        torch.arange(n, dtype=torch.float32),  # ascending: every entry beats the last k-th
+        torch.arange(n, 0, -1, dtype=torch.float32),
+        torch.zeros(n),
+        torch.randint(0, 4, (n,)).float(),
+        torch.where(torch.rand(n) < 0.3, math.nan, torch.randn(n)),  # many NaN
+        torch.where(torch.rand(n) < 0.5, -math.inf, torch.randn(n)),
+        torch.randn(n).repeat_interleave(1).reshape(100, 200).t().reshape(n),  # periodic
+    ]
+    x = torch.stack(rows).to(dtype)
+    bits = INT_VIEW[x.element_size()]
+    values = x.double().tolist()
+    for largest in (True, False):
+        order = torch.tensor([oracle_indices(r, n, largest, True) for r in values])
+        for k in (1, 16, 17, 300, 4096, n):
+            for s in (True, False):
+                got = softtopk.topk(x, k, largest=largest, sorted=s)
+                want = order[:, :k] if s else order[:, :k].sort(-1).values
+                assert torch.equal(got.indices, want)
+                assert torch.equal(got.values.view(bits), x.gather(-1, want).view(bits))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 7), min_size=1, max_size=3),
+    n=st.integers(1, 300),
+    data=st.data(),
+)
+def test_random_shapes_dims_k_dtypes(shape, n, data):
+    dim = data.draw(st.integers(-len(shape) - 1, len(shape)))
+    dtype = data.draw(st.sampled_from(DTYPES))
+    largest = data.draw(st.booleans())
+    sort = data.draw(st.booleans())
+    k = data.draw(st.integers(0, n))
+    pool = data.draw(st.sampled_from(["randn", "ties", "special"]))
+    full = list(shape)
+    full.insert(dim % (len(shape) + 1), n)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    if pool == "randn":
+        x = torch.randn(full, generator=g)
+    elif pool == "ties":
+        x = torch.randint(-2, 3, full, generator=g).float()
+    else:
+        choices = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -1.0, 65504.0])
+        x = choices[torch.randint(0, len(choices), full, generator=g)]
+    x = x.to(dtype)
+    got = check_against_oracle(x, k, dim, largest=largest, sorted=sort)
+    if sort:
+        assert same_values(got.values, torch.topk(x, k, dim, largest=largest).values)
+
+
+def test_cpu_and_torch_routes_agree(monkeypatch):
+    torch.manual_seed(3)
+    x = torch.randint(-5, 5, (7, 9000)).float()
+    x[0, ::7] = math.nan
+    for k in (3, 40):
+        for largest in (True, False):
+            for s in (True, False):
+                cpu = topk_rows_impl(x, k, largest, s)
+                monkeypatch.setenv("SOFTTOPK_BACKEND", "torch")
+                ref = topk_rows_impl(x, k, largest, s)
+                monkeypatch.delenv("SOFTTOPK_BACKEND")
+                assert torch.equal(cpu[1], ref[1])
+                assert torch.equal(cpu[0].view(torch.int32), ref[0].view(torch.int32))
+
+
+def test_gradient_is_scattered_to_the_indices():
+    x = torch.randn(4, 30, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda v: softtopk.topk(v, 5, dim=1).values, (x,))
+    torch.autograd.gradgradcheck(lambda v: softtopk.topk(v, 5, dim=1).values, (x,))
+    w = torch.randn(4, 5, dtype=torch.float64)
+    (g,) = torch.autograd.grad((softtopk.topk(x, 5).values * w).sum(), x)
+    (want,) = torch.autograd.grad((torch.topk(x, 5).values * w).sum(), x)
+    assert torch.equal(g, want)
+    xt = torch.randn(6, 3, 20, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda v: softtopk.topk(v, 2, dim=0, largest=False, sorted=False).values, (xt,))
+
+
+def test_meta_vmap_and_compile():
+    m = torch.empty(2, 50, 100, device="meta")
+    v, i = softtopk.topk(m, 7, dim=1)
+    assert v.shape == (2, 7, 100) and i.shape == (2, 7, 100) and i.dtype == torch.int64 and v.is_meta
+    x = torch.randn(3, 4, 50)
+    vm = torch.func.vmap(lambda r: softtopk.topk(r, 3).values)(x)
+    assert torch.equal(vm, softtopk.topk(x, 3).values)
+    gx = torch.func.grad(lambda r: softtopk.topk(r, 3).values.sum())(x[0])
+    assert torch.equal(gx, torch.zeros_like(x[0]).scatter(-1, torch.topk(x[0], 3).indices, 1.0))
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_sees_one_op():
+    x = torch.randn(4, 300)
+    fn = torch.compile(lambda v: softtopk.topk(v, 5).values * 2, fullgraph=True)
+    assert torch.equal(fn(x), torch.topk(x, 5).values * 2)
+
+
+def test_scalar_empty_and_k_zero():
+    s = torch.tensor(2.5)
+    v, i = softtopk.topk(s, 1)
+    assert v.shape == () and v.item() == 2.5 and i.item() == 0
+    assert softtopk.topk(torch.randn(3, 4), 0).values.shape == (3, 0)
+    assert softtopk.topk(torch.randn(0, 4), 2).indices.shape == (0, 2)
+    assert softtopk.topk(torch.randn(3, 0), 0).indices.shape == (3, 0)
+
+
+def test_errors():
+    x = torch.randn(3, 4)
+    with pytest.raises(TypeError, match="k must be an int"):
+        softtopk.topk(x, 2.0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        softtopk.topk(x, True)
+    with pytest.raises(ValueError, match=r"k must lie in \[0, n\] = \[0, 4\]"):
+        softtopk.topk(x, 5)
+    with pytest.raises(ValueError, match="got -1"):
+        softtopk.topk(x, -1)
+    with pytest.raises(IndexError, match="dim out of range"):
+        softtopk.topk(x, 1, dim=2)
+    with pytest.raises(TypeError, match="floating dtype"):
+        softtopk.topk(torch.arange(4), 1)
+    with pytest.raises(TypeError, match="largest must be a bool"):
+        softtopk.topk(x, 1, largest=1)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        softtopk.topk([1.0, 2.0], 1)
+
+
+def test_hard_mask_takes_ties_by_lowest_index():
+    x = torch.tensor([[1.0, 2.0, 2.0, 2.0, -math.inf], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    y = softtopk.topk_mask(x, 2, method="hard")
+    assert torch.equal(y, torch.tensor([[0.0, 1, 1, 0, 0], [1, 1, 0, 0, 0]]))
+    y = softtopk.topk_mask(x, 2.5, method="hard")
+    assert torch.equal(y, torch.tensor([[0.0, 1, 1, 0.5, 0], [1, 1, 0.5, 0, 0]]))
