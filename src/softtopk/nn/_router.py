@@ -689,8 +689,9 @@ class TopKRouter(nn.Module):
         in_features: token width D.
         num_experts: E.
         k: experts per token (ReLU routing: the target of active experts per token).
-        method, temperature, score, renormalize, routing, n_groups, topk_groups,
-            group_score, capacity_factor, priority: as in :func:`topk_route`.
+        method: the selection, as in :func:`topk_route`; so are ``temperature``,
+            ``score``, ``renormalize``, ``routing``, ``n_groups``, ``topk_groups``,
+            ``group_score``, ``capacity_factor`` and ``priority``.
         inference: ``"hard"`` or ``"soft"``: the routing in eval mode.
         causal: the layer is autoregressive: expert choice and the balanced assignment,
             which read the whole batch, are refused (ValueError).
