@@ -168,7 +168,7 @@ def prepare_k(k: object, x: Tensor, dim: int, rows: int, dtype: torch.dtype) -> 
                 f"{tuple(batch_shape)} of x (x.shape without dim={dim}); got shape {tuple(k.shape)}"
             ) from None
         kvec = kb.reshape(rows).to(device=x.device, dtype=dtype)
-        if not is_tracing() and kvec.numel() > 0:
+        if has_values(kvec) and kvec.numel() > 0:
             lo, hi = torch.aminmax(kvec.detach())
             if not (bool(lo >= 0) and bool(hi <= n)):
                 raise ValueError(

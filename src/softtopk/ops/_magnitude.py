@@ -15,7 +15,7 @@ from .._checks import (
     check_positive,
     check_tensor,
     compute_dtype,
-    is_tracing,
+    has_values,
     may_sync,
     prepare_k,
     scatter_rows,
@@ -280,7 +280,7 @@ def topk_mag(
     kvec = prepare_k(k, x, d, rows.shape[0], cd)
     if isinstance(k, Tensor) and k.requires_grad:
         raise ValueError("topk_mag is not differentiable in k; pass k without requires_grad")
-    if not is_tracing() and kvec.numel() > 0 and bool((kvec != kvec.round()).any()):
+    if has_values(kvec) and kvec.numel() > 0 and bool((kvec != kvec.round()).any()):
         raise ValueError(f"k must be integer-valued for topk_mag, got {k!r}")
     if rows.numel() == 0:
         return torch.zeros_like(x)

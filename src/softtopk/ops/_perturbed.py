@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_choice, check_tensor
+from .._checks import check_choice, check_tensor, may_sync
 from .._rows import apply_rules, classify, regular_rows
 
 NOISES = ("gaussian", "gumbel")
@@ -45,11 +45,13 @@ def draw(
     if noise == "gaussian":
         return torch.randn(shape, generator=generator, dtype=dtype, device=device)
     u = torch.rand(shape, generator=generator, dtype=dtype, device=device)
-    return u.clamp_(min=torch.finfo(dtype).tiny).log_().neg_().log_().neg_()
+    return -torch.log(-torch.log(u.clamp(min=torch.finfo(dtype).tiny)))
 
 
-def default_generator(device: torch.device) -> torch.Generator:
-    """The global generator of ``device`` (what ``torch.randn`` draws from)."""
+def default_generator(device: torch.device) -> torch.Generator | None:
+    """The global generator of ``device`` (what ``torch.randn`` draws from); None on meta."""
+    if device.type == "meta":
+        return None  # meta tensors hold no values: their draws need no generator
     if device.type == "cpu":
         return torch.default_generator
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -81,7 +83,7 @@ class Perturbation:
                 yield self.samples[start : start + step].to(dtype)
             return
         gen = self.generator
-        if replay:
+        if replay and self.state is not None:
             gen = torch.Generator(device=self.device)
             gen.set_state(self.state)  # type: ignore[arg-type]
         for start in range(0, M, step):
@@ -145,6 +147,8 @@ def perturbation(
     M = default_samples if num_samples is None else check_num_samples(num_samples)
     if generator is None:
         generator = default_generator(x.device)
+        if generator is None:
+            return Perturbation(M, noise, x.device)
     elif not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if torch.device(generator.device).type != x.device.type:
@@ -179,10 +183,12 @@ def _max_k(k: Tensor, n: int) -> int:
 class _PerturbedMask(torch.autograd.Function):
     """y = mean_m topkmask(x + t Z_m); score-function VJP (1/(t M)) sum_m <y_m, v> grad nu(Z_m)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(x: Tensor, k: Tensor, t: float, pert: Perturbation) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
         B, n = x.shape
-        K = _max_k(k, n)
+        K = _max_k(k, n) if may_sync(k) else n  # traced: all n (the weights zero the rest)
         y = torch.zeros_like(x)
         idxs, ws = [], []
         for idx, w, _ in _samples_topk(x.detach(), k.detach(), pert, t, K):
@@ -305,7 +311,7 @@ class _FenchelYoung(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, target: Tensor, k: Tensor, t: float, pert: Perturbation) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         B, n = x.shape
-        K = _max_k(k, n)
+        K = _max_k(k, n) if may_sync(k) else n  # traced: all n (the weights zero the rest)
         y = torch.zeros_like(x)
         top = x.new_zeros(B)
         for idx, w, tops in _samples_topk(x.detach(), k, pert, t, K):
