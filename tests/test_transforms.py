@@ -5,7 +5,9 @@ permutahedron_projection, under
 
 * ``torch.func.vmap``: values equal the loop over the vmapped dim (leading or not), and
   ``vmap(grad(f))`` equals the per-row gradients;
-* ``torch.compile(fullgraph=True)``: values and gradients equal eager;
+* ``torch.compile(fullgraph=True)``: values and gradients equal eager (stochastic
+  operators with their noise passed in; noise drawn from a generator runs eagerly, and
+  ``fullgraph=True`` refuses it with an error that says why);
 * ``torch.compile(dynamic=True)``: values and gradients equal eager on two shapes;
 * the meta device: the right shape and dtype (forward and backward), nothing computed.
 
@@ -55,8 +57,9 @@ NAMES = list(OPS)
 STOCHASTIC = [name for name in OPERATORS if OPERATORS[name].stochastic]
 DETERMINISTIC = [name for name in NAMES if name not in STOCHASTIC]
 # The sorting networks compile (test_permutation.py, n = 8) but inductor takes minutes
-# on them; their registry entries say so (``compiles=False``).
-COMPILED = [n for n in NAMES if n not in OPERATORS or OPERATORS[n].compiles]
+# on them; their registry entries say so (``compiles=False``). The stochastic operators
+# compile with their noise passed in (``EXPLICIT_NOISE``).
+COMPILED = [n for n in NAMES if n not in OPERATORS or OPERATORS[n].compiles or n in STOCHASTIC]
 
 
 def rows(*shape: int, seed: int = 0, dtype=torch.float64) -> Tensor:
@@ -139,6 +142,22 @@ def test_meta(name, dtype):
 
 # ---------------------------------------------------------------------------- compile
 
+#: The stochastic operators with their noise passed in (what torch.compile traces).
+EXPLICIT_NOISE: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "perturbed": lambda x, z: softtopk.topk_mask(
+        x, K, method="perturbed", temperature=OPERATORS["perturbed"].temperature, noise_samples=z
+    ),
+    "subset": lambda x, z: softtopk.relaxed_subset(
+        x, K, temperature=OPERATORS["subset"].temperature, gumbel=z[0]
+    ),
+}
+
+
+def noise_for(x: Tensor, samples: int = 8) -> Tensor:
+    gen = torch.Generator().manual_seed(x.shape[-1])
+    z = torch.randn(samples, *x.shape, dtype=x.dtype, generator=gen)
+    return z
+
 
 def _compare(f: Callable[[Tensor], Tensor], compiled: Callable[[Tensor], Tensor], x: Tensor) -> None:
     xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -149,19 +168,43 @@ def _compare(f: Callable[[Tensor], Tensor], compiled: Callable[[Tensor], Tensor]
     torch.testing.assert_close(gc, ge, atol=1e-6, rtol=1e-6)
 
 
+def _compiled_pair(name: str, **options) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """(eager f, compiled f) on x; a stochastic operator gets fixed noise for each shape."""
+    if name not in STOCHASTIC:
+        return OPS[name], torch.compile(OPS[name], **options)
+    g = EXPLICIT_NOISE[name]
+    compiled = torch.compile(g, **options)
+    return (lambda x: g(x, noise_for(x))), (lambda x: compiled(x, noise_for(x)))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", COMPILED)
 def test_compile_fullgraph(name):
     torch._dynamo.reset()
-    f = OPS[name]
-    _compare(f, torch.compile(f, fullgraph=True), rows(3, 10))
+    f, compiled = _compiled_pair(name, fullgraph=True)
+    _compare(f, compiled, rows(3, 10))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", COMPILED)
 def test_compile_dynamic(name):
     torch._dynamo.reset()
-    f = OPS[name]
-    compiled = torch.compile(f, dynamic=True)
+    f, compiled = _compiled_pair(name, dynamic=True)
     for shape in ((3, 10), (5, 17)):
         _compare(f, compiled, rows(*shape, seed=shape[1]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_compile_refuses_generator_noise(name):
+    """Noise drawn from a generator is not traced: an error naming the operator (fullgraph),
+    and the eager draws (the same values as eager) without fullgraph."""
+    torch._dynamo.reset()
+    op, x = OPERATORS[name], rows(3, 10)
+
+    def f(a):
+        return op(a, K, generator=torch.Generator().manual_seed(0))
+
+    with pytest.raises(Exception, match="torch.Generator"):
+        torch.compile(lambda a: op(a, K), fullgraph=True)(x)
+    torch.testing.assert_close(torch.compile(f)(x), f(x), rtol=0, atol=0)

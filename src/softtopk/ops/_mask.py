@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import check_bool, check_choice, check_p, check_positive
+from .._checks import check_bool, check_choice, check_p, check_positive, eager_only
 from .._rows import rowwise
 from ._dftopk import dftopk_mask
 from ._entropic import entropic_mask
@@ -124,7 +124,12 @@ def topk_mask(
         noise: ``"perturbed"`` only: ``"gaussian"`` (default) or ``"gumbel"``.
         generator: ``"perturbed"`` only: the ``torch.Generator`` the noise is drawn from
             (default: the global generator of x's device). The backward replays the
-            same draws from the state saved at the call.
+            same draws from the state saved at the call. Under ``torch.compile`` a call that draws
+            its noise (no ``noise_samples``) runs eagerly (a graph break; an error with
+            ``fullgraph=True``), as a compiled graph would not reproduce the generator's
+            draws. Under ``torch.func.vmap`` pass ``randomness="different"``
+            (independent draws for the vmapped entries) or ``"same"`` (one draw shared
+            by them, equal to the unbatched call's); torch's default ``"error"`` raises.
         noise_samples: ``"perturbed"`` only: explicit standard noise draws of shape
             ``(num_samples, *x.shape)``, instead of a generator.
 
@@ -165,6 +170,11 @@ def topk_mask(
                 raise ValueError(
                     f"{name} applies to method='perturbed' only, got {name}={value!r} with method={method!r}"
                 )
+    if spec.uses_noise and noise_samples is None and torch.compiler.is_compiling():
+        return _eager_topk_mask(
+            x, k, dim, method=method, temperature=t, largest=largest, num_samples=num_samples,
+            noise=noise, generator=generator,
+        )  # fmt: skip
     rows = rowwise(x, k, dim, k_grad=spec.k_grad)
     options: dict[str, object] = {"p": p} if spec.uses_p else {}
     if spec.uses_noise:
@@ -175,3 +185,11 @@ def topk_mask(
         return torch.zeros_like(x)
     v = rows.x if largest else -rows.x
     return rows.restore(spec.rows(v, rows.k, temperature=t, solver=solver, **options))
+
+
+_eager_topk_mask = eager_only(
+    topk_mask,
+    "topk_mask(method='perturbed') draws its noise from a torch.Generator, whose draws a compiled "
+    "graph would not reproduce (and its backward replays them): the call runs eagerly; pass "
+    "noise_samples= to compile it",
+)
