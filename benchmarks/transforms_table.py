@@ -2,6 +2,12 @@
 
     PYTHONPATH=src python benchmarks/transforms_table.py            # every test (compile included)
     PYTHONPATH=src python benchmarks/transforms_table.py --fast     # vmap and meta only
+    PYTHONPATH=src python benchmarks/transforms_table.py -k dynamic --base a.md --out b.md
+    PYTHONPATH=src python benchmarks/transforms_table.py --no-run --base a.md --base b.md
+
+``-k`` selects tests (as pytest's -k), so that parts of the table can run in parallel;
+``--base`` keeps the cells of earlier tables that this run did not fill, ``--no-run``
+only merges them.
 
 Each cell aggregates the tests of one operator under one transform: "pass" when all of
 them passed, "FAIL" (with the first line of the error) when one failed, "not run" when
@@ -74,28 +80,59 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="skip the slow (compile) tests")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "api" / "transforms.md")
+    parser.add_argument("-k", dest="select", default=None, help="pytest -k expression")
+    parser.add_argument("--base", type=Path, action="append", default=[], help="an earlier table to merge")
+    parser.add_argument("--no-run", action="store_true", help="only merge the --base tables")
     args = parser.parse_args(argv)
+    base: dict[tuple[str, str], str] = {}
+    for page in args.base:
+        base.update(read_table(page))
     sys.path.insert(0, str(ROOT))
     from tests import test_transforms as suite
 
     command = "PYTHONPATH=src python benchmarks/transforms_table.py" + (" --fast" if args.fast else "")
 
     def write(final: bool = False) -> None:
-        args.out.write_text("\n".join(table(collector, suite, args.fast, command, final)) + "\n")
+        args.out.write_text("\n".join(table(collector, suite, args.fast, command, final, base)) + "\n")
 
     collector = Collector(on_report=write)
     marks = "not slow" if args.fast else "slow or not slow"
-    code = pytest.main(
-        ["-q", "-p", "no:cacheprovider", "-m", marks, str(ROOT / "tests" / "test_transforms.py")],
-        plugins=[collector],
-    )
+    select = [] if args.select is None else ["-k", args.select]
+    code = 0
+    if not args.no_run:
+        code = pytest.main(
+            [
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-m",
+                marks,
+                *select,
+                str(ROOT / "tests" / "test_transforms.py"),
+            ],
+            plugins=[collector],
+        )
     write(final=True)
     print(f"wrote {args.out} (pytest exit code {int(code)})")
     return int(code)
 
 
-def table(collector: Collector, suite, fast: bool, command: str, final: bool) -> list[str]:  # noqa: ANN001
-    """The page's lines from the outcomes collected so far."""
+def read_table(page: Path) -> dict[tuple[str, str], str]:
+    """The cells of an earlier table that hold a test outcome."""
+    cells = {}
+    for line in page.read_text().splitlines():
+        if not line.startswith("| `"):
+            continue
+        parts = [p.strip() for p in line.strip("|").split(" | ")]
+        name = parts[0].strip("`")
+        for column, text in zip(HEADER, parts[1:], strict=False):
+            if text.startswith(("pass", "FAIL", "skipped")):
+                cells[(name, column)] = text
+    return cells
+
+
+def table(collector: Collector, suite, fast: bool, command: str, final: bool, base) -> list[str]:  # noqa: ANN001
+    """The page's lines from the outcomes collected so far (and the ``base`` cells)."""
     lines = [
         "# Transforms: vmap, torch.compile, meta tensors",
         "",
@@ -125,7 +162,9 @@ def table(collector: Collector, suite, fast: bool, command: str, final: bool) ->
         row = []
         for column in HEADER:
             outcomes = collector.cells.get((name, column))
-            if outcomes is None and column.startswith("compile") and name not in suite.COMPILED:
+            if outcomes is None and (name, column) in base:
+                row.append(base[(name, column)])
+            elif outcomes is None and column.startswith("compile") and name not in suite.COMPILED:
                 row.append("not run: compiles=False (see the note)")
             elif outcomes is None and fast and column.startswith("compile"):
                 row.append("not run (--fast)")

@@ -52,8 +52,9 @@ class Operator:
         sparse: the output has exact zeros away from the top entries.
         k_grad: differentiable in a floating k tensor.
         exact_double_backward: the backward is itself differentiable.
-        compiles: runs under ``torch.compile(fullgraph=True)``.
-        vmaps: runs under ``torch.func.vmap``.
+        compiles: runs under ``torch.compile(fullgraph=True)`` as the entry is called.
+        vmaps: runs under ``torch.func.vmap`` with its default ``randomness="error"``
+            (stochastic operators need ``"same"`` or ``"different"``).
         temperature: a default that suits standard-normal scores.
         bench_max_elements: the benchmark skips larger inputs (for O(n^2) methods), and
             says so in its table.
@@ -198,7 +199,10 @@ OPERATORS: dict[str, Operator] = {
             stochastic=True,
             uniform_limit=False,
             exact_gradient=False,
-            note="100 Gaussian samples; score-function backward",
+            note=(
+                "100 Gaussian samples; score-function backward; vmap with randomness='same' or "
+                "'different'; torch.compile traces it with noise_samples= (generator draws run eagerly)"
+            ),
         ),
         Operator(
             "subset",
@@ -210,7 +214,11 @@ OPERATORS: dict[str, Operator] = {
             bounded=False,
             hard_limit=False,
             bench_max_elements=700_000,
-            note="a sampler: t -> 0 gives the top k of x + Gumbel noise; O(k n) memory",
+            note=(
+                "a sampler: t -> 0 gives the top k of x + Gumbel noise; O(k n) memory; vmap with "
+                "randomness='same' or 'different'; torch.compile traces it with gumbel= (generator "
+                "draws run eagerly)"
+            ),
         ),
         Operator(
             "neuralsort",
