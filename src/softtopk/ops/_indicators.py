@@ -190,6 +190,10 @@ def topk_indicators(
                 raise ValueError(
                     f"{name} applies to method={owner!r} only, got {name}={value!r} with method={method!r}"
                 )
+    # Every name the solver closure reads is bound on every path (torch.compile cannot
+    # trace a closure over an unbound cell).
+    options: dict[str, object] = {}
+    pert = iters = None
     if method in PERMUTATION_METHODS:
         options = _method_options(method, power, distribution, art_lambda)
     else:
