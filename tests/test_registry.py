@@ -1,7 +1,8 @@
 """One conformance suite for every operator of the registry (DESIGN 4).
 
 Adding an operator to ``softtopk.registry.OPERATORS`` runs it through all of these:
-shape/dtype/device, range and sum, permutation equivariance, batch == loop, any dim,
+shape/dtype/device, range and sum (rows and columns of an indicators operator),
+permutation equivariance, batch == loop, any dim,
 -inf padding, hard limit t -> 0, uniform limit t -> inf, fp16/bf16 vs fp32,
 torch.compile == eager, torch.func.vmap == loop, float64 gradcheck, module round trip.
 """
@@ -17,6 +18,8 @@ from softtopk.registry import OPERATORS
 
 NAMES = list(OPERATORS)
 MASKS = [name for name in NAMES if OPERATORS[name].kind == "mask"]
+# Operators whose output is a (k, n) soft assignment per row (k an int).
+INDICATORS = [name for name in NAMES if OPERATORS[name].kind == "indicators"]
 # Stochastic operators run on their seeded view (the same draws on every call), but the
 # noise is tied to positions and to the batch shape: these properties hold for them only
 # in distribution.
@@ -25,6 +28,16 @@ DETERMINISTIC = [name for name in NAMES if not OPERATORS[name].stochastic]
 
 def run(name, x, k, dim=-1, **kw):
     return OPERATORS[name].seeded()(x, k, dim, **kw)
+
+
+def hard_reference(name, x, k):
+    """What t -> 0 must give on rows x (B, n) with a positive k-th gap."""
+    kind = OPERATORS[name].kind
+    if kind == "indicators":
+        return torch.nn.functional.one_hot(x.topk(k, dim=-1).indices, x.shape[-1]).to(x.dtype)
+    if kind == "mask":
+        return torch.zeros_like(x).scatter_(-1, x.topk(k, dim=-1).indices, 1.0)
+    return torch.zeros_like(x).scatter_(-1, x.abs().topk(k, dim=-1).indices, 1.0) * x
 
 
 def gapped(rows: int, n: int, gap: float = 1.0, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
@@ -43,10 +56,17 @@ def gapped(rows: int, n: int, gap: float = 1.0, dtype=torch.float64, seed: int =
 def test_shape_dtype_and_any_dim(name, shape, dim, dtype):
     x = torch.randn(shape, dtype=dtype)
     y = run(name, x, 2, dim=dim)
-    assert y.shape == x.shape and y.dtype == dtype and y.device == x.device
+    d = dim % x.dim()
+    if OPERATORS[name].kind == "indicators":
+        # The size n at dim becomes (k, n).
+        assert y.shape == x.shape[:d] + (2,) + x.shape[d:]
+        y = y.movedim((d, d + 1), (-2, -1))
+    else:
+        assert y.shape == x.shape
+        y = y.movedim(d, -1)
+    assert y.dtype == dtype and y.device == x.device
     # Same result as moving dim last by hand.
-    moved = run(name, x.movedim(dim, -1), 2).movedim(-1, dim)
-    torch.testing.assert_close(y, moved)
+    torch.testing.assert_close(y, run(name, x.movedim(dim, -1), 2))
 
 
 @pytest.mark.parametrize("name", MASKS)
@@ -61,11 +81,24 @@ def test_range_and_sum(name):
             torch.testing.assert_close(y.sum(-1), torch.full((16,), float(k), dtype=torch.float64))
 
 
+@pytest.mark.parametrize("name", INDICATORS)
+def test_indicator_rows_and_columns(name):
+    """Every row of the (k, n) assignment sums to 1; every column to at most 1."""
+    x = torch.randn(16, 40, dtype=torch.float64)
+    for k in (1, 5, 17):
+        y = run(name, x, k)
+        assert y.shape == (16, k, 40) and (y >= 0).all()
+        if OPERATORS[name].sums_to_k:
+            torch.testing.assert_close(y.sum(-1), torch.ones(16, k, dtype=torch.float64))
+        if OPERATORS[name].bounded:
+            assert (y.sum(-2) <= 1 + 1e-9).all()
+
+
 @pytest.mark.parametrize("name", [n for n in DETERMINISTIC if OPERATORS[n].equivariant])
 def test_permutation_equivariance(name):
     x = gapped(4, 30, gap=0.05)
     perm = torch.randperm(30)
-    torch.testing.assert_close(run(name, x[:, perm], 6), run(name, x, 6)[:, perm])
+    torch.testing.assert_close(run(name, x[:, perm], 6), run(name, x, 6)[..., perm])
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
@@ -73,18 +106,24 @@ def test_permutation_equivariance(name):
 def test_batch_equals_loop(name, n):
     x = torch.randn(5, n, dtype=torch.float64)
     k = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
-    batched = run(name, x, k)
+    if OPERATORS[name].kind == "indicators":
+        k = torch.full((5,), 3.0, dtype=torch.float64)  # one k: it sets the output's size
+        batched = run(name, x, 3)
+    else:
+        batched = run(name, x, k)
     loop = torch.stack([run(name, x[i], int(k[i])) for i in range(5)])
     torch.testing.assert_close(batched, loop)
 
 
-@pytest.mark.parametrize("name", [n for n in MASKS if n in DETERMINISTIC and OPERATORS[n].exact_padding])
+@pytest.mark.parametrize(
+    "name", [n for n in MASKS + INDICATORS if n in DETERMINISTIC and OPERATORS[n].exact_padding]
+)
 def test_minus_inf_padding(name):
     x = torch.randn(3, 20, dtype=torch.float64)
     padded = torch.cat([x, torch.full((3, 5), -math.inf, dtype=torch.float64)], -1).requires_grad_()
     y = run(name, padded, 4)
-    torch.testing.assert_close(y[:, :20], run(name, x, 4))
-    assert (y[:, 20:] == 0).all()
+    torch.testing.assert_close(y[..., :20], run(name, x, 4))
+    assert (y[..., 20:] == 0).all()
     if OPERATORS[name].name != "hard":
         (g,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), padded)
         assert (g[:, 20:] == 0).all()
@@ -92,25 +131,24 @@ def test_minus_inf_padding(name):
 
 @pytest.mark.parametrize("name", [n for n in NAMES if OPERATORS[n].hard_limit])
 def test_hard_limit(name):
-    """t -> 0 gives the torch.topk mask (or x * topkmask(|x|)) when the k-th gap is positive."""
+    """t -> 0 gives the torch.topk mask (x * topkmask(|x|), one-hot rows of the top k)."""
     x = gapped(6, 25, gap=1.0)
     x = x - x.mean(-1, keepdim=True)
     y = run(name, x, 5, temperature=1e-4)
-    if OPERATORS[name].kind == "mask":
-        hard = torch.zeros_like(x).scatter_(-1, x.topk(5, dim=-1).indices, 1.0)
-    else:
-        hard = torch.zeros_like(x).scatter_(-1, x.abs().topk(5, dim=-1).indices, 1.0) * x
-    torch.testing.assert_close(y, hard, atol=1e-6, rtol=0)
+    torch.testing.assert_close(y, hard_reference(name, x, 5), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name", [n for n in MASKS if n != "hard" and OPERATORS[n].uniform_limit])
+@pytest.mark.parametrize(
+    "name", [n for n in MASKS + INDICATORS if n != "hard" and OPERATORS[n].uniform_limit]
+)
 def test_uniform_limit(name):
-    """t -> inf spreads the budget evenly: y -> k/n."""
+    """t -> inf spreads the budget evenly: y -> k/n (1/n for each row of indicators)."""
     x = torch.randn(3, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     # The distance to k/n shrinks like n max|x| / t (NeuralSort's row scores (n + 1 - 2i) x
     # are the widest): t = 1e7 puts every operator within 1e-5.
     y = run(name, x, 4, temperature=1e7)
-    torch.testing.assert_close(y, torch.full_like(x, 0.4), atol=1e-5, rtol=0)
+    level = 0.1 if OPERATORS[name].kind == "indicators" else 0.4
+    torch.testing.assert_close(y, torch.full_like(y, level), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -120,7 +158,7 @@ def test_half_precision_matches_float32(name, dtype):
     y = run(name, x, 8, temperature=0.5)
     assert y.dtype == dtype
     ref = run(name, x.float(), 8, temperature=0.5)
-    scale = 1.0 if OPERATORS[name].kind == "mask" else x.float().abs().max().item()
+    scale = x.float().abs().max().item() if OPERATORS[name].kind == "magnitude" else 1.0
     tol = 2e-3 if dtype == torch.float16 else 1e-2
     torch.testing.assert_close(y.float(), ref, atol=tol * scale, rtol=0)
     xr = x.clone().requires_grad_()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -150,3 +152,15 @@ def scatter_rows(like: Tensor, idx: Tensor, src: Tensor) -> Tensor:
     if is_tracing():
         return zeros.scatter(-1, idx, src)
     return zeros.scatter_(-1, idx, src)
+
+
+def eager_only(fn: Callable[..., Any], reason: str) -> Callable[..., Any]:
+    """``fn`` run outside torch.compile: a graph break (an error naming ``reason`` with fullgraph).
+
+    For code that draws from a ``torch.Generator``, whose draws a compiled graph would not
+    reproduce.
+    """
+    try:
+        return torch.compiler.disable(fn, reason=reason)
+    except TypeError:  # a torch without the reason argument
+        return torch.compiler.disable(fn)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import is_tracing
+from ._checks import has_values
 
 #: Iteration cap. The bracket at least halves on every step that is not an accepted
 #: Newton step, so this reaches rounding level in float64.
@@ -55,7 +55,7 @@ def newton(
     Returns:
         tau (B,) and the number of iterations run (a 0-dim tensor).
     """
-    tracing = is_tracing()
+    tracing = not has_values(k)  # traced, or meta / fake tensors: no host reads
     if max_iter is None:
         max_iter = TRACED_ITER if tracing else MAX_ITER
     f64 = torch.float64

@@ -3,7 +3,9 @@
 The conformance test suite, the benchmark and the experiments iterate over
 :data:`OPERATORS`, so adding an operator means adding one entry here (plus the
 operator's own oracle tests). An entry is called as ``op(x, k, dim, temperature=...)``
-(``generator=...`` for the stochastic ones) and returns a tensor of the shape of x.
+(``generator=...`` for the stochastic ones) and returns a tensor of the shape of x (a
+``"mask"`` or ``"magnitude"`` operator) or of x's shape with the size n at ``dim``
+replaced by the two sizes (k, n) (an ``"indicators"`` operator, for an int k).
 
 Example:
     >>> import torch
@@ -22,7 +24,14 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .ops import permutation_topk_mask, relaxed_subset, topk_mag, topk_mask
+from .ops import (
+    permutation_topk_mask,
+    relaxed_subset,
+    soft_sinkhorn_mask,
+    topk_indicators,
+    topk_mag,
+    topk_mask,
+)
 
 
 @dataclass(frozen=True)
@@ -33,14 +42,19 @@ class Operator:
         name: registry key.
         fn: ``fn(x, k, dim=-1, *, temperature) -> Tensor``; a stochastic operator's
             ``fn`` also takes ``generator`` (a ``torch.Generator`` or None for the global one).
-        kind: ``"mask"`` (values in [0, 1]) or ``"magnitude"`` (values of x, kept or shrunk).
+        kind: ``"mask"`` (values in [0, 1]), ``"magnitude"`` (values of x, kept or shrunk)
+            or ``"indicators"`` (a soft (k, n) assignment per row, row j a soft one-hot of
+            the (j+1)-th largest entry; k an int; for it ``sums_to_k`` means that every
+            row sums to 1, ``bounded`` that every column sums to at most 1, the limits are
+            the one-hot rows of ``torch.topk`` and 1/n).
         paper: the publication the operator reproduces.
         sums_to_k: a mask whose rows sum to k exactly.
         sparse: the output has exact zeros away from the top entries.
         k_grad: differentiable in a floating k tensor.
         exact_double_backward: the backward is itself differentiable.
-        compiles: runs under ``torch.compile(fullgraph=True)``.
-        vmaps: runs under ``torch.func.vmap``.
+        compiles: runs under ``torch.compile(fullgraph=True)`` as the entry is called.
+        vmaps: runs under ``torch.func.vmap`` with its default ``randomness="error"``
+            (stochastic operators need ``"same"`` or ``"different"``).
         temperature: a default that suits standard-normal scores.
         bench_max_elements: the benchmark skips larger inputs (for O(n^2) methods), and
             says so in its table.
@@ -60,6 +74,11 @@ class Operator:
         uniform_limit: t -> inf gives k/n everywhere.
         exact_gradient: the backward is the derivative of the forward (False for a
             Monte-Carlo estimate of the derivative of the expected output).
+        route_of: the registry entry whose operator this one computes by another route
+            (the same mathematical operator, e.g. the published algorithm or a sort +
+            isotonic regression solver). The conformance suite runs it like any entry;
+            the experiments and the benchmark's operator list skip it, as it would
+            repeat that entry's results.
         note: what the entry fixes beyond ``fn(x, k, dim, *, temperature)``.
     """
 
@@ -82,6 +101,7 @@ class Operator:
     hard_limit: bool = True
     uniform_limit: bool = True
     exact_gradient: bool = True
+    route_of: str = ""
     note: str = ""
 
     def __call__(
@@ -115,7 +135,8 @@ class Operator:
         fn = self.fn
 
         def seeded_fn(x: Tensor, k: float | Tensor, dim: int = -1, *, temperature: float, generator=None):
-            gen = torch.Generator(device=x.device).manual_seed(seed)
+            # Meta tensors hold no values (and have no generator): their draws need none.
+            gen = None if x.device.type == "meta" else torch.Generator(device=x.device).manual_seed(seed)
             return fn(x, k, dim=dim, temperature=temperature, generator=gen)
 
         return replace(self, fn=seeded_fn)
@@ -173,7 +194,10 @@ OPERATORS: dict[str, Operator] = {
             stochastic=True,
             uniform_limit=False,
             exact_gradient=False,
-            note="100 Gaussian samples; score-function backward",
+            note=(
+                "100 Gaussian samples; score-function backward; vmap with randomness='same' or "
+                "'different'; torch.compile traces it with noise_samples= (generator draws run eagerly)"
+            ),
         ),
         Operator(
             "subset",
@@ -185,7 +209,11 @@ OPERATORS: dict[str, Operator] = {
             bounded=False,
             hard_limit=False,
             bench_max_elements=700_000,
-            note="a sampler: t -> 0 gives the top k of x + Gumbel noise; O(k n) memory",
+            note=(
+                "a sampler: t -> 0 gives the top k of x + Gumbel noise; O(k n) memory; vmap with "
+                "randomness='same' or 'different'; torch.compile traces it with gumbel= (generator "
+                "draws run eagerly)"
+            ),
         ),
         Operator(
             "neuralsort",
@@ -245,6 +273,53 @@ OPERATORS: dict[str, Operator] = {
             sums_to_k=False,
             sparse=True,
             k_grad=False,
+        ),
+        Operator(
+            "sparse-pav",
+            partial(topk_mask, method="sparse", solver="pav"),
+            paper="Sander et al. 2023 (sort + isotonic regression, PAV)",
+            sparse=True,
+            exact_double_backward=True,
+            route_of="sparse",
+            note="the permutahedron route: sort, exact PAV in float64, the block Jacobian backward",
+        ),
+        Operator(
+            "sparse-dykstra",
+            partial(topk_mask, method="sparse", solver="dykstra"),
+            paper="Sander et al. 2023 (sort + isotonic regression, Dykstra)",
+            sparse=True,
+            exact_double_backward=True,
+            route_of="sparse",
+            note="the permutahedron route with Dykstra's certified projections (warns if uncertified)",
+        ),
+        Operator(
+            "soft-sinkhorn",
+            soft_sinkhorn_mask,
+            paper="Xie et al. 2020 (SOFT as published: 200 Sinkhorn iterations)",
+            k_grad=False,
+            hard_limit=False,
+            exact_gradient=False,
+            route_of="soft",
+            bench_max_elements=700_000,
+            note=(
+                "200 log-domain Sinkhorn iterations from zero potentials, as the reference: "
+                "not converged at small temperatures (no hard limit at t = 1e-4); the implicit "
+                "backward assumes a converged plan and a constant C_max; k takes no gradient "
+                "(the reference's k is fixed)"
+            ),
+        ),
+        Operator(
+            "indicators",
+            partial(topk_indicators, method="soft"),
+            kind="indicators",
+            paper="Xie et al. 2020 (sorted SOFT: k + 1 anchors)",
+            k_grad=False,
+            exact_gradient=False,
+            bench_max_elements=700_000,
+            note=(
+                "topk_indicators: a (k, n) soft assignment per row, k an int; Sinkhorn to "
+                "convergence (tol) with the implicit backward, C_max a constant in it, as published"
+            ),
         ),
     ]
 }

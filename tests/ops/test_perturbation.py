@@ -91,9 +91,8 @@ def test_engine_gradient_is_the_closed_form_score_function_estimate(noise):
     z = NOISES[noise].sample((M, B, n), gen, torch.float64, "cpu")
     v = torch.randn(B, n, generator=gen, dtype=torch.float64)
     pert = _pert(x.detach(), noise=noise, noise_samples=z)
-    y, _ = perturbed(
-        x, topk_selection(torch.full((B,), float(k), dtype=torch.float64), n), temperature=t, pert=pert
-    )
+    kv = torch.full((B,), float(k), dtype=torch.float64)
+    y, _ = perturbed(x, topk_selection(kv, n), temperature=t, pert=pert, budget=kv)
     (g,) = torch.autograd.grad(y, x, v)
 
     xn, zn, vn = x.detach().numpy(), z.numpy(), v.numpy()
@@ -135,7 +134,7 @@ def test_engine_value_gradient_is_pathwise():
     z = torch.randn(M, B, n, generator=gen, dtype=torch.float64)
     k = torch.tensor([2.0, 3.5], dtype=torch.float64)
     y, F = perturbed(
-        x, topk_selection(k, n), temperature=t, pert=_pert(x.detach(), noise_samples=z), target=c
+        x, topk_selection(k, n), temperature=t, pert=_pert(x.detach(), noise_samples=z), target=c, budget=k
     )
     gx, gc = torch.autograd.grad(F.sum(), (x, c))
     torch.testing.assert_close(gx, (y - c).detach(), atol=1e-15, rtol=0)

@@ -166,7 +166,7 @@ def contenders(temperature: float | None, peers: bool = True) -> list[Contender]
     out += [
         Contender(name, "operator", op(name), max_elements=spec.bench_max_elements or 1 << 62)
         for name, spec in OPERATORS.items()
-        if name != "hard"
+        if name != "hard" and not spec.route_of and spec.kind in ("mask", "magnitude")
     ]
     out += [
         Contender("sparse[sort]", "sort route", sort_route("sparse")),

@@ -71,7 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=(1.0, 3.0, 10.0),
         help="temperatures as multiples of each operator's default (default 1,3,10)",
     )
-    parser.add_argument("--only", nargs="+", metavar="OP", help="registered operators to draw (default: all)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="OP",
+        help="registered operators to draw (default: all masks and magnitudes)",
+    )
     parser.add_argument("--points", type=int, default=801, help="values of s in [-2.5, 2.5]")
     parser.add_argument("--out", type=Path, default=Path("plots"), help="folder for the PNG files")
 
@@ -80,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
     if not 1 <= args.k <= len(BASE):
         print(f"--k must be in [1, {len(BASE)}], got {args.k}", file=sys.stderr)
         return 2
-    names = args.only or list(OPERATORS)
+    names = args.only or [n for n, op in OPERATORS.items() if op.kind in ("mask", "magnitude")]
     unknown = [n for n in names if n not in OPERATORS]
     if unknown:
         print(f"unknown operator(s) {unknown}; known: {', '.join(OPERATORS)}", file=sys.stderr)
@@ -94,6 +99,10 @@ def main(args: argparse.Namespace) -> int:
         print("softtopk plot needs matplotlib: pip install 'softtopk[bench]'", file=sys.stderr)
         return 2
     ops = [OPERATORS[n] for n in names]
+    other = [op.name for op in ops if op.kind not in ("mask", "magnitude")]
+    if other:
+        print(f"softtopk plot draws mask and magnitude operators only, got {other}", file=sys.stderr)
+        return 2
     s = torch.linspace(-2.5, 2.5, args.points, dtype=torch.float64)
     cols = min(4, len(ops))
     rows = (len(ops) + cols - 1) // cols

@@ -157,7 +157,8 @@ def mask_operators(
 ) -> tuple[list[Operator], list[str]]:
     """The registered operators an experiment can use, and notes on those left out.
 
-    Keeps the operators of the given ``kinds`` whose output depends on the temperature
+    Keeps the operators of the given ``kinds`` (other routes to a registered operator,
+    ``route_of``, would repeat its results and are skipped) whose output depends on the temperature
     (a temperature-free operator, the hard mask, is each experiment's explicit baseline),
     whose ``bench_max_elements`` admits the experiment's largest call, ``shape`` = (rows,
     n) (an O(n^2) operator registers such a limit), and, if ``only`` is given, whose name
@@ -171,8 +172,8 @@ def mask_operators(
     for op in OPERATORS.values():
         if only and op.name not in only:
             continue
-        if op.kind not in kinds:
-            continue
+        if op.kind not in kinds or op.route_of:
+            continue  # another kind, or another route to a registered operator
         if not depends_on_temperature(op):
             continue
         if shape is not None and op.bench_max_elements is not None:

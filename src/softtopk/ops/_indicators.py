@@ -47,9 +47,11 @@ def _with_infinities(rows: Tensor, k: int, solve) -> Tensor:  # noqa: ANN001
     p = plus.sum(-1)
     safe = torch.where(nan.unsqueeze(-1) | plus, -math.inf, rows)
     if not may_sync(rows):
-        # Traced: one solve with every k rows, shifted down by p (exact where the rows of
-        # the method do not depend on the budget: the perturbed and permutation methods).
-        inner = solve(torch.where(nan.unsqueeze(-1), 0.0, safe), k)
+        # Traced: one solve with every k rows, shifted down by p, each row solved for its
+        # own budget k - p (the rows of the perturbed and permutation methods do not
+        # depend on the budget; "soft" poses each row's problem for its budget).
+        budget = (k - p).clamp(min=0).to(rows.dtype)
+        inner = solve(torch.where(nan.unsqueeze(-1), 0.0, safe), k, budget)
         j = torch.arange(k, device=rows.device)
         src = (j - p.unsqueeze(-1)).clamp(min=0)
         shifted = inner.gather(1, src.unsqueeze(-1).expand(B, k, n))
@@ -188,6 +190,10 @@ def topk_indicators(
                 raise ValueError(
                     f"{name} applies to method={owner!r} only, got {name}={value!r} with method={method!r}"
                 )
+    # Every name the solver closure reads is bound on every path (torch.compile cannot
+    # trace a closure over an unbound cell).
+    options: dict[str, object] = {}
+    pert = iters = None
     if method in PERMUTATION_METHODS:
         options = _method_options(method, power, distribution, art_lambda)
     else:
@@ -217,11 +223,13 @@ def topk_indicators(
             "implicit" if backward is None else backward, "backward", ("implicit", "unrolled")
         )
 
-    def solve(v: Tensor, kk: int) -> Tensor:
+    def solve(v: Tensor, kk: int, budget: Tensor | None = None) -> Tensor:
         if kk == 0:
             return v.new_zeros(v.shape[0], 0, n)
         if method == "soft":
-            return sorted_soft_indicators(v, kk, epsilon=t, max_iter=iters, tol=tol, backward=backward)
+            return sorted_soft_indicators(
+                v, kk, epsilon=t, max_iter=iters, tol=tol, backward=backward, budget=budget
+            )
         if method == "perturbed":
             return perturbed_indicators(v, kk, temperature=t, pert=pert)
         return permutation_rows(v, kk, method, t, **options)

@@ -13,7 +13,7 @@ from .._checks import (
     check_bool,
     check_p,
     check_positive,
-    is_tracing,
+    has_values,
     may_sync,
     scatter_rows,
 )
@@ -390,7 +390,7 @@ def topk_mag(
     r = round(1.0 / (p - 1.0))
     check_bool(debias, "debias")
     kvec = rows.k
-    if not is_tracing() and kvec.numel() > 0 and bool((kvec != kvec.round()).any()):
+    if has_values(kvec) and kvec.numel() > 0 and bool((kvec != kvec.round()).any()):
         raise ValueError(f"k must be integer-valued for topk_mag, got {k!r}")
     if rows.x.numel() == 0:
         return torch.zeros_like(x)

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import check_bool, check_choice, check_p, check_positive, check_tensor
+from .._checks import check_bool, check_choice, check_p, check_positive, check_tensor, eager_only
 from .._rows import rowwise
 from ._dftopk import dftopk_mask
 from ._hard import hard_mask
@@ -142,9 +142,14 @@ def topk_mask(
         num_samples: ``"perturbed"`` only: number of noise draws M (default
             100, or the size of ``noise_samples``).
         noise: ``"perturbed"`` only: ``"gaussian"`` (default) or ``"gumbel"``.
-        generator: ``"perturbed"`` and ``"subset"`` only: the ``torch.Generator`` the
-            noise is drawn from (default: the global generator of x's device). The
-            backward replays the same draws from the state saved at the call.
+        generator: ``"perturbed"`` and ``"subset"`` only: the ``torch.Generator`` the noise is drawn from
+            (default: the global generator of x's device). The backward replays the
+            same draws from the state saved at the call. Under ``torch.compile`` a call that draws
+            its noise (no ``noise_samples``) runs eagerly (a graph break; an error with
+            ``fullgraph=True``), as a compiled graph would not reproduce the generator's
+            draws. Under ``torch.func.vmap`` pass ``randomness="different"``
+            (independent draws for the vmapped entries) or ``"same"`` (one draw shared
+            by them, equal to the unbatched call's); torch's default ``"error"`` raises.
         noise_samples: ``"perturbed"`` only: explicit standard noise draws of shape
             ``(num_samples, *x.shape)``, instead of a generator.
 
@@ -194,6 +199,11 @@ def topk_mask(
                 raise ValueError(
                     f"{name} applies to method='perturbed' only, got {name}={value!r} with method={method!r}"
                 )
+    if spec.uses_noise and noise_samples is None and torch.compiler.is_compiling():
+        return _eager_topk_mask(
+            x, k, dim, method=method, temperature=t, largest=largest, num_samples=num_samples,
+            noise=noise, generator=generator,
+        )  # fmt: skip
     rows = rowwise(x, k, dim, k_grad=spec.k_grad)
     options: dict[str, object] = {"p": p} if spec.uses_p else {}
     if spec.uses_noise:
@@ -240,3 +250,11 @@ def _registry_mask(
     if not largest:
         x = -check_tensor(x)
     return op(x, k, dim, temperature=t, generator=generator)  # type: ignore[arg-type]
+
+
+_eager_topk_mask = eager_only(
+    topk_mask,
+    "topk_mask(method='perturbed') draws its noise from a torch.Generator, whose draws a compiled "
+    "graph would not reproduce (and its backward replays them): the call runs eagerly; pass "
+    "noise_samples= to compile it",
+)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_choice, check_tensor
+from .._checks import check_choice, check_tensor, may_sync
 from .._checks import check_generator as check_generator_type
 from .._rows import apply_rules, classify, regular_rows
 
@@ -107,7 +107,7 @@ class Gumbel(Noise):
 
     def sample(self, shape, generator, dtype, device):  # noqa: ANN001, ANN201
         u = torch.rand(shape, generator=generator, dtype=dtype, device=device)
-        return u.clamp_(min=torch.finfo(dtype).tiny).log_().neg_().log_().neg_()
+        return -torch.log(-torch.log(u.clamp(min=torch.finfo(dtype).tiny)))
 
     def log_prob(self, z: Tensor) -> Tensor:
         return -z - torch.exp(-z)
@@ -122,15 +122,17 @@ GUMBEL = Gumbel()
 NOISES: dict[str, Noise] = {"gaussian": GAUSSIAN, "gumbel": GUMBEL}
 
 
-def default_generator(device: torch.device) -> torch.Generator:
-    """The global generator of ``device`` (what ``torch.randn`` draws from)."""
+def default_generator(device: torch.device) -> torch.Generator | None:
+    """The global generator of ``device`` (what ``torch.randn`` draws from); None on meta."""
+    if device.type == "meta":
+        return None  # meta tensors hold no values: their draws need no generator
     if device.type == "cpu":
         return torch.default_generator
     index = device.index if device.index is not None else torch.cuda.current_device()
     return torch.cuda.default_generators[index]
 
 
-def check_generator(generator: object, device: torch.device) -> torch.Generator:
+def check_generator(generator: object, device: torch.device) -> torch.Generator | None:
     """A ``torch.Generator`` on the device type of ``device`` (None: that device's global one)."""
     if check_generator_type(generator) is None:
         return default_generator(device)
@@ -176,7 +178,7 @@ class Perturbation:
                 yield self.samples[start : start + step].to(dtype)
             return
         gen = self.generator
-        if replay:
+        if replay and self.state is not None:
             gen = torch.Generator(device=self.device)
             gen.set_state(self.state)  # type: ignore[arg-type]
         for start in range(0, M, step):
@@ -239,23 +241,34 @@ def perturbation(
         return Perturbation(M, law, x.device, samples=z_rows)
     M = default_samples if num_samples is None else check_num_samples(num_samples)
     gen = check_generator(generator, x.device)
+    if gen is None:  # meta tensors: shapes only
+        return Perturbation(M, law, x.device)
     return Perturbation(M, law, x.device, generator=gen, state=gen.get_state())
 
 
 # ---------------------------------------------------------------------------- the engine
 
-#: A selection maps perturbed rows (m, B, n) to (slots (m, B, K), weights (m, B, K)): the
+#: A selection maps perturbed rows (m, B, n) and the per-row budget (B,) (or None) to
+#: (slots (m, B, K), weights (m, B, K)): the
 #: hard solution y*(u_m) is the vector of ``width`` slots with the weights at those slots,
 #: and slot s stands for entry s % n of the row.
-Selection = Callable[[Tensor], tuple[Tensor, Tensor]]
+Selection = Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]]
 
 
 class _Perturbed(torch.autograd.Function):
     """(y, F) of the module docstring; score-function backward for y, pathwise for F."""
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(  # type: ignore[override]
-        x: Tensor, target: Tensor | None, select: Selection, width: int, t: float, pert: Perturbation
+        x: Tensor,
+        budget: Tensor | None,
+        target: Tensor | None,
+        select: Selection,
+        width: int,
+        t: float,
+        pert: Perturbation,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         B, n = x.shape
         xd = x.detach()
@@ -275,7 +288,7 @@ class _Perturbed(torch.autograd.Function):
             offset = torch.where(c != 0, c * (xd / scale.unsqueeze(-1)), 0.0).sum(-1)
         for z in pert.chunks(B, n, x.dtype):
             u = xd.unsqueeze(0) + t * z
-            slot, w = select(u)
+            slot, w = select(u, budget)
             pos = slot % n if width != n else slot
             y.scatter_add_(-1, slot.permute(1, 0, 2).reshape(B, -1), w.permute(1, 0, 2).reshape(B, -1))
             vals = u.gather(-1, pos) / scale.view(1, B, 1)
@@ -287,7 +300,7 @@ class _Perturbed(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        x, target, _, width, t, pert = inputs
+        x, _, target, _, width, t, pert = inputs
         y, _, slot, w = output
         ctx.mark_non_differentiable(slot, w)
         ctx.set_materialize_grads(False)
@@ -318,10 +331,10 @@ class _Perturbed(torch.autograd.Function):
             mean = y if ctx.width == n else y.view(B, -1, n).sum(1)
             if target is not None:
                 mean = mean - target
-                if ctx.needs_input_grad[1]:
+                if ctx.needs_input_grad[2]:
                     grad_target = -g * x
             grad = grad + g * mean
-        return torch.where(finite, grad, 0.0), grad_target, None, None, None, None
+        return torch.where(finite, grad, 0.0), None, grad_target, None, None, None, None
 
 
 def perturbed(
@@ -332,6 +345,7 @@ def perturbed(
     pert: Perturbation,
     width: int | None = None,
     target: Tensor | None = None,
+    budget: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""The Monte-Carlo means (y, F) of a selection over perturbed rows (B, n).
 
@@ -352,6 +366,7 @@ def perturbed(
         pert: the source of the noise (:func:`perturbation`).
         width: the number of slots of y* (n by default; k n for sorted indicators).
         target: c (B, n), or None.
+        budget: the per-row tensor the selection reads (k), passed to ``select``.
 
     Returns:
         y (B, width) and F (B,).
@@ -361,7 +376,8 @@ def perturbed(
         >>> gen = torch.Generator().manual_seed(0)
         >>> pert = perturbation(x, 1, 1, num_samples=4, noise=None, generator=gen,
         ...                     noise_samples=None, default_samples=4)
-        >>> y, F = perturbed(x, topk_selection(torch.tensor([2.0]), 3), temperature=1e-6, pert=pert)
+        >>> k = torch.tensor([2.0])
+        >>> y, F = perturbed(x, topk_selection(k, 3), temperature=1e-6, pert=pert, budget=k)
         >>> y
         tensor([[1., 0., 1.]])
         >>> F.round(decimals=3)
@@ -372,7 +388,8 @@ def perturbed(
         Perturbed Optimizers", NeurIPS 2020.
     """
     w = x.shape[-1] if width is None else width
-    y, value, _, _ = _Perturbed.apply(x, target, select, w, temperature, pert)
+    b = None if budget is None else budget.detach()
+    y, value, _, _ = _Perturbed.apply(x, b, target, select, w, temperature, pert)
     return y, value
 
 
@@ -380,19 +397,24 @@ def perturbed(
 
 
 def max_budget(k: Tensor, n: int) -> int:
-    """The number of largest entries a budget k (B,) in [0, n] can touch: ceil(max k)."""
+    """The number of largest entries a budget k (B,) in [0, n] can touch: ceil(max k).
+
+    All n where k's values cannot be read (meta tensors, tracing, vmap): the weights
+    clip(k - j, 0, 1) are zero beyond k anyway.
+    """
+    if not may_sync(k):
+        return max(1, n)
     return max(1, min(n, math.ceil(float(k.amax().item())))) if k.numel() else 1
 
 
 def topk_selection(k: Tensor, n: int) -> Selection:
     """y* = the top-k mask: weight clip(k - j, 0, 1) on the j-th largest (0-based), 0 on -inf."""
     K = max_budget(k, n)
-    kk = k.detach().view(1, -1, 1)
 
-    def select(u: Tensor) -> tuple[Tensor, Tensor]:
+    def select(u: Tensor, budget: Tensor | None) -> tuple[Tensor, Tensor]:
         vals, idx = torch.topk(u, K, dim=-1)
         rank = torch.arange(K, device=u.device, dtype=u.dtype)
-        w = (kk - rank).clamp(0.0, 1.0)
+        w = (budget.view(1, -1, 1) - rank).clamp(0.0, 1.0)  # type: ignore[union-attr]
         return idx, torch.where(vals > -math.inf, w, 0.0)
 
     return select
@@ -402,7 +424,7 @@ def sorted_selection(k: int, n: int) -> Selection:
     """y* = the k one-hot rows of the k largest, in decreasing order, flattened (width k n)."""
     offset = None
 
-    def select(u: Tensor) -> tuple[Tensor, Tensor]:
+    def select(u: Tensor, budget: Tensor | None) -> tuple[Tensor, Tensor]:
         nonlocal offset
         vals, idx = torch.topk(u, k, dim=-1)
         if offset is None:
@@ -417,12 +439,12 @@ def kth_selection(k: Tensor) -> Selection:
     K = int(k.amax().item())
     uniform = bool((k == K).all())
 
-    def select(u: Tensor) -> tuple[Tensor, Tensor]:
+    def select(u: Tensor, budget: Tensor | None) -> tuple[Tensor, Tensor]:
         if uniform:
             _, idx = torch.kthvalue(-u, K, dim=-1, keepdim=True)  # selection, no sort
         else:
             top = torch.topk(u, K, dim=-1).indices
-            idx = top.gather(-1, (k - 1).view(1, -1, 1).expand(u.shape[0], -1, 1))
+            idx = top.gather(-1, (budget - 1).view(1, -1, 1).expand(u.shape[0], -1, 1))  # type: ignore[operator]
         return idx, torch.ones(idx.shape, dtype=u.dtype, device=u.device)
 
     return select
@@ -460,7 +482,7 @@ def perturbed_mask(
     rules = classify(x, k)
     v = regular_rows(x, rules)
     k_reg = torch.where(rules.regular, k, 1.0)
-    y, _ = perturbed(v, topk_selection(k_reg, x.shape[-1]), temperature=temperature, pert=pert)
+    y, _ = perturbed(v, topk_selection(k_reg, x.shape[-1]), temperature=temperature, pert=pert, budget=k_reg)
     return apply_rules(x, k, y, rules)
 
 
@@ -490,7 +512,7 @@ def smoothed_kth_rows(x: Tensor, k: Tensor, t: float, pert: Perturbation) -> Ten
 
     (the pathwise gradient: i_m holds the k-th largest of the m-th sample).
     """
-    return perturbed(x, kth_selection(k), temperature=t, pert=pert)[1]
+    return perturbed(x, kth_selection(k), temperature=t, pert=pert, budget=k)[1]
 
 
 def fenchel_young_rows(
@@ -503,5 +525,5 @@ def fenchel_young_rows(
         L = \frac1M \sum_m \max_{y \in C_k} \langle y, x + tZ_m\rangle - \langle c, x\rangle,
         \qquad \nabla_x L = y_t(x) - c.
     """
-    y, loss = perturbed(x, topk_selection(k, x.shape[-1]), temperature=t, pert=pert, target=target)
+    y, loss = perturbed(x, topk_selection(k, x.shape[-1]), temperature=t, pert=pert, target=target, budget=k)
     return loss, y

@@ -9,6 +9,7 @@ the threshold solver computes in a few passes instead of ``max_iter`` iterations
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, NamedTuple
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_dim, check_positive, check_tensor
+from .._checks import check_dim, check_positive, check_tensor, may_sync
 from .._rows import apply_rules, classify, regular_rows, rowwise
 from ..threshold import LOGISTIC, threshold_mask
 
@@ -112,27 +113,71 @@ def normalised_cost(x: Tensor, anchors: Tensor, present: Tensor | None = None) -
     return (diff / root) ** 2, root**2
 
 
+def _fold(size: int, a: Tensor, d: int | None) -> Tensor:
+    """A vmapped tensor with its vmap dim ``d`` folded into its leading (row) dim."""
+    a = a.movedim(d, 0) if d is not None else a.unsqueeze(0).expand(size, *a.shape)
+    return a.reshape(size * a.shape[1], *a.shape[2:]).contiguous()
+
+
+def _unfold(size: int, outputs: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+    """The inverse of :func:`_fold` on every output (vmap dim 0)."""
+    return tuple(o.reshape(size, -1, *o.shape[1:]) for o in outputs), (0,) * len(outputs)
+
+
+@torch.library.custom_op("softtopk::soft_sinkhorn_fwd", mutates_args=())
+def soft_sinkhorn_fwd(
+    x: Tensor, k: Tensor, epsilon: float, max_iter: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SOFT's two-anchor plan of rows (B, n): (y, plan (B, n, 2), nu (B, 2), C_max (B, 1)), float64.
+
+    One op for torch.compile (the iterations are not traced), with a fake (shapes only)
+    and a vmap rule (the vmapped dim joins the rows: every row is solved on its own).
+    """
+    x, k = x.detach().to(torch.float64), k.detach().to(torch.float64)
+    present = x > -math.inf
+    n = present.sum(-1, keepdim=True).to(torch.float64).clamp(min=1.0)
+    anchors = x.new_tensor(_ANCHORS)
+    # C_max is treated as a constant, as in the reference.
+    cost, c_max = normalised_cost(torch.where(present, x, 0.0), anchors, present)
+    # The selected entries go to the anchor at 1 (mass k/n), the others to 0: this is
+    # the reference's "k smallest" with the roles of the anchors exchanged.
+    nu = torch.cat([(n - k.unsqueeze(-1)) / n, k.unsqueeze(-1) / n], -1)
+    log_mu = torch.where(present, -torch.log(n), -math.inf)
+    plan = sinkhorn_plan(cost, log_mu, torch.log(nu), epsilon, max_iter)
+    plan = torch.where(present.unsqueeze(-1), plan, 0.0)
+    return n * plan[..., 1], plan, nu, c_max.reshape(-1, 1)
+
+
+@soft_sinkhorn_fwd.register_fake
+def _(x, k, epsilon, max_iter):  # noqa: ANN001
+    B, n = x.shape
+    f64 = torch.float64
+    return (
+        x.new_empty((B, n), dtype=f64),
+        x.new_empty((B, n, 2), dtype=f64),
+        x.new_empty((B, 2), dtype=f64),
+        x.new_empty((B, 1), dtype=f64),
+    )
+
+
+@soft_sinkhorn_fwd.register_vmap
+def _(info, in_dims, x, k, epsilon, max_iter):  # noqa: ANN001
+    size = info.batch_size
+    out = soft_sinkhorn_fwd(_fold(size, x, in_dims[0]), _fold(size, k, in_dims[1]), epsilon, max_iter)
+    return _unfold(size, out)
+
+
 class _SoftSinkhorn(torch.autograd.Function):
     """SOFT's two-anchor plan by ``max_iter`` Sinkhorn iterations, with the implicit backward.
 
     Entries equal to -inf are absent sources (weight 0): n counts the others.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(x: Tensor, k: Tensor, epsilon: float, max_iter: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # type: ignore[override]
-        x, k = x.detach().to(torch.float64), k.detach().to(torch.float64)
-        present = x > -math.inf
-        n = present.sum(-1, keepdim=True).to(torch.float64).clamp(min=1.0)
-        anchors = x.new_tensor(_ANCHORS)
-        # C_max is treated as a constant, as in the reference.
-        cost, c_max = normalised_cost(torch.where(present, x, 0.0), anchors, present)
-        # The selected entries go to the anchor at 1 (mass k/n), the others to 0: this is
-        # the reference's "k smallest" with the roles of the anchors exchanged.
-        nu = torch.cat([(n - k.unsqueeze(-1)) / n, k.unsqueeze(-1) / n], -1)
-        log_mu = torch.where(present, -torch.log(n), -math.inf)
-        plan = sinkhorn_plan(cost, log_mu, torch.log(nu), epsilon, max_iter)
-        plan = torch.where(present.unsqueeze(-1), plan, 0.0)
-        return n * plan[..., 1], plan, nu, c_max.squeeze(-1)
+        return torch.ops.softtopk.soft_sinkhorn_fwd(x, k, epsilon, max_iter)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
@@ -143,6 +188,7 @@ class _SoftSinkhorn(torch.autograd.Function):
         ctx.epsilon = epsilon
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_y: Tensor, *unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, plan, nu, c_max = ctx.saved_tensors
         x = x.to(torch.float64)
@@ -151,9 +197,8 @@ class _SoftSinkhorn(torch.autograd.Function):
         grad_plan = torch.stack([torch.zeros_like(plan[..., 0]), n * grad_y.to(torch.float64)], -1)
         mu = torch.where(present, 1.0 / n, 0.0)
         keep = torch.tensor([True, False], device=x.device).expand(x.shape[0], 2)
-        grad_cost = sinkhorn_implicit_vjp(plan, mu, nu, grad_plan, ctx.epsilon, keep=keep) / c_max.unsqueeze(
-            -1
-        )
+        grad_cost = sinkhorn_implicit_vjp(plan, mu, nu, grad_plan, ctx.epsilon, keep=keep)
+        grad_cost = grad_cost / c_max.unsqueeze(-1)
         anchors = x.new_tensor(_ANCHORS)
         xs = torch.where(present, x, 0.0)
         grad = (grad_cost * 2.0 * (xs.unsqueeze(-1) - anchors)).sum(-1)
@@ -186,7 +231,8 @@ def soft_sinkhorn_mask(
 
     Args:
         x: scores, any shape, floating dtype.
-        k: budget in [0, n] or a per-row tensor (see :func:`softtopk.topk_mask`).
+        k: budget in [0, n] or a per-row tensor (see :func:`softtopk.topk_mask`). Not
+            differentiable in k (as in the reference): a k that requires grad is refused.
         dim: dimension to select along.
         temperature: SOFT's epsilon, the entropic strength on the max-normalised cost.
         max_iter: number of Sinkhorn iterations.
@@ -210,7 +256,7 @@ def soft_sinkhorn_mask(
     eps = check_positive(temperature, "temperature")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    rows = rowwise(x, k, d)
+    rows = rowwise(x, k, d, k_grad=False)
     if rows.x.numel() == 0:
         return torch.zeros_like(x)
     # Rows set by a rule (k = 0, k = n, infinities, NaN) follow the library's table; the
@@ -335,9 +381,11 @@ def sinkhorn_log(
         g_new = epsilon * (log_nu - torch.logsumexp((f - cost) / epsilon, dim=-2, keepdim=True))
         g = torch.where(active, g_new, g)
         active = active & ~done
-        if it % 5 == 0 and not bool(active.any()):
+        if it % 5 == 0 and may_sync(active) and not bool(active.any()):
             break
-    error = float(row_error.amax()) if B else 0.0
+    # Traced (compile, vmap, meta): every iteration runs (converged rows are frozen, so the
+    # result is the same) and the error is not read on the host.
+    error = (float(row_error.amax()) if B else 0.0) if may_sync(row_error) else math.nan
     return SinkhornResult(f, g, it, error)
 
 
@@ -349,16 +397,20 @@ class SortedSoftProblem(NamedTuple):
     log_nu: Tensor  # (B, k+1)
     count: Tensor  # (B,) entries above -inf (at least 1)
     c_max: Tensor  # (B, 1, 1)
-    anchors: Tensor  # (k+1,)
+    anchors: Tensor  # (B, k+1)
     present: Tensor  # (B, n) bool
 
 
-def sorted_soft_problem(x: Tensor, k: int) -> SortedSoftProblem:
+def sorted_soft_problem(x: Tensor, k: int, budget: Tensor | None = None) -> SortedSoftProblem:
     """Anchors (k, k-1, ..., 0) with weights (1/n, ..., 1/n, (n-k)/n), cost (x - a)^2 / C_max.
 
     n counts the entries above -inf: -inf entries are absent sources (padding). With
     n <= k the top n anchors get 1/n each and the others nothing (a soft sort of the n
     entries). Rows with no entry above -inf are solved as a dummy problem and zeroed.
+    ``budget`` (B,) poses row b's own problem for a budget k_b <= k in the same k + 1
+    columns: anchors (k_b, ..., 1) in the first k_b columns, columns k_b .. k-1 without
+    weight (their plan columns are zero) and the anchor 0 last, so that row b's plan,
+    C_max included, is the one of budget k_b.
     """
     B, n = x.shape
     x = x.to(torch.float64)
@@ -367,13 +419,14 @@ def sorted_soft_problem(x: Tensor, k: int) -> SortedSoftProblem:
     present = present | empty
     count = present.sum(-1).to(x.dtype)
     xs = torch.where(present & ~empty, x, 0.0)
-    anchors = torch.arange(k, -1, -1, dtype=x.dtype, device=x.device)
-    cost, c_max = normalised_cost(xs, anchors, present)
-    log_mu = torch.where(present, -torch.log(count).unsqueeze(-1), -math.inf)
     j = torch.arange(k + 1, device=x.device, dtype=x.dtype)
+    kb = x.new_full((B, 1), float(k)) if budget is None else budget.to(x.dtype).reshape(B, 1)
+    anchors = torch.where(j < kb, kb - j, 0.0)
+    cost, c_max = normalised_cost(xs, anchors.unsqueeze(-2), present)
+    log_mu = torch.where(present, -torch.log(count).unsqueeze(-1), -math.inf)
     cnt = count.unsqueeze(-1)
-    nu = torch.where(j < torch.minimum(cnt, torch.tensor(float(k), dtype=x.dtype)), 1.0 / cnt, 0.0)
-    nu = torch.where(j == k, (cnt - k).clamp(min=0.0) / cnt, nu)
+    nu = torch.where(j < torch.minimum(cnt, kb), 1.0 / cnt, 0.0)
+    nu = torch.where(j == k, (cnt - kb).clamp(min=0.0) / cnt, nu)
     return SortedSoftProblem(cost, log_mu, torch.log(nu), count, c_max, anchors, present & ~empty)
 
 
@@ -395,46 +448,88 @@ def _not_converged(result: SinkhornResult, max_iter: int, tol: float) -> None:
         )
 
 
+def _sorted_plan(prob: SortedSoftProblem, k: int, epsilon: float, max_iter: int, tol: float) -> Tensor:
+    result = sinkhorn_log(prob.cost, prob.log_mu, prob.log_nu, epsilon, max_iter, tol)
+    _not_converged(result, max_iter, tol)
+    plan = torch.exp((result.f + result.g - prob.cost) / epsilon)
+    return torch.where(prob.present.unsqueeze(-1), plan, 0.0)
+
+
+@torch.library.custom_op("softtopk::sorted_soft_fwd", mutates_args=())
+def sorted_soft_fwd(
+    x: Tensor, budget: Tensor, k: int, epsilon: float, max_iter: int, tol: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Sorted SOFT of rows (B, n) with budgets (B,) <= k, float64.
+
+    Returns (Y (B, k, n), plan (B, n, k+1), log nu (B, k+1), count (B,), C_max (B, 1, 1),
+    anchors (B, k+1)). One op for torch.compile (Sinkhorn's stopping test reads values),
+    with a fake (shapes only) and a vmap rule (the vmapped dim joins the rows, each of
+    which stops on its own test).
+    """
+    prob = sorted_soft_problem(x.detach(), k, budget.detach())
+    plan = _sorted_plan(prob, k, epsilon, max_iter, tol)
+    out = (prob.count.view(-1, 1, 1) * plan[..., :k]).transpose(-1, -2).contiguous()
+    return out, plan, prob.log_nu, prob.count, prob.c_max, prob.anchors
+
+
+@sorted_soft_fwd.register_fake
+def _(x, budget, k, epsilon, max_iter, tol):  # noqa: ANN001
+    B, n = x.shape
+    new = functools.partial(x.new_empty, dtype=torch.float64)
+    return new((B, k, n)), new((B, n, k + 1)), new((B, k + 1)), new((B,)), new((B, 1, 1)), new((B, k + 1))
+
+
+@sorted_soft_fwd.register_vmap
+def _(info, in_dims, x, budget, k, epsilon, max_iter, tol):  # noqa: ANN001
+    size = info.batch_size
+    xs, bs = _fold(size, x, in_dims[0]), _fold(size, budget, in_dims[1])
+    return _unfold(size, sorted_soft_fwd(xs, bs, k, epsilon, max_iter, tol))
+
+
 class _SortedSoft(torch.autograd.Function):
     """Sorted SOFT indicators by log-domain Sinkhorn, with the paper's implicit backward."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(x: Tensor, k: int, epsilon: float, max_iter: int, tol: float) -> tuple[Tensor, ...]:  # type: ignore[override]
-        prob = sorted_soft_problem(x.detach(), k)
-        result = sinkhorn_log(prob.cost, prob.log_mu, prob.log_nu, epsilon, max_iter, tol)
-        _not_converged(result, max_iter, tol)
-        plan = torch.exp((result.f + result.g - prob.cost) / epsilon)
-        plan = torch.where(prob.present.unsqueeze(-1), plan, 0.0)
-        out = (prob.count.view(-1, 1, 1) * plan[..., :k]).transpose(-1, -2)
-        return out, plan, prob.log_nu, prob.count, prob.c_max
+    def forward(  # type: ignore[override]
+        x: Tensor, budget: Tensor, k: int, epsilon: float, max_iter: int, tol: float
+    ) -> tuple[Tensor, ...]:
+        return torch.ops.softtopk.sorted_soft_fwd(x, budget, k, epsilon, max_iter, tol)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        x, k, epsilon, _, _ = inputs
-        _, plan, log_nu, count, c_max = output
-        ctx.mark_non_differentiable(plan, log_nu, count, c_max)
-        ctx.save_for_backward(x, plan, log_nu, count, c_max)
+        x, _, k, epsilon, _, _ = inputs
+        _, plan, log_nu, count, c_max, anchors = output
+        ctx.mark_non_differentiable(plan, log_nu, count, c_max, anchors)
+        ctx.save_for_backward(x, plan, log_nu, count, c_max, anchors)
         ctx.k, ctx.epsilon = k, epsilon
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor, *unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, plan, log_nu, count, c_max = ctx.saved_tensors
-        k = ctx.k
+        x, plan, log_nu, count, c_max, anchors = ctx.saved_tensors
         present = x > -math.inf
         grad_plan = torch.nn.functional.pad(count.view(-1, 1, 1) * grad_out.transpose(-1, -2), (0, 1))
         mu = torch.where(present, 1.0 / count.unsqueeze(-1), 0.0)
         grad_cost = sinkhorn_implicit_vjp(
             plan, mu, torch.exp(log_nu), grad_plan, ctx.epsilon, keep=_kept_columns(log_nu)
         )
-        anchors = torch.arange(k, -1, -1, dtype=torch.float64, device=x.device)
         xs = torch.where(present, x, 0.0)
-        grad_x = (grad_cost / c_max * 2.0 * (xs.unsqueeze(-1).to(torch.float64) - anchors)).sum(-1)
-        return torch.where(present, grad_x, 0.0).to(x.dtype), None, None, None, None
+        diff = xs.unsqueeze(-1).to(torch.float64) - anchors.unsqueeze(-2)
+        grad_x = (grad_cost / c_max * 2.0 * diff).sum(-1)
+        return torch.where(present, grad_x, 0.0).to(x.dtype), None, None, None, None, None
 
 
 def sorted_soft_indicators(
-    x: Tensor, k: int, *, epsilon: float, max_iter: int, tol: float, backward: str = "implicit"
+    x: Tensor,
+    k: int,
+    *,
+    epsilon: float,
+    max_iter: int,
+    tol: float,
+    backward: str = "implicit",
+    budget: Tensor | None = None,
 ) -> Tensor:
     r"""SOFT's sorted top-k indicators on rows (B, n): a (B, k, n) soft assignment.
 
@@ -452,13 +547,13 @@ def sorted_soft_indicators(
     optimality conditions in closed form (Xie et al. 2020, O(n k^2 + k^3), needs a
     converged plan); ``backward="unrolled"`` differentiates through the iterations
     (O(iterations n k) memory), for comparison. The anchors are at integer spacing: the
-    scores should be on that scale (the reference does not rescale them).
+    scores should be on that scale (the reference does not rescale them). ``budget``
+    (B,), integers in [0, k], solves row b for its own budget k_b (rows j >= k_b of its
+    output are zero; see :func:`sorted_soft_problem`).
     """
+    kb = x.new_full((x.shape[0],), float(k)) if budget is None else budget
     if backward == "implicit":
-        return _SortedSoft.apply(x, k, epsilon, max_iter, tol)[0]
-    prob = sorted_soft_problem(x, k)
-    result = sinkhorn_log(prob.cost, prob.log_mu, prob.log_nu, epsilon, max_iter, tol)
-    _not_converged(result, max_iter, tol)
-    plan = torch.exp((result.f + result.g - prob.cost) / epsilon)
-    plan = torch.where(prob.present.unsqueeze(-1), plan, 0.0)
+        return _SortedSoft.apply(x, kb.detach(), k, epsilon, max_iter, tol)[0]
+    prob = sorted_soft_problem(x, k, kb)
+    plan = _sorted_plan(prob, k, epsilon, max_iter, tol)
     return (prob.count.view(-1, 1, 1) * plan[..., :k]).transpose(-1, -2)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import check_bool, check_positive, check_tensor, may_sync
+from .._checks import check_bool, check_positive, check_tensor, eager_only, may_sync
 from .._rows import apply_rules, classify, regular_rows, rowwise, to_rows
 from ._perturbation import GUMBEL, check_generator
 
@@ -82,7 +82,12 @@ def relaxed_subset(
         dim: dimension to sample along.
         temperature: t > 0 of the softmaxes (0.1 in the reference ``sample_subset``).
         hard: straight-through k-hot forward.
-        generator: torch.Generator the Gumbel noise is drawn from (default: global).
+        generator: torch.Generator the Gumbel noise is drawn from (default: global). Under
+            ``torch.compile`` a call that draws its noise (no ``gumbel``) runs eagerly (a
+            graph break; an error with ``fullgraph=True``), as a compiled graph would
+            not reproduce the generator's draws. Under ``torch.func.vmap`` pass
+            ``randomness="different"`` (independent draws) or ``"same"`` (one shared
+            draw, the unbatched call's); torch's default ``"error"`` raises.
         gumbel: explicit Gumbel(0, 1) noise of x's shape, instead of a generator.
 
     Returns:
@@ -101,6 +106,8 @@ def relaxed_subset(
         Xie, Ermon. "Reparameterizable Subset Sampling via Continuous Relaxations",
         IJCAI 2019.
     """
+    if gumbel is None and torch.compiler.is_compiling():
+        return _eager_relaxed_subset(x, k, dim, temperature=temperature, hard=hard, generator=generator)
     t = check_positive(temperature, "temperature")
     check_bool(hard, "hard")
     rows = rowwise(x, k, dim)
@@ -132,3 +139,10 @@ def relaxed_subset(
         y_hard = torch.where(plus, 1.0, _hard_of(torch.where(plus, -math.inf, y), k_rest))
         y = y_hard - y.detach() + y
     return rows.restore(apply_rules(v, kvec, y, rules))
+
+
+_eager_relaxed_subset = eager_only(
+    relaxed_subset,
+    "relaxed_subset draws its Gumbel noise from a torch.Generator, whose draws a compiled graph "
+    "would not reproduce: the call runs eagerly; pass gumbel= to compile it",
+)
