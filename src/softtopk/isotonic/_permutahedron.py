@@ -32,7 +32,7 @@ from .._checks import (
     is_tracing,
     may_sync,
 )
-from .._rows import to_rows
+from .._rows import empty_result, to_rows
 from ._function import SOLVERS, isotonic_rows
 
 REGULARIZATIONS = ("l2", "kl")
@@ -315,7 +315,7 @@ def permutahedron_projection(
         raise ValueError(f"w must be positive for regularization='kl', got a minimum of {wb.min().item()!r}")
     rows, restore = to_rows(x, d)
     if rows.numel() == 0:
-        return torch.zeros_like(x)
+        return empty_result(x)
     w_rows, _ = to_rows(wb, d)
     cd = compute_dtype(x.dtype)
     s, perm = rows.to(cd).sort(-1, descending=True)
@@ -377,7 +377,7 @@ def soft_rank(
     descending = check_bool(descending, "descending")
     rows, restore = to_rows(x, d)
     if rows.numel() == 0:
-        return torch.zeros_like(x)
+        return empty_result(x)
     cd = compute_dtype(x.dtype)
     rows = rows.to(cd)
     if _fused(rows, solver):
@@ -450,7 +450,7 @@ def soft_sort(
         k = int(k)
     rows, restore = to_rows(x, d)
     if rows.numel() == 0:
-        out = torch.zeros_like(x)
+        out = empty_result(x)
         return out if k is None else out.narrow(d, 0, k)
     cd = compute_dtype(x.dtype)
     rows = rows.to(cd)

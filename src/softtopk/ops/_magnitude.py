@@ -22,6 +22,7 @@ from .._checks import (
     to_rows,
 )
 from .._roots import newton
+from .._rows import empty_result
 
 #: Rows up to this length are solved on all their entries.
 SHORT_ROW = 256
@@ -283,6 +284,6 @@ def topk_mag(
     if not is_tracing() and kvec.numel() > 0 and bool((kvec != kvec.round()).any()):
         raise ValueError(f"k must be integer-valued for topk_mag, got {k!r}")
     if rows.numel() == 0:
-        return torch.zeros_like(x)
+        return empty_result(x)
     y = _TopKMag.apply(rows.to(cd), kvec, l, r, debias)[0]
     return restore(y).to(x.dtype)

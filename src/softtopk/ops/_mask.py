@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_bool, check_choice, check_p, check_positive
-from .._rows import rowwise
+from .._rows import empty_result, rowwise
 from ._dftopk import dftopk_mask
 from ._entropic import entropic_mask
 from ._hard import hard_mask
@@ -172,6 +172,6 @@ def topk_mask(
             x, rows.dim, rows.x.shape[0], **given, default_samples=PERTURBED_SAMPLES
         )
     if rows.x.numel() == 0:
-        return torch.zeros_like(x)
+        return empty_result(x, k)
     v = rows.x if largest else -rows.x
     return rows.restore(spec.rows(v, rows.k, temperature=t, solver=solver, **options))

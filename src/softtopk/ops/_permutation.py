@@ -38,7 +38,7 @@ from .._checks import (
     prepare_k,
     to_rows,
 )
-from .._rows import apply_rules, classify, regular_rows
+from .._rows import apply_rules, classify, empty_result, regular_rows
 
 PERMUTATION_METHODS = ("neuralsort", "softsort", "odd_even", "bitonic")
 NETWORKS = ("odd_even", "bitonic")
@@ -446,7 +446,7 @@ def permutation_topk_mask(
     rows, restore = to_rows(x, d)
     kvec = prepare_k(k, x, d, rows.shape[0], cd)
     if rows.numel() == 0:
-        return torch.zeros_like(x)
+        return empty_result(x, k)
     v = rows.to(cd)
     rules = classify(v, kvec)
     vr = regular_rows(v, rules)

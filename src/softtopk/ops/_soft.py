@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._checks import check_dim, check_positive, check_tensor
-from .._rows import apply_rules, classify, regular_rows, rowwise
+from .._rows import apply_rules, classify, empty_result, regular_rows, rowwise
 from ..threshold import LOGISTIC, threshold_mask
 
 _ANCHORS = (0.0, 1.0)
@@ -212,7 +212,7 @@ def soft_sinkhorn_mask(
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     rows = rowwise(x, k, d)
     if rows.x.numel() == 0:
-        return torch.zeros_like(x)
+        return empty_result(x, k)
     # Rows set by a rule (k = 0, k = n, infinities, NaN) follow the library's table; the
     # others are solved with all their anchors weighted (0 < k < n), where the implicit
     # backward's linear system is regular.

@@ -17,7 +17,7 @@ from .._checks import (
     prepare_k,
     to_rows,
 )
-from .._rows import apply_rules, classify, regular_rows
+from .._rows import apply_rules, classify, empty_result, regular_rows
 from ._perturbed import default_generator, draw
 
 #: The floor of 1 - a in the reference code: the smallest normal float32.
@@ -130,7 +130,7 @@ def relaxed_subset(
         gen = generator if generator is not None else default_generator(x.device)
         g = draw(tuple(rows.shape), "gumbel", gen, cd, x.device)
     if rows.numel() == 0:
-        return torch.zeros_like(x)
+        return empty_result(x, k)
     v = rows.to(cd)
     rules = classify(v, kvec)
     vr = regular_rows(v, rules)
