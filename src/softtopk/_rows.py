@@ -156,8 +156,8 @@ def rowwise(
 def empty_result(x: Tensor, k: object = None) -> Tensor:
     """The result for an input with no entries: an empty tensor like x, in x's graph.
 
-    ``torch.zeros_like`` would cut the graph, so that ``backward`` on a loss built from an
-    empty batch raised instead of giving x (and a k tensor that requires grad) its empty
+    ``torch.zeros_like`` would cut the graph: ``backward`` on a loss built from an empty
+    batch would raise instead of giving x (and a k tensor that requires grad) its empty
     or zero gradient.
     """
     y = x * 0
