@@ -62,7 +62,10 @@ def topk_mask(
     r"""Soft top-k mask: a differentiable relaxation of the k-hot mask of the largest entries.
 
     Every method returns y in [0, 1]^n along ``dim`` with sum(y) = k and tends to the
-    ``torch.topk`` mask as the temperature goes to 0 (when x_(k) > x_(k+1)). The methods
+    ``torch.topk`` mask as the temperature goes to 0 (when x_(k) > x_(k+1)). The sum is k
+    up to rounding: about n eps of the dtype, plus n 2^-52 max |x| / t from the float64
+    threshold (1/t amplifies its rounding). ``hard`` breaks ties as ``torch.topk`` does,
+    ties between +inf entries included (the other methods share k equally among them). The methods
     of the threshold family share one form and one backward:
 
     .. math::
