@@ -1,12 +1,27 @@
-"""Shared fixtures: seeded random rows with ties and -inf padding."""
+"""Shared fixtures (seeded random rows with ties and -inf padding) and hypothesis profiles."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 torch.set_num_threads(2)
+
+# Hypothesis profiles for tests/test_properties.py. "ci" (the default) is derandomized
+# and keeps no example database, so every run tries the same cases and the suite's time
+# is bounded; "long" (``pytest --hypothesis-profile long``) searches freshly each run.
+_SLOW_DATA = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile(
+    "ci", max_examples=12, deadline=None, derandomize=True, database=None, suppress_health_check=_SLOW_DATA
+)
+settings.register_profile(
+    "long", max_examples=2000, deadline=None, database=None, suppress_health_check=_SLOW_DATA, print_blob=True
+)
+settings.load_profile(os.environ.get("SOFTTOPK_HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
