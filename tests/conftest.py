@@ -13,13 +13,19 @@ torch.set_num_threads(2)
 
 # Hypothesis profiles for tests/test_properties.py. "ci" (the default) is derandomized
 # and keeps no example database, so every run tries the same cases and the suite's time
-# is bounded; "long" (``pytest --hypothesis-profile long``) searches freshly each run.
+# is bounded; "long" (``pytest --hypothesis-profile long``) searches freshly each run,
+# SOFTTOPK_HYPOTHESIS_EXAMPLES examples per property (2000 by default).
 _SLOW_DATA = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 settings.register_profile(
     "ci", max_examples=12, deadline=None, derandomize=True, database=None, suppress_health_check=_SLOW_DATA
 )
 settings.register_profile(
-    "long", max_examples=2000, deadline=None, database=None, suppress_health_check=_SLOW_DATA, print_blob=True
+    "long",
+    max_examples=int(os.environ.get("SOFTTOPK_HYPOTHESIS_EXAMPLES", "2000")),
+    deadline=None,
+    database=None,
+    suppress_health_check=_SLOW_DATA,
+    print_blob=True,
 )
 settings.load_profile(os.environ.get("SOFTTOPK_HYPOTHESIS_PROFILE", "ci"))
 
