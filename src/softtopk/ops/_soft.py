@@ -225,6 +225,10 @@ def soft_sinkhorn_mask(
 # ----------------------------------------------------- method="soft": the threshold route
 
 
+#: The largest effective temperature eps C_max / 2 of ``soft_mask`` (float64).
+SOFT_MAX_TEMPERATURE = 1e300
+
+
 def soft_cost_scale(x: Tensor) -> Tensor:
     """C_max / 2 per row (B,) in float64: half the largest cost (x_i - a)^2 to the anchors 0 and 1.
 
@@ -261,13 +265,18 @@ def soft_mask(x: Tensor, k: Tensor, *, temperature: float, solver: str = "auto")
     differences from the reference code, both documented choices: C_max is taken per
     row (the reference takes it over the whole batch, which makes a row's mask depend on
     the other rows; identical for a batch of one), and -inf entries are padding (0, no
-    gradient; the reference replaces them by min - (max - min)).
+    gradient; the reference replaces them by min - (max - min)). In float64, C_max is
+    capped at the largest float64 (scores beyond about 1e154) and the effective
+    temperature eps C_max / 2 at 1e300, where the mask is k/n to within max |x| / 1e300.
 
     Reference:
         Xie, Dai, Chen, Dai, Zhao, Zha, Wei, Pfister. "Differentiable Top-k with Optimal
         Transport", NeurIPS 2020.
     """
-    return threshold_mask(x, k, temperature * soft_cost_scale(x), LOGISTIC, solver)
+    # eps C_max / 2 overflows float64 for large eps and scores near 1e154; beyond 1e300
+    # the mask is k / n to within |x| / 1e300 anyway, and the solver's bracket stays finite.
+    t = (temperature * soft_cost_scale(x)).clamp(max=SOFT_MAX_TEMPERATURE)
+    return threshold_mask(x, k, t, LOGISTIC, solver)
 
 
 # ------------------------------------------------ sorted SOFT: k + 1 anchors, k x n output
