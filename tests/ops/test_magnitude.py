@@ -170,3 +170,15 @@ def test_rows_of_length_one_and_k_zero(p):
     for x, k, expected in [([[0.5]], 1, [[0.5]]), ([[0.5]], 0, [[0.0]]), ([0.5, -1.0], 0, [0.0, 0.0])]:
         y = softtopk.topk_mag(torch.tensor(x), k, p=p)  # the first raised an index error
         torch.testing.assert_close(y, torch.tensor(expected))
+
+
+def test_cotangent_near_the_float32_limit():
+    # The backward's coupling sum of a float32 cotangent overflowed (inf - inf = NaN).
+    x = torch.tensor([[3.4028234663852886e38, 3.4028234663852886e38]], requires_grad=True)
+    y = softtopk.topk_mag(x, 1)
+    y.backward(y.detach())
+    assert torch.isfinite(x.grad).all()
+    x64 = x.detach().double().requires_grad_()
+    y64 = softtopk.topk_mag(x64, 1)
+    y64.backward(y64.detach())
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=0)

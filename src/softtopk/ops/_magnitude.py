@@ -198,11 +198,14 @@ class _TopKMag(torch.autograd.Function):
     def backward(ctx: Any, grad_y: Tensor, *unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         # In s = |x|: dy_i/ds_j = d_i delta_ij - left_i right_j / W (left = the block
         # entries' slope, right = dh/ds_j, W = -dh/dtau), then the chain rule through |x|.
-        idx, sign, diag, left, right, weight = ctx.saved_tensors
-        v = sign * grad_y.gather(-1, idx)
+        # In float64: the coupling sum of a float32 cotangent near its limit overflows.
+        idx, sign, diag, left, right, weight = (
+            t.to(torch.float64) if t.is_floating_point() else t for t in ctx.saved_tensors
+        )
+        v = sign * grad_y.gather(-1, idx).to(torch.float64)
         coupling = (left * v).sum(-1) / torch.where(weight > 0, weight, 1.0)
         grad_s = diag * v - right * coupling.unsqueeze(-1)
-        return scatter_rows(grad_y, idx, sign * grad_s), None, None, None, None
+        return scatter_rows(grad_y, idx, (sign * grad_s).to(grad_y.dtype)), None, None, None, None
 
 
 def topk_mag(
