@@ -198,13 +198,20 @@ class _TopKMag(torch.autograd.Function):
     def backward(ctx: Any, grad_y: Tensor, *unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         # In s = |x|: dy_i/ds_j = d_i delta_ij - left_i right_j / W (left = the block
         # entries' slope, right = dh/ds_j, W = -dh/dtau), then the chain rule through |x|.
-        # In float64: the coupling sum of a float32 cotangent near its limit overflows.
+        # In float64, on the cotangent scaled by a power of two near its row maximum: the
+        # coupling sum of a cotangent near its dtype's limit would overflow (inf - inf).
         idx, sign, diag, left, right, weight = (
             t.to(torch.float64) if t.is_floating_point() else t for t in ctx.saved_tensors
         )
         v = sign * grad_y.gather(-1, idx).to(torch.float64)
+        big = v.abs().amax(-1, keepdim=True) if v.shape[-1] else v.new_ones(v.shape[0], 1)
+        ok = (big > 0) & torch.isfinite(big)
+        scale = torch.where(
+            ok, torch.exp2(torch.frexp(torch.where(ok, big, 1.0)).exponent.to(torch.float64) - 1.0), 1.0
+        )
+        v = v / scale
         coupling = (left * v).sum(-1) / torch.where(weight > 0, weight, 1.0)
-        grad_s = diag * v - right * coupling.unsqueeze(-1)
+        grad_s = (diag * v - right * coupling.unsqueeze(-1)) * scale
         return scatter_rows(grad_y, idx, (sign * grad_s).to(grad_y.dtype)), None, None, None, None
 
 
@@ -261,6 +268,9 @@ def topk_mag(
     Returns:
         Tensor of the same shape and dtype as x. Rows containing NaN, or more than k
         infinite entries, are NaN; up to k infinite entries are kept as they are.
+        float64 input needs max abs(x) (2 (1 + temperature))^3 within the float64 range
+        (a ValueError otherwise: rescale x and the temperature together, the operator is
+        homogeneous in them).
 
     Example:
         >>> import torch, softtopk
@@ -288,5 +298,15 @@ def topk_mag(
         raise ValueError(f"k must be integer-valued for topk_mag, got {k!r}")
     if rows.numel() == 0:
         return empty_result(x)
+    if x.dtype == torch.float64 and may_sync(rows):
+        # The float64 solve works with |x| (2 (1 + t))^3; beyond the float64 range its
+        # results are not reliable, so such rows are refused rather than answered wrongly.
+        a = rows.detach().abs()
+        top = torch.where(torch.isfinite(a), a, 0.0).amax().item()
+        if not math.isfinite(top * (2.0 * (1.0 + l)) ** 3):
+            raise ValueError(
+                f"topk_mag needs max |x| (2 (1 + temperature))^3 within the float64 range; got "
+                f"max |x| = {top:g} with temperature={l:g} (rescale x and the temperature together)"
+            )
     y = _TopKMag.apply(rows.to(cd), kvec, l, r, debias)[0]
     return restore(y).to(x.dtype)
