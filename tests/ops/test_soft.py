@@ -206,3 +206,12 @@ def test_effective_temperature_beyond_float64(monkeypatch, backend):
     torch.testing.assert_close(y.detach(), torch.full((1, 2), 0.5, dtype=torch.float64))
     y.backward(torch.ones_like(y) + y.detach())
     assert torch.isfinite(x.grad).all()
+
+
+def test_sinkhorn_mask_rows_set_by_a_rule_on_one_entry():
+    # Ruled rows were solved with k = 1 = n: a singular implicit backward (LinAlgError).
+    x = torch.zeros(2, 1, requires_grad=True)
+    y = softtopk.soft_sinkhorn_mask(x, torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(y.detach(), torch.tensor([[0.0], [1.0]]))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.zeros(2, 1))

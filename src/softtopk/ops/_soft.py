@@ -218,7 +218,8 @@ def soft_sinkhorn_mask(
     # backward's linear system is regular.
     rules = classify(rows.x, rows.k)
     v = regular_rows(rows.x, rules)
-    y = _SoftSinkhorn.apply(v, torch.where(rules.regular, rows.k, 1.0), eps, max_iter)[0]
+    # Ruled rows are solved with k = n/2 (0 < k < n also for n = 1); their result is discarded.
+    y = _SoftSinkhorn.apply(v, torch.where(rules.regular, rows.k, rows.x.shape[-1] / 2.0), eps, max_iter)[0]
     return rows.restore(apply_rules(rows.x, rows.k, y.to(rows.x.dtype), rules))
 
 
