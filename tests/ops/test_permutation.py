@@ -290,3 +290,10 @@ def test_networks_on_one_wire_stay_in_the_graph(method):
     torch.testing.assert_close(y.detach(), torch.full((2, 1), 0.5))
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.zeros(2, 1))
+
+
+def test_neuralsort_subnormal_rows():
+    # Scaling by a subnormal max made t / s overflow (NaN); rows are only scaled down.
+    x = torch.tensor([[-math.inf, 0.0, 2.2251e-311]], dtype=torch.float64)
+    y = softtopk.permutation_topk_mask(x, 1, method="neuralsort")
+    torch.testing.assert_close(y, torch.tensor([[0.0, 0.5, 0.5]], dtype=torch.float64))

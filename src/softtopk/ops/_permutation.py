@@ -92,7 +92,8 @@ def neuralsort_rows(x: Tensor, K: int, temperature: float) -> Tensor:
     # that n |x| near the dtype's limit does not overflow to -inf - (-inf) = NaN.
     x64 = xs.to(torch.float64)
     big = x64.abs().amax(-1, keepdim=True)
-    s = torch.where(big > 0, torch.exp2(torch.frexp(big).exponent.to(torch.float64) - 1.0), 1.0).detach()
+    # Only scaled down (s >= 1): t / s never overflows for tiny or subnormal rows.
+    s = torch.where(big > 1, torch.exp2(torch.frexp(big).exponent.to(torch.float64) - 1.0), 1.0).detach()
     x64 = x64 / s
     a = _abs_row_sums(x64, present)
     r = torch.arange(1, K + 1, device=x.device, dtype=torch.float64).unsqueeze(-1)  # (K, 1)
