@@ -276,6 +276,9 @@ def test_minus_inf_padding(name, data):
             cols.append(len(out))
             out.append(float(src[j]))
             j += 1
+    if name == "hard":
+        # torch.topk breaks ties by position, which the padding shifts (documented).
+        assume(len(set(x[0].tolist())) == n)
     padded = torch.tensor([out], dtype=dtype).requires_grad_()
     k = data.draw(budget(x, integer=integer_k(name), per_row=False))
     t = data.draw(temperatures(OPERATORS[name].temperature))
@@ -633,7 +636,10 @@ def test_extra_contract_and_gradients(name, data):
     assert torch.isfinite(y).all(), (x, y)
     e.check(x, k, y.detach())
     if y.requires_grad:
-        (g,) = torch.autograd.grad(y, xr, torch.ones_like(y) + y.detach())
+        # A cotangent of size 1: the isotonic backward sums the cotangent over blocks in the
+        # input's dtype (documented), so a cotangent near the dtype's limit may overflow.
+        v = 1.0 + y.detach() / max(1.0, scale(y))
+        (g,) = torch.autograd.grad(y, xr, v)
         assert torch.isfinite(g).all(), (x, g)
 
 

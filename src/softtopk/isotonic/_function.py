@@ -328,6 +328,9 @@ def isotonic_regression(
     Returns:
         The fit, with the shape and dtype of y (and the info if asked). Rows with a NaN or
         infinite entry (in y or the weights) are NaN.
+        The backward sums the cotangent over each pooled block in the dtype of y: for
+        float32 (or half) input, a cotangent whose block sums exceed that dtype's range
+        gives infinite gradients.
 
     Example:
         >>> import torch, softtopk

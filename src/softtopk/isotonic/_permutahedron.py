@@ -431,6 +431,9 @@ def soft_sort(
     Returns:
         Tensor with the shape and dtype of x (size k along ``dim`` if k is given). Rows with
         a non-finite entry are NaN.
+        As for :func:`softtopk.isotonic_regression`, the backward sums the cotangent over
+        pooled blocks in the dtype of x, so a float32 cotangent whose block sums exceed the
+        float32 range gives infinite gradients.
 
     Example:
         >>> import torch, softtopk
