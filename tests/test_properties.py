@@ -49,7 +49,8 @@ def call(name: str, x: torch.Tensor, k, dim: int = -1, *, temperature: float | N
     try:
         return OPERATORS[name].seeded(seed)(x, k, dim, temperature=temperature)
     except ValueError as err:
-        # topk_mag refuses float64 rows beyond its solver's range (its documented contract).
+        # topk_mag and the threshold masks refuse float64 rows beyond their solver's range
+        # (their documented contract).
         assume("float64 range" not in str(err))
         raise
 
@@ -88,7 +89,7 @@ def check_mask_contract(name: str, x: torch.Tensor, k, y: torch.Tensor, t: float
         s = y.double().sum(-1)
         # Rounding: n eps, plus the threshold's own rounding (eps64 |x|) amplified by 1/t.
         tol = 64 * (n + 1) * eps(x.dtype) * max(1.0, float(kk.max()))
-        tol += 8 * n * torch.finfo(torch.float64).eps * condition(x, t)
+        tol += 32 * n * torch.finfo(torch.float64).eps * condition(x, t)
         if y.dtype in HALF:
             tol += n * torch.finfo(y.dtype).eps
         assert (s - kk).abs().max() <= tol, (s, kk)
@@ -399,10 +400,14 @@ def test_solvers_agree_with_default(method, solver, p, data):
     t = data.draw(st.sampled_from([0.1, 1e-6, 1e-3, 1.0, 1e4]))
     opts = {"p": p} if METHODS[method].uses_p else {}
     note(f"x={x.dtype} {x.tolist()!r} k={k!r} t={t}")
+    try:
+        ref = softtopk.topk_mask(x, k, method=method, temperature=t, **opts)
+    except ValueError as err:
+        assume("float64 range" not in str(err))  # refused beyond the solver's range (documented)
+        raise
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         y = softtopk.topk_mask(x, k, method=method, temperature=t, solver=solver, **opts)
-    ref = softtopk.topk_mask(x, k, method=method, temperature=t, **opts)
     if solver == "dykstra" and caught:
         return  # Dykstra says when it is not certified (its documented contract).
     assert torch.isfinite(y).all() and (y >= 0).all() and (y <= 1).all(), y

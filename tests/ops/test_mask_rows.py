@@ -152,3 +152,11 @@ def test_k_as_integer_tensor_and_python_int():
         softtopk.topk_mask(x, torch.tensor([1, 2, 3, 4])).sum(-1), torch.tensor([1.0, 2.0, 3.0, 4.0])
     )
     torch.testing.assert_close(softtopk.topk_mask(x, 3).sum(-1), torch.full((4,), 3.0))
+
+
+@pytest.mark.parametrize("method,p", SOFT)
+def test_float64_beyond_the_solver_range_is_refused(method, p):
+    # x / t overflowed float64: the largest entry got 0 (p = 4/3 at 1.8e308, t = 0.1).
+    x = torch.tensor([[1.7976931348623157e308, 8.988465674311579e307, -5.99e307]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64 range"):
+        mask(x, 1, method, p, temperature=0.1)
