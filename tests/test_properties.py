@@ -622,7 +622,13 @@ def run_extra(e: Extra, x, k, dim=-1):
     """Runs the operator; an iterative solver that warns it stopped short is its contract."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        y = e.fn(x, k, dim)
+        try:
+            y = e.fn(x, k, dim)
+        except ValueError as err:
+            # soft_threshold_p_mask runs topk_mask, which refuses float64 rows beyond the
+            # threshold solver's range (documented).
+            assume("float64 range" not in str(err))
+            raise
     stopped = [w for w in caught if "stopped" in str(w.message) or "converge" in str(w.message)]
     assume(not stopped)
     assert not caught, [str(w.message) for w in caught]
