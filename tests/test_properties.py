@@ -373,7 +373,8 @@ def test_half_precision_matches_float32(name, data):
     ref = call(name, x.float(), k, temperature=t)
     assert y.dtype == dtype and torch.isfinite(y).all(), y
     check_contract(name, x, k, y, t)
-    unit = ref.abs() if OPERATORS[name].kind == "magnitude" else torch.ones_like(ref)
+    # Rounding to the dtype is relative: entries of unbounded masks can exceed 1.
+    unit = ref.abs() if OPERATORS[name].kind == "magnitude" else ref.abs().clamp(min=1.0)
     err = (y.float() - ref).abs()
     assert (err <= torch.finfo(dtype).eps * unit.clamp(min=1e-30)).all(), (y, ref)
 
