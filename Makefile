@@ -48,11 +48,17 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check src tests
 
 # pyproject's addopts select -m "not slow" (doctests included); a later -m replaces it.
+# The Triton kernels' tests run in a process of their own: the Triton interpreter must be
+# the first user of triton in the process (torch.compile's tests load it otherwise).
+TRITON_TESTS := tests/threshold/test_triton.py
+
 test: lint
-	$(BIN)/python -m pytest -p no:cacheprovider
+	$(BIN)/python -m pytest -p no:cacheprovider --ignore=$(TRITON_TESTS)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -p no:cacheprovider $(TRITON_TESTS)
 
 test-slow: $(VENV)/.installed
-	$(BIN)/python -m pytest -p no:cacheprovider -m slow
+	$(BIN)/python -m pytest -p no:cacheprovider -m slow --ignore=$(TRITON_TESTS)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -p no:cacheprovider -m slow $(TRITON_TESTS)
 
 # The published packages the oracle tests compare against (tests/peers.txt). allRank pins
 # torch <= 1.8 in its metadata, but its lambdaLoss file runs on any torch: it is installed

@@ -6,15 +6,17 @@ their thresholds with it; the compiled kernels run the same iteration row by row
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from ._checks import has_values
+from ._checks import has_values, may_sync
 
 #: Iteration cap. The bracket at least halves on every step that is not an accepted
-#: Newton step, so this reaches rounding level in float64.
+#: Newton step; eager calls add log2(bracket width / step tolerance) steps, so that a
+#: row spanning many orders of magnitude of t still reaches rounding level.
 MAX_ITER = 100
 #: Fixed number of iterations under torch.func transforms and torch.compile, where the
 #: loop cannot stop early: enough for float32 from any bracket, and for float64 once
@@ -82,6 +84,14 @@ def newton(
         return it + 1, lo, hi, new_tau, done | converged, new_tau - tau, dx.clone()
 
     width = hi - lo
+    if not tracing and max_iter == MAX_ITER and may_sync(width):
+        # Bisection halves the bracket: a row whose bracket spans many orders of magnitude
+        # of t (one huge entry) needs log2(width / step_tol) steps before Newton takes over.
+        widest = float(torch.where(done, 0.0, width).amax()) if width.numel() else 0.0
+        if math.isfinite(widest) and widest > 0:
+            floor = float(step_tol.min()) if isinstance(step_tol, Tensor) else float(step_tol)
+            if floor > 0:
+                max_iter += max(0, math.ceil(math.log2(widest) - math.log2(floor)))
     state = (torch.zeros((), dtype=torch.long, device=tau.device), lo, hi, tau, done, width, width.clone())
     for _ in range(max_iter):
         state = step(*state)

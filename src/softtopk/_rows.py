@@ -167,6 +167,19 @@ def rowwise(
     return Rows(rows.to(cd), kvec, d, dtype, back)
 
 
+def empty_result(x: Tensor, k: object = None) -> Tensor:
+    """The result for an input with no entries: an empty tensor like x, in x's graph.
+
+    ``torch.zeros_like`` would cut the graph: ``backward`` on a loss built from an empty
+    batch would raise instead of giving x (and a k tensor that requires grad) its empty
+    or zero gradient.
+    """
+    y = x * 0
+    if isinstance(k, Tensor) and k.requires_grad:
+        y = y + (k.sum() * 0).to(y.dtype)
+    return y
+
+
 # ---------------------------------------------------------------------------- row rules
 
 

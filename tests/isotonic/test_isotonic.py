@@ -283,6 +283,23 @@ def test_empty_and_single():
     torch.testing.assert_close(softtopk.isotonic_regression(torch.tensor([4.0])), torch.tensor([4.0]))
 
 
+@pytest.mark.parametrize(
+    "fn",
+    [
+        softtopk.isotonic_regression,
+        softtopk.soft_rank,
+        softtopk.soft_sort,
+        lambda x: softtopk.permutahedron_projection(x, torch.ones(x.shape[-1])),
+    ],
+)
+def test_empty_input_keeps_the_graph(fn):
+    x = torch.empty(0, 5, requires_grad=True)
+    y = fn(x)
+    assert y.shape == (0, 5) and y.requires_grad
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == (0, 5)
+
+
 @pytest.mark.parametrize("loss", ["l2", "kl"])
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.slow

@@ -103,3 +103,9 @@ def test_small_temperature_float32_rows_sum_to_one_and_do_not_depend_on_the_batc
     alone = softtopk.topk_indicators(x[1:2], 3, temperature=1e-8)
     torch.testing.assert_close(y[1:2], alone, rtol=0, atol=0)
     torch.testing.assert_close(y.argmax(-1), x.topk(3).indices)
+
+
+def test_empty_rows():
+    # A length-0 dim: reshape(-1, 0) was ambiguous (RuntimeError).
+    assert softtopk.topk_indicators(torch.zeros(1, 0), 0).shape == (1, 0, 0)
+    assert softtopk.topk_indicators(torch.zeros(3, 0, 2), 0, dim=1).shape == (3, 0, 0, 2)

@@ -233,3 +233,37 @@ def test_double_backward(route):
     torch.testing.assert_close(gx, torch.autograd.grad((_route(route, g, x) * w).sum(), x)[0])
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad((gx**2).sum(), x)
+
+
+def test_cotangent_near_the_float32_limit():
+    # The backward's coupling sum of a float32 cotangent overflowed (inf - inf = NaN).
+    x = torch.tensor([[3.4028234663852886e38, 3.4028234663852886e38]], requires_grad=True)
+    y = softtopk.topk_mag(x, 1)
+    y.backward(y.detach())
+    assert torch.isfinite(x.grad).all()
+    x64 = x.detach().double().requires_grad_()
+    y64 = softtopk.topk_mag(x64, 1)
+    y64.backward(y64.detach())
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=0)
+
+
+def test_float64_beyond_the_solver_range_is_refused():
+    # |x| (2 (1 + t))^3 overflowed float64: inf (t = 1e4) or zeros (t = 0.1) for tied rows.
+    for t, a in [(1e4, 1e307), (0.1, 1e308)]:
+        x = torch.tensor([[a, a]], dtype=torch.float64)
+        with pytest.raises(ValueError, match="float64 range"):
+            softtopk.topk_mag(x, 1, temperature=t)
+    # Homogeneous in x and t: the rescaled row is answered.
+    y = softtopk.topk_mag(torch.tensor([[1e3, 1e3]], dtype=torch.float64), 1, temperature=1e-1)
+    assert torch.isfinite(y).all() and (y.abs() <= 1e3).all()
+
+
+def test_cotangent_near_the_float64_limit():
+    # The coupling sum of the backward is formed on the cotangent scaled by a power of two.
+    x = torch.tensor([[3.0, 3.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    v = torch.full((1, 3), 1.7e308, dtype=torch.float64)
+    softtopk.topk_mag(x, 1, temperature=1.0).backward(v)
+    assert torch.isfinite(x.grad).all()
+    x2 = x.detach().clone().requires_grad_()
+    softtopk.topk_mag(x2, 1, temperature=1.0).backward(v / 2.0**1000)
+    torch.testing.assert_close(x.grad, x2.grad * 2.0**1000)

@@ -106,6 +106,30 @@ def test_empty_dimensions(method, p):
     assert mask(torch.zeros(2, 0, 5), 2, method, p).shape == (2, 0, 5)
 
 
+EMPTY_OPS = {
+    "topk_mask": lambda x, k: softtopk.topk_mask(x, k),
+    "entropic": lambda x, k: softtopk.topk_mask(x, k, method="entropic"),
+    "neuralsort": lambda x, k: softtopk.permutation_topk_mask(x, k),
+    "subset": lambda x, k: softtopk.relaxed_subset(x, k, generator=torch.Generator().manual_seed(0)),
+    "sinkhorn": lambda x, k: softtopk.soft_sinkhorn_mask(x, k),
+    "magnitude": lambda x, k: softtopk.topk_mag(x, 0),
+}
+
+
+@pytest.mark.parametrize("name", list(EMPTY_OPS))
+@pytest.mark.parametrize("shape", [(3, 0), (0, 5)])
+def test_empty_dimensions_keep_the_graph(name, shape):
+    """An empty result stays in the graph: backward gives x (and a k tensor) gradients."""
+    x = torch.zeros(shape, requires_grad=True)
+    k = torch.zeros(shape[0], requires_grad=name not in ("magnitude", "sinkhorn"))  # no k gradient there
+    y = EMPTY_OPS[name](x, k)
+    assert y.shape == shape and y.requires_grad
+    (y.sum() + 0.0).backward()
+    assert x.grad is not None and x.grad.shape == shape
+    if k.requires_grad:
+        assert k.grad is not None and (k.grad == 0).all()
+
+
 @pytest.mark.parametrize("method,p", ALL)
 def test_per_row_k_shapes(method, p):
     x = torch.randn(2, 3, 10, dtype=torch.float64)
@@ -128,3 +152,11 @@ def test_k_as_integer_tensor_and_python_int():
         softtopk.topk_mask(x, torch.tensor([1, 2, 3, 4])).sum(-1), torch.tensor([1.0, 2.0, 3.0, 4.0])
     )
     torch.testing.assert_close(softtopk.topk_mask(x, 3).sum(-1), torch.full((4,), 3.0))
+
+
+@pytest.mark.parametrize("method,p", SOFT)
+def test_float64_beyond_the_solver_range_is_refused(method, p):
+    # x / t overflowed float64: the largest entry got 0 (p = 4/3 at 1.8e308, t = 0.1).
+    x = torch.tensor([[1.7976931348623157e308, 8.988465674311579e307, -5.99e307]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64 range"):
+        mask(x, 1, method, p, temperature=0.1)

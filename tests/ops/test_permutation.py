@@ -265,3 +265,35 @@ def test_compile_small_bitonic_network():
     ye.backward(v)
     yc.backward(v)
     torch.testing.assert_close(xc.grad, xe.grad, atol=1e-4, rtol=0)
+
+
+def test_neuralsort_near_the_float64_limit():
+    # n |x| / t overflowed the logits to -inf on every entry (NaN mask from finite input).
+    x = torch.tensor([[0.0, -1e308], [1e308, -1e308]], dtype=torch.float64, requires_grad=True)
+    y = softtopk.permutation_topk_mask(x, 1, method="neuralsort")
+    torch.testing.assert_close(y.detach(), torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64))
+    y.backward(torch.ones_like(y) + y.detach())
+    assert torch.isfinite(x.grad).all()
+    # The logits are linear in x: scaling x and t together leaves the mask unchanged.
+    z = torch.randn(3, 9, dtype=torch.float64)
+    torch.testing.assert_close(
+        softtopk.permutation_topk_mask(z * 1e300, 3, temperature=1e299),
+        softtopk.permutation_topk_mask(z, 3, temperature=0.1),
+    )
+
+
+@pytest.mark.parametrize("method", ["odd_even", "bitonic"])
+def test_networks_on_one_wire_stay_in_the_graph(method):
+    # No comparator: the mask is k, with a zero gradient (it was cut from the graph).
+    x = torch.tensor([[0.0], [1.0]], requires_grad=True)
+    y = softtopk.permutation_topk_mask(x, 0.5, method=method)
+    torch.testing.assert_close(y.detach(), torch.full((2, 1), 0.5))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.zeros(2, 1))
+
+
+def test_neuralsort_subnormal_rows():
+    # Scaling by a subnormal max made t / s overflow (NaN); rows are only scaled down.
+    x = torch.tensor([[-math.inf, 0.0, 2.2251e-311]], dtype=torch.float64)
+    y = softtopk.permutation_topk_mask(x, 1, method="neuralsort")
+    torch.testing.assert_close(y, torch.tensor([[0.0, 0.5, 0.5]], dtype=torch.float64))

@@ -195,3 +195,23 @@ def test_sinkhorn_mask_at_k_zero_and_n_follows_the_row_rules(k):
     torch.testing.assert_close(y, torch.full((1, 5), float(k > 0)))
     y.sum().backward()  # raised a singular-matrix error at k = n
     assert torch.equal(x.grad, torch.zeros(1, 5))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_effective_temperature_beyond_float64(monkeypatch, backend):
+    # eps C_max / 2 = 1e4 * 1.8e304 overflowed to inf: NaN masks (numba) or gradients.
+    monkeypatch.setenv("SOFTTOPK_BACKEND", backend)
+    x = torch.tensor([[0.0, 1.8961503816218354e152]], dtype=torch.float64, requires_grad=True)
+    y = softtopk.topk_mask(x, 1, method="soft", temperature=1e4)
+    torch.testing.assert_close(y.detach(), torch.full((1, 2), 0.5, dtype=torch.float64))
+    y.backward(torch.ones_like(y) + y.detach())
+    assert torch.isfinite(x.grad).all()
+
+
+def test_sinkhorn_mask_rows_set_by_a_rule_on_one_entry():
+    # Ruled rows were solved with k = 1 = n: a singular implicit backward (LinAlgError).
+    x = torch.zeros(2, 1, requires_grad=True)
+    y = softtopk.soft_sinkhorn_mask(x, torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(y.detach(), torch.tensor([[0.0], [1.0]]))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.zeros(2, 1))

@@ -111,3 +111,14 @@ def test_validation():
         subset(x, 2, hard=1)
     with pytest.raises(ValueError, match="temperature must be a positive finite number"):
         subset(x, 2, temperature=0.0)
+
+
+@pytest.mark.parametrize("row", [[3e38, 1.0, -3e38], [3.4028237e37, 3.4028237e37], [3.4e38, 3.4e38, -3.4e38]])
+def test_logits_near_the_float32_limit_give_finite_values_and_gradients(row):
+    # x + g and alpha / t overflowed to inf (NaN samples); the keys are shifted by the row's max.
+    x = torch.tensor([row], requires_grad=True)
+    y = softtopk.relaxed_subset(x, 1, temperature=0.1, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.sum(-1), torch.ones(1))
+    y.backward(torch.ones_like(y) + y.detach())
+    assert torch.isfinite(x.grad).all()

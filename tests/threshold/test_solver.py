@@ -225,3 +225,18 @@ def test_lapsum_sort_route_at_a_tiny_temperature():
 def test_a_tiny_budget_is_not_snapped_away(k):
     y = softtopk.topk_mask(torch.tensor([[1.0, 0.0, -1.0]]), k)
     torch.testing.assert_close(y.sum(), torch.tensor(k), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("method,p", [("sparse", 4.0 / 3.0), ("sparse", 2.0), ("entropic", 2.0)])
+@pytest.mark.parametrize("big", [1e24, 1e300])
+def test_rows_spanning_many_orders_of_magnitude(monkeypatch, backend, method, p, big):
+    # One huge entry makes the bracket ~1e30 t wide: 100 bisection steps did not reach
+    # Newton's range on the reference route (the p = 4/3 mask summed to 1.45, not 2).
+    monkeypatch.setenv("SOFTTOPK_BACKEND", backend)
+    x = torch.tensor([[0.0, big, 1e-9]], dtype=torch.float64)
+    y = softtopk.topk_mask(x, 2, method=method, p=p, temperature=1e-6)
+    torch.testing.assert_close(y.sum(-1), torch.full((1,), 2.0, dtype=torch.float64))
+    ref = softtopk.topk_mask(x[:, [0, 2]], 1, method=method, p=p, temperature=1e-6)
+    torch.testing.assert_close(y[:, [0, 2]], ref)
+    assert y[0, 1] == 1

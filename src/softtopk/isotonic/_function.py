@@ -30,7 +30,7 @@ from .._checks import (
     compute_dtype,
     may_sync,
 )
-from .._rows import to_rows
+from .._rows import empty_result, to_rows
 from ._dykstra import dykstra
 from ._pav import pav_torch, segment_logsumexp, segment_sum
 
@@ -328,6 +328,9 @@ def isotonic_regression(
     Returns:
         The fit, with the shape and dtype of y (and the info if asked). Rows with a NaN or
         infinite entry (in y or the weights) are NaN.
+        The backward sums the cotangent over each pooled block in the dtype of y: for
+        float32 (or half) input, a cotangent whose block sums exceed that dtype's range
+        gives infinite gradients.
 
     Example:
         >>> import torch, softtopk
@@ -370,7 +373,7 @@ def isotonic_regression(
             w_rows = torch.log(w_rows)  # the KL kernel takes log-weights
     B, n = rows.shape
     if rows.numel() == 0:
-        out = torch.zeros_like(y)
+        out = empty_result(y)
         if not return_info:
             return out
         empty = torch.zeros(y.shape[:d] + y.shape[d + 1 :], dtype=torch.int64, device=y.device)

@@ -32,7 +32,7 @@ from .._checks import (
     is_tracing,
     may_sync,
 )
-from .._rows import to_rows
+from .._rows import empty_result, to_rows
 from ._function import SOLVERS, isotonic_rows
 
 REGULARIZATIONS = ("l2", "kl")
@@ -285,6 +285,9 @@ def permutahedron_projection(
 
     Returns:
         Tensor with the shape and dtype of x. Rows with a non-finite entry are NaN.
+        The projection is z - v with v the isotonic fit of z - w (z the scaled input), in
+        float64: an output entry is accurate to about 2^-52 max |z|, so outputs of the
+        size of w lose their precision once max |z| exceeds about 1e15 max |w|.
 
     Example:
         >>> import torch, softtopk
@@ -315,7 +318,7 @@ def permutahedron_projection(
         raise ValueError(f"w must be positive for regularization='kl', got a minimum of {wb.min().item()!r}")
     rows, restore = to_rows(x, d)
     if rows.numel() == 0:
-        return torch.zeros_like(x)
+        return empty_result(x)
     w_rows, _ = to_rows(wb, d)
     cd = compute_dtype(x.dtype)
     s, perm = rows.to(cd).sort(-1, descending=True)
@@ -373,6 +376,9 @@ def soft_rank(
 
     Returns:
         Tensor with the shape and dtype of x. Rows with a non-finite entry are NaN.
+        The projection is z - v with v the isotonic fit of z - w (z the scaled input), in
+        float64: an output entry is accurate to about 2^-52 max |z|, so outputs of the
+        size of w lose their precision once max |z| exceeds about 1e15 max |w|.
 
     Example:
         >>> import torch, softtopk
@@ -393,7 +399,7 @@ def soft_rank(
     descending = check_bool(descending, "descending")
     rows, restore = to_rows(x, d)
     if rows.numel() == 0:
-        return torch.zeros_like(x)
+        return empty_result(x)
     cd = compute_dtype(x.dtype)
     rows = rows.to(cd)
     if _fused(rows, solver):
@@ -444,6 +450,9 @@ def soft_sort(
     Returns:
         Tensor with the shape and dtype of x (size k along ``dim`` if k is given). Rows with
         a non-finite entry are NaN.
+        As for :func:`softtopk.isotonic_regression`, the backward sums the cotangent over
+        pooled blocks in the dtype of x, so a float32 cotangent whose block sums exceed the
+        float32 range gives infinite gradients.
 
     Example:
         >>> import torch, softtopk
@@ -469,7 +478,7 @@ def soft_sort(
         k = int(k)
     rows, restore = to_rows(x, d)
     if rows.numel() == 0:
-        out = torch.zeros_like(x)
+        out = empty_result(x)
         return out if k is None else out.narrow(d, 0, k)
     cd = compute_dtype(x.dtype)
     rows = rows.to(cd)

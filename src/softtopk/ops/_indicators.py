@@ -203,7 +203,7 @@ def topk_indicators(
     cd = compute_dtype(x.dtype)
     moved = x.movedim(d, -1)
     batch = moved.shape[:-1]
-    rows = moved.reshape(-1, n).to(cd)
+    rows = moved.reshape(math.prod(batch), n).to(cd)
     B = rows.shape[0]
     if method == "perturbed":
         pert = perturbation(

@@ -18,7 +18,7 @@ from .._checks import (
     scatter_rows,
 )
 from .._roots import newton
-from .._rows import rowwise
+from .._rows import empty_result, rowwise
 
 #: Rows up to this length are solved on all their entries.
 SHORT_ROW = 256
@@ -197,11 +197,22 @@ class _TopKMag(torch.autograd.Function):
     def backward(ctx: Any, grad_y: Tensor, *unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         # In s = |x|: dy_i/ds_j = d_i delta_ij - left_i right_j / W (left = the block
         # entries' slope, right = dh/ds_j, W = -dh/dtau), then the chain rule through |x|.
-        x, idx, sign, diag, left, right, weight = ctx.saved_tensors
-        v = sign * grad_y.gather(-1, idx)
+        # In float64, on the cotangent scaled by a power of two near its row maximum: the
+        # coupling sum of a cotangent near its dtype's limit would overflow (inf - inf).
+        x, *saved = ctx.saved_tensors
+        idx, sign, diag, left, right, weight = (
+            t.to(torch.float64) if t.is_floating_point() else t for t in saved
+        )
+        v = sign * grad_y.gather(-1, idx).to(torch.float64)
+        big = v.abs().amax(-1, keepdim=True) if v.shape[-1] else v.new_ones(v.shape[0], 1)
+        ok = (big > 0) & torch.isfinite(big)
+        scale = torch.where(
+            ok, torch.exp2(torch.frexp(torch.where(ok, big, 1.0)).exponent.to(torch.float64) - 1.0), 1.0
+        )
+        v = v / scale
         coupling = (left * v).sum(-1) / torch.where(weight > 0, weight, 1.0)
-        grad_s = diag * v - right * coupling.unsqueeze(-1)
-        grad_x = scatter_rows(grad_y, idx, sign * grad_s)
+        grad_s = (diag * v - right * coupling.unsqueeze(-1)) * scale
+        grad_x = scatter_rows(grad_y, idx, (sign * grad_s).to(grad_y.dtype))
         nan_row = torch.isnan(diag[:, :1])  # a NaN row's gradient is NaN, as its value
         grad_x = torch.where(nan_row, math.nan, grad_x)
         if torch.is_grad_enabled() and ctx.r != 1:
@@ -372,6 +383,9 @@ def topk_mag(
         ``torch.topk`` orders them elsewhere. First derivatives are exact; the second
         derivative is exact for p = 2 (piecewise linear) and refused with a
         RuntimeError for p = 4/3 (``create_graph=True``).
+        float64 input needs max abs(x) (2 (1 + temperature))^3 within the float64 range
+        (a ValueError otherwise: rescale x and the temperature together, the operator is
+        homogeneous in them).
 
     Example:
         >>> import torch, softtopk
@@ -393,7 +407,17 @@ def topk_mag(
     if has_values(kvec) and kvec.numel() > 0 and bool((kvec != kvec.round()).any()):
         raise ValueError(f"k must be integer-valued for topk_mag, got {k!r}")
     if rows.x.numel() == 0:
-        return torch.zeros_like(x)
+        return empty_result(x)
+    if rows.x.dtype == torch.float64 and may_sync(rows.x):
+        # The float64 solve works with |x| (2 (1 + t))^3; beyond the float64 range its
+        # results are not reliable, so such rows are refused rather than answered wrongly.
+        a = rows.x.detach().abs()
+        top = torch.where(torch.isfinite(a), a, 0.0).amax().item()
+        if not math.isfinite(top * (2.0 * (1.0 + l)) ** 3):
+            raise ValueError(
+                f"topk_mag needs max |x| (2 (1 + temperature))^3 within the float64 range; got "
+                f"max |x| = {top:g} with temperature={l:g} (rescale x and the temperature together)"
+            )
     if may_sync(rows.x) and _backend.route(rows.x) == "cpu":
         y = _TopKMagCPU.apply(rows.x, kvec.to(torch.float64), l, r, debias)
     else:

@@ -295,20 +295,12 @@ def _entry(s, tau, top, l, lr, r, debias):  # pragma: no cover - compiled
 
 
 @_jit
-def _backward_row(x, info, l, r, debias, gy, gx):  # pragma: no cover - compiled
-    n = x.shape[0]
-    tau = info[0]
-    if tau != tau:
-        for i in range(n):
-            gx[i] = math.nan
-        return
-    a = info[1]
-    m = int(info[2])
-    lr = l**r
+def _coupling(x, a, m, tau, l, lr, r, debias, gy, scale):  # pragma: no cover - compiled
+    """W and sum over the block of d_i sign_i gy_i scale (entries above tau only)."""
     weight = 0.0
     coupled = 0.0
     seen = 0
-    for i in range(n):
+    for i in range(x.shape[0]):
         v = x[i]
         s = abs(v)
         if not (s > tau and s < math.inf):
@@ -319,7 +311,28 @@ def _backward_row(x, info, l, r, debias, gy, gx):  # pragma: no cover - compiled
             weight += right
             if pooled:
                 weight += lr
-            coupled += d * (gy[i] if v > 0.0 else -gy[i])
+            g = gy[i] * scale
+            coupled += d * (g if v > 0.0 else -g)
+    return weight, coupled
+
+
+@_jit
+def _backward_row(x, info, l, r, debias, gy, gx):  # pragma: no cover - compiled
+    n = x.shape[0]
+    tau = info[0]
+    if tau != tau:
+        for i in range(n):
+            gx[i] = math.nan
+        return
+    a = info[1]
+    m = int(info[2])
+    lr = l**r
+    scale = 1.0
+    weight, coupled = _coupling(x, a, m, tau, l, lr, r, debias, gy, scale)
+    if not abs(coupled) < math.inf:
+        # a cotangent near the float64 limit: the sum is formed on it scaled by 2^-1000
+        scale = 2.0**-1000
+        weight, coupled = _coupling(x, a, m, tau, l, lr, r, debias, gy, scale)
     c = coupled / weight if weight > 0.0 else 0.0
     seen = 0
     for i in range(n):
@@ -333,8 +346,11 @@ def _backward_row(x, info, l, r, debias, gy, gx):  # pragma: no cover - compiled
             continue
         top, seen = _is_top(s, a, m, seen)
         d, right, block, pooled = _entry(s, tau, top, l, lr, r, debias)
-        g = d * gy[i] - (right * c if v > 0.0 else -right * c)
-        gx[i] = g
+        if scale == 1.0:
+            gx[i] = d * gy[i] - (right * c if v > 0.0 else -right * c)
+        else:
+            g = d * (gy[i] * scale) - (right * c if v > 0.0 else -right * c)
+            gx[i] = g / scale
 
 
 @numba.njit(cache=True, parallel=True)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .._checks import check_bool, check_choice, check_p, check_positive, check_tensor, eager_only
-from .._rows import rowwise
+from .._checks import check_bool, check_choice, check_p, check_positive, check_tensor, eager_only, may_sync
+from .._rows import empty_result, rowwise
 from ._dftopk import dftopk_mask
 from ._hard import hard_mask
 from ._perturbation import perturbation, perturbed_mask
@@ -73,8 +74,13 @@ def topk_mask(
     r"""Soft top-k mask: a differentiable relaxation of the k-hot mask of the largest entries.
 
     Every method returns y in [0, 1]^n along ``dim`` with sum(y) = k and tends to the
-    ``torch.topk`` mask as the temperature goes to 0 (when x_(k) > x_(k+1)). The methods
-    of the threshold family share one form and one backward:
+    ``torch.topk`` mask as the temperature goes to 0 (when x_(k) > x_(k+1)). The sum is k
+    up to rounding: about n eps of the dtype, plus n 2^-52 max |x| / t from the float64
+    threshold (1/t amplifies its rounding); float64 scores with 8 max |x| / t beyond the
+    float64 range are refused (ValueError) by the threshold methods. ``hard`` breaks ties
+    as ``torch.topk`` does, ties between +inf entries included (the other methods share k
+    equally among them). The methods of the threshold family share one form and one
+    backward:
 
     .. math::
 
@@ -211,7 +217,17 @@ def topk_mask(
             x, rows.dim, rows.x.shape[0], **given, default_samples=PERTURBED_SAMPLES
         )
     if rows.x.numel() == 0:
-        return torch.zeros_like(x)
+        return empty_result(x, k)
+    if method in ("sparse", "entropic", "lapsum") and rows.x.dtype == torch.float64 and may_sync(rows.x):
+        # The threshold is solved on x / t in float64; beyond its range the result would
+        # be wrong (the largest entries lost), so such rows are refused.
+        a = rows.x.detach().abs()
+        top = torch.where(torch.isfinite(a), a, 0.0).amax().item()
+        if not math.isfinite(8.0 * top / t):
+            raise ValueError(
+                f"topk_mask(method={method!r}) needs 8 max |x| / temperature within the float64 range; "
+                f"got max |x| = {top:g} with temperature={t:g} (rescale x and the temperature together)"
+            )
     v = rows.x if largest else -rows.x
     return rows.restore(spec.rows(v, rows.k, temperature=t, solver=solver, **options))
 

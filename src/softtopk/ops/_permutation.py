@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_choice, check_positive, may_sync
-from .._rows import apply_rules, classify, regular_rows, rowwise
+from .._rows import apply_rules, classify, empty_result, regular_rows, rowwise
 
 PERMUTATION_METHODS = ("neuralsort", "softsort", "odd_even", "bitonic")
 NETWORKS = ("odd_even", "bitonic")
@@ -78,11 +78,23 @@ def neuralsort_rows(x: Tensor, K: int, temperature: float) -> Tensor:
     absent (n counts the others); rows r beyond that count are zero.
     """
     present, count, xs = _present(x)
-    a = _abs_row_sums(xs, present)
+    # The logits are linear in x: they are formed on x / s (s the power of two at most max |x|,
+    # an exact scaling) and shifted by their row maximum before the division by t / s, so
+    # that n |x| near the dtype's limit does not overflow to -inf - (-inf) = NaN.
+    x64 = xs.to(torch.float64)
+    big = x64.abs().amax(-1, keepdim=True)
+    # Only scaled down (s >= 1): t / s never overflows for tiny or subnormal rows.
+    s = torch.where(big > 1, torch.exp2(torch.frexp(big).exponent.to(torch.float64) - 1.0), 1.0).detach()
+    x64 = x64 / s
+    a = _abs_row_sums(x64, present)
     r = torch.arange(1, K + 1, device=x.device, dtype=torch.float64).unsqueeze(-1)  # (K, 1)
     coef = count.to(torch.float64).unsqueeze(-1) + 1.0 - 2.0 * r  # (B, K, 1)
-    logits = (coef * xs.to(torch.float64).unsqueeze(-2) - a.unsqueeze(-2)) / temperature
+    logits = coef * x64.unsqueeze(-2) - a.unsqueeze(-2)
     logits = torch.where(present.unsqueeze(-2), logits, -math.inf)
+    top = logits.detach().amax(-1, keepdim=True)
+    logits = (logits - torch.where(torch.isfinite(top), top, 0.0)) / (temperature / s).unsqueeze(-1).clamp(
+        min=torch.finfo(torch.float64).tiny
+    )
     rows_present = (r.squeeze(-1) <= count).unsqueeze(-1)  # (B, K, 1)
     logits = torch.where(rows_present, logits, 0.0)
     p = torch.softmax(logits, dim=-1)
@@ -279,6 +291,9 @@ def network_mask_rows(
     rank = (n - 1 - torch.arange(n, device=x.device, dtype=x.dtype)).unsqueeze(0)
     w = (k.unsqueeze(-1) - rank).clamp(0.0, 1.0)
     e = torch.zeros_like(x).index_copy(-1, net.order, w)
+    if not net.layers:
+        # One wire, no comparator: the mask does not depend on x, but stays in its graph.
+        e = e + 0.0 * torch.where(torch.isfinite(x), x, 0.0)
     return _pull_back(e, net, alphas)
 
 
@@ -434,7 +449,7 @@ def permutation_topk_mask(
     options = _method_options(method, power, distribution, art_lambda)
     v, kvec, cd = rows.x, rows.k, rows.x.dtype
     if v.numel() == 0:
-        return torch.zeros_like(x)
+        return empty_result(x, k)
     rules = classify(v, kvec)
     vr = regular_rows(v, rules)
     k_reg = torch.where(rules.regular, kvec, 1.0)

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._checks import check_dim, check_positive, check_tensor, may_sync
-from .._rows import apply_rules, classify, regular_rows, rowwise
+from .._rows import apply_rules, classify, empty_result, regular_rows, rowwise
 from ..threshold import LOGISTIC, threshold_mask
 
 _ANCHORS = (0.0, 1.0)
@@ -258,17 +258,22 @@ def soft_sinkhorn_mask(
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     rows = rowwise(x, k, d, k_grad=False)
     if rows.x.numel() == 0:
-        return torch.zeros_like(x)
+        return empty_result(x, k)
     # Rows set by a rule (k = 0, k = n, infinities, NaN) follow the library's table; the
     # others are solved with all their anchors weighted (0 < k < n), where the implicit
     # backward's linear system is regular.
     rules = classify(rows.x, rows.k)
     v = regular_rows(rows.x, rules)
-    y = _SoftSinkhorn.apply(v, torch.where(rules.regular, rows.k, 1.0), eps, max_iter)[0]
+    # Ruled rows are solved with k = n/2 (0 < k < n also for n = 1); their result is discarded.
+    y = _SoftSinkhorn.apply(v, torch.where(rules.regular, rows.k, rows.x.shape[-1] / 2.0), eps, max_iter)[0]
     return rows.restore(apply_rules(rows.x, rows.k, y.to(rows.x.dtype), rules))
 
 
 # ----------------------------------------------------- method="soft": the threshold route
+
+
+#: The largest effective temperature eps C_max / 2 of ``soft_mask`` (float64).
+SOFT_MAX_TEMPERATURE = 1e300
 
 
 def soft_cost_scale(x: Tensor) -> Tensor:
@@ -307,13 +312,18 @@ def soft_mask(x: Tensor, k: Tensor, *, temperature: float, solver: str = "auto")
     differences from the reference code, both documented choices: C_max is taken per
     row (the reference takes it over the whole batch, which makes a row's mask depend on
     the other rows; identical for a batch of one), and -inf entries are padding (0, no
-    gradient; the reference replaces them by min - (max - min)).
+    gradient; the reference replaces them by min - (max - min)). In float64, C_max is
+    capped at the largest float64 (scores beyond about 1e154) and the effective
+    temperature eps C_max / 2 at 1e300, where the mask is k/n to within max |x| / 1e300.
 
     Reference:
         Xie, Dai, Chen, Dai, Zhao, Zha, Wei, Pfister. "Differentiable Top-k with Optimal
         Transport", NeurIPS 2020.
     """
-    return threshold_mask(x, k, temperature * soft_cost_scale(x), LOGISTIC, solver)
+    # eps C_max / 2 overflows float64 for large eps and scores near 1e154; beyond 1e300
+    # the mask is k / n to within |x| / 1e300 anyway, and the solver's bracket stays finite.
+    t = (temperature * soft_cost_scale(x)).clamp(max=SOFT_MAX_TEMPERATURE)
+    return threshold_mask(x, k, t, LOGISTIC, solver)
 
 
 # ------------------------------------------------ sorted SOFT: k + 1 anchors, k x n output

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_bool, check_positive, check_tensor, eager_only, may_sync
-from .._rows import apply_rules, classify, regular_rows, rowwise, to_rows
+from .._rows import apply_rules, classify, empty_result, regular_rows, rowwise, to_rows
 from ._perturbation import GUMBEL, check_generator
 
 #: The floor of 1 - a in the reference code: the smallest normal float32.
@@ -122,19 +122,23 @@ def relaxed_subset(
     else:
         g = GUMBEL.sample(tuple(v.shape), check_generator(generator, x.device), cd, x.device)
     if v.numel() == 0:
-        return torch.zeros_like(x)
+        return empty_result(x, k)
     rules = classify(v, kvec)
     vr = regular_rows(v, rules)
     k_reg = torch.where(rules.regular, kvec, 1.0)
     plus = vr == math.inf
+    # The softmaxes are invariant to a shift of the row: keys relative to the row's largest
+    # finite logit cannot overflow (x + g or alpha / t would for |x| near the dtype's limit).
+    top = torch.where(torch.isfinite(vr), vr, -math.inf).amax(-1, keepdim=True)
+    shifted = vr - torch.where(torch.isfinite(top), top, 0.0).detach()
     if not may_sync(plus) or bool(plus.any()):
         # +inf entries are always drawn; the rest of the budget is sampled from the others.
-        keys = torch.where(plus, -math.inf, vr + g)
+        keys = torch.where(plus, -math.inf, shifted + g)
         k_rest = k_reg - rules.n_pos.to(cd)
         y = torch.where(plus, 1.0, relaxed_subset_rows(keys, k_rest, t))
     else:
         k_rest = k_reg
-        y = relaxed_subset_rows(vr + g, k_rest, t)
+        y = relaxed_subset_rows(shifted + g, k_rest, t)
     if hard:
         y_hard = torch.where(plus, 1.0, _hard_of(torch.where(plus, -math.inf, y), k_rest))
         y = y_hard - y.detach() + y

@@ -68,7 +68,9 @@ def threshold_p_mask(scores: Tensor, threshold: float | Tensor) -> Tensor:
 
     Returns:
         A 0/1 tensor with the shape and dtype of ``scores`` (no gradient). NaN scores are
-        never kept (0); +inf is always kept, -inf never (for a finite threshold).
+        never kept (0); +inf is always kept, -inf never (for a finite threshold). The
+        comparison is made in the dtype of ``scores``, as torch compares a tensor with a
+        number: a float threshold is rounded to that dtype first.
 
     Example:
         >>> import torch, softtopk
@@ -156,7 +158,9 @@ def soft_threshold_p_mask(
     Returns:
         Tensor with the shape and dtype of ``scores``, in [0, 1]. A row containing NaN
         is NaN (as in :func:`softtopk.topk_mask`). The budget is counted in float32 (or
-        float64 for float64 scores), so it is exact for half-precision scores too.
+        float64 for float64 scores), so it is exact for half-precision scores too; the
+        comparison with the threshold is made in the dtype of ``scores`` (as in
+        :func:`threshold_p_mask`).
 
     Example:
         >>> import torch, softtopk

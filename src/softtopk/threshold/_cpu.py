@@ -53,7 +53,8 @@ SAMPLE = 1024
 #: band's ends: the series' error per entry is at most e^(-(SERIES + 1) * Z0).
 SERIES = 6
 Z0 = 6.0
-#: Newton iterations at most (the bracket at least halves on every rejected step).
+#: Newton iterations at most, plus log2(bracket width / step) (the bracket at least halves
+#: on every rejected step).
 MAX_ITER = 200
 
 _jit = numba.njit(cache=True, nogil=True, fastmath=False)
@@ -117,7 +118,14 @@ def _newton(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high
     if not (tau > lo and tau < hi):
         tau = 0.5 * (lo + hi)
     dx_old = hi - lo
-    for _ in range(MAX_ITER):
+    # Bisection halves the bracket: a bracket many orders of magnitude wider than t (one
+    # huge entry) needs log2(width / step) steps before Newton takes over.
+    iters = MAX_ITER
+    floor = max(tol, 4.0 * eps * t)
+    width = hi - lo
+    if floor > 0.0 and width > floor and width < math.inf:
+        iters += int(math.ceil(math.log2(width) - math.log2(floor)))
+    for _ in range(iters):
         f = -kk
         d = 0.0
         for j in range(c):
