@@ -89,7 +89,9 @@ def test_operator_selection_follows_the_registry(monkeypatch):
     assert "hard" not in names  # temperature-free: each experiment's explicit baseline
     assert "magnitude" not in names  # another kind
     expected = [
-        op.name for op in registry.OPERATORS.values() if op.kind == "mask" and depends_on_temperature(op)
+        op.name
+        for op in registry.OPERATORS.values()
+        if op.kind == "mask" and not op.route_of and depends_on_temperature(op)
     ]
     assert names == expected and "sparse" in names
     assert "magnitude" in [op.name for op in mask_operators(kinds=("mask", "magnitude"))[0]]
