@@ -199,7 +199,7 @@ def test_compile_equals_eager(name):
     xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
     ye, yc = run(name, xe, 5, temperature=0.3), compiled(xc)
     torch.testing.assert_close(yc, ye, atol=1e-5, rtol=0)
-    v = torch.randn_like(x)
+    v = torch.randn_like(ye)  # the output's shape ((..., k, n) for the indicators)
     ye.backward(v)
     yc.backward(v)
     torch.testing.assert_close(xc.grad, xe.grad, atol=1e-4, rtol=0)

@@ -82,9 +82,13 @@ def neuralsort_rows(x: Tensor, K: int, temperature: float) -> Tensor:
     # an exact scaling) and shifted by their row maximum before the division by t / s, so
     # that n |x| near the dtype's limit does not overflow to -inf - (-inf) = NaN.
     x64 = xs.to(torch.float64)
-    big = x64.abs().amax(-1, keepdim=True)
-    # Only scaled down (s >= 1): t / s never overflows for tiny or subnormal rows.
-    s = torch.where(big > 1, torch.exp2(torch.frexp(big).exponent.to(torch.float64) - 1.0), 1.0).detach()
+    big = torch.where(torch.isfinite(x64), x64.abs(), 0.0).amax(-1, keepdim=True)
+    # A power of two near the largest finite |x|, only scaling down (s >= 1): t / s never
+    # overflows for tiny or subnormal rows. (floor(log2), not frexp: inductor's C++ code
+    # cannot convert frexp's int32 exponent in vectorised loops.)
+    s = torch.where(
+        big > 1, torch.exp2(torch.floor(torch.log2(torch.where(big > 1, big, 1.0)))), 1.0
+    ).detach()
     x64 = x64 / s
     a = _abs_row_sums(x64, present)
     r = torch.arange(1, K + 1, device=x.device, dtype=torch.float64).unsqueeze(-1)  # (K, 1)
