@@ -286,8 +286,8 @@ def permutahedron_projection(
     Returns:
         Tensor with the shape and dtype of x. Rows with a non-finite entry are NaN.
         The projection is z - v with v the isotonic fit of z - w (z the scaled input), in
-        float64: an output entry is accurate to about 2^-52 max |z|, so outputs of the
-        size of w lose their precision once max |z| exceeds about 1e15 max |w|.
+        float64: an output entry is accurate to about 2^-52 max abs(z), so outputs of the
+        size of w lose their precision once max abs(z) exceeds about 1e15 max abs(w).
 
     Example:
         >>> import torch, softtopk
@@ -377,8 +377,8 @@ def soft_rank(
     Returns:
         Tensor with the shape and dtype of x. Rows with a non-finite entry are NaN.
         The projection is z - v with v the isotonic fit of z - w (z the scaled input), in
-        float64: an output entry is accurate to about 2^-52 max |z|, so outputs of the
-        size of w lose their precision once max |z| exceeds about 1e15 max |w|.
+        float64: an output entry is accurate to about 2^-52 max abs(z), so outputs of the
+        size of w lose their precision once max abs(z) exceeds about 1e15 max abs(w).
 
     Example:
         >>> import torch, softtopk

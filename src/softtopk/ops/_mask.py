@@ -75,8 +75,8 @@ def topk_mask(
 
     Every method returns y in [0, 1]^n along ``dim`` with sum(y) = k and tends to the
     ``torch.topk`` mask as the temperature goes to 0 (when x_(k) > x_(k+1)). The sum is k
-    up to rounding: about n eps of the dtype, plus n 2^-52 max |x| / t from the float64
-    threshold (1/t amplifies its rounding); float64 scores with 8 max |x| / t beyond the
+    up to rounding: about n eps of the dtype, plus n 2^-52 max abs(x) / t from the float64
+    threshold (1/t amplifies its rounding); float64 scores with 8 max abs(x) / t beyond the
     float64 range are refused (ValueError) by the threshold methods. ``hard`` breaks ties
     as ``torch.topk`` does, ties between +inf entries included (the other methods share k
     equally among them). The methods of the threshold family share one form and one
