@@ -58,6 +58,8 @@ class Operator:
         temperature: a default that suits standard-normal scores.
         bench_max_elements: the benchmark skips larger inputs (for O(n^2) methods), and
             says so in its table.
+        max_kn: for an operator with O(k n) memory per row, the largest rows x k x n that
+            the benchmark and the experiments call it with (they skip larger calls and say so).
         stochastic: the output depends on random noise drawn from ``generator`` (the
             global generator by default), so two calls differ. :meth:`seeded` gives a
             reproducible view for tests and benchmarks; the conformance suite skips the
@@ -94,6 +96,7 @@ class Operator:
     vmaps: bool = True
     temperature: float = 0.1
     bench_max_elements: int | None = None
+    max_kn: int | None = None
     stochastic: bool = False
     equivariant: bool = True
     bounded: bool = True
@@ -141,6 +144,10 @@ class Operator:
 
         return replace(self, fn=seeded_fn)
 
+
+# rows x k x n of the calls the benchmark and the experiments make to an O(k n)-memory
+# operator: 2^27 elements are 1 GiB of float64 for one (rows, k, n) tensor, and autograd keeps several.
+KN_LIMIT = 1 << 27
 
 OPERATORS: dict[str, Operator] = {
     op.name: op
@@ -209,6 +216,7 @@ OPERATORS: dict[str, Operator] = {
             bounded=False,
             hard_limit=False,
             bench_max_elements=700_000,
+            max_kn=KN_LIMIT,
             note=(
                 "a sampler: t -> 0 gives the top k of x + Gumbel noise; O(k n) memory; vmap with "
                 "randomness='same' or 'different'; torch.compile traces it with gumbel= (generator "
@@ -221,6 +229,7 @@ OPERATORS: dict[str, Operator] = {
             paper="Grover et al. 2019 (NeuralSort)",
             bounded=False,
             bench_max_elements=700_000,
+            max_kn=KN_LIMIT,
             note="O(n log n + n k) time and memory (k rows of the n x n relaxation, float64 logits)",
         ),
         Operator(
@@ -229,6 +238,7 @@ OPERATORS: dict[str, Operator] = {
             paper="Prillo and Akinola 2020 (SoftSort)",
             bounded=False,
             bench_max_elements=700_000,
+            max_kn=KN_LIMIT,
             note="O(n log k + n k) time and memory",
         ),
         Operator(
@@ -316,6 +326,7 @@ OPERATORS: dict[str, Operator] = {
             k_grad=False,
             exact_gradient=False,
             bench_max_elements=700_000,
+            max_kn=KN_LIMIT,
             note=(
                 "topk_indicators: a (k, n) soft assignment per row, k an int; Sinkhorn to "
                 "convergence (tol) with the implicit backward, C_max a constant in it, as published"

@@ -104,6 +104,13 @@ def test_operator_selection_follows_the_registry(monkeypatch):
     kept, notes = mask_operators(shape=(4, 25))
     assert "tiny-n" not in [op.name for op in kept] and any("tiny-n" in n for n in notes)
     assert "tiny-n" in [op.name for op in mask_operators(shape=(2, 5))[0]]
+    # an O(k n)-memory operator is left out where rows x k x n exceeds its max_kn
+    kn = replace(registry.OPERATORS["entropic"], name="tiny-kn", max_kn=100)
+    monkeypatch.setitem(registry.OPERATORS, "tiny-kn", kn)
+    kept, notes = mask_operators(shape=(2, 10), k=6)
+    assert "tiny-kn" not in [op.name for op in kept] and any("tiny-kn" in n and "O(k n)" in n for n in notes)
+    assert "tiny-kn" in [op.name for op in mask_operators(shape=(2, 10), k=5)[0]]
+    assert "tiny-kn" in [op.name for op in mask_operators(shape=(2, 10))[0]]  # no k given: no k n check
     assert temperature_grid(registry.OPERATORS["sparse"], (0.1, 1.0, 10.0)) == [0.01, 0.1, 1.0]
 
 

@@ -86,6 +86,7 @@ class Contender:
     fn: Callable[[Tensor, int], Tensor]
     max_elements: int = 1 << 62  # skip larger problems (reason printed)
     max_n: int = 1 << 62  # skip longer rows (O(n^2) peers)
+    max_kn: int = 1 << 62  # skip larger rows x k x n (O(k n)-memory operators)
     note: str = ""
 
 
@@ -164,7 +165,13 @@ def contenders(temperature: float | None, peers: bool = True) -> list[Contender]
         Contender("torch.sort", "floor", lambda x, k: torch.sort(x, dim=-1).values),
     ]
     out += [
-        Contender(name, "operator", op(name), max_elements=spec.bench_max_elements or 1 << 62)
+        Contender(
+            name,
+            "operator",
+            op(name),
+            max_elements=spec.bench_max_elements or 1 << 62,
+            max_kn=spec.max_kn or 1 << 62,
+        )
         for name, spec in OPERATORS.items()
         if name != "hard" and not spec.route_of and spec.kind in ("mask", "magnitude")
     ]
@@ -520,6 +527,8 @@ def _run_threads(config: Config, progress: Callable[[str], None] | None) -> list
                     skip = f"skipped: more than {c.max_elements} elements"
                 elif n > c.max_n:
                     skip = f"skipped: rows longer than {c.max_n}"
+                elif x.numel() * k > c.max_kn:
+                    skip = f"skipped: k x elements over {c.max_kn} (O(k n) memory)"
                 elif (c.name, mode) in too_slow:
                     skip = f"skipped: a smaller size took over {config.skip_slow_after:.0f} s"
                 row = Row(

@@ -153,6 +153,7 @@ def mask_operators(
     only: Sequence[str] | None = None,
     *,
     shape: tuple[int, int] | None = None,
+    k: float | None = None,
     kinds: tuple[str, ...] = ("mask",),
 ) -> tuple[list[Operator], list[str]]:
     """The registered operators an experiment can use, and notes on those left out.
@@ -161,7 +162,8 @@ def mask_operators(
     ``route_of``, would repeat its results and are skipped) whose output depends on the temperature
     (a temperature-free operator, the hard mask, is each experiment's explicit baseline),
     whose ``bench_max_elements`` admits the experiment's largest call, ``shape`` = (rows,
-    n) (an O(n^2) operator registers such a limit), and, if ``only`` is given, whose name
+    n) (an O(n^2) operator registers such a limit), whose ``max_kn`` admits rows x ``k``
+    x n (an O(k n)-memory operator registers it), and, if ``only`` is given, whose name
     is in it.
     """
     kept, notes = [], []
@@ -182,6 +184,14 @@ def mask_operators(
                 notes.append(
                     f"{op.name}: left out, calls of {rows} x {n} exceed its limit of "
                     f"{op.bench_max_elements} elements"
+                )
+                continue
+        if shape is not None and k is not None and op.max_kn is not None:
+            rows, n = shape
+            if rows * k * n > op.max_kn:
+                notes.append(
+                    f"{op.name}: left out, calls of {rows} x {n} at k = {k:g} need O(k n) memory "
+                    f"beyond its limit of {op.max_kn} elements"
                 )
                 continue
         kept.append(op)

@@ -184,7 +184,10 @@ def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None, acts=None)
         acts = Activations(split, cfg)
     split = acts.split
     m = cfg.expansion * cfg.hidden
-    ops, notes = mask_operators(only, shape=(1, cfg.batch * m))
+    # TopK selects k of m per sample; BatchTopK selects k x batch of the flattened batch.
+    ops, notes = mask_operators(only, shape=(cfg.batch, m), k=cfg.k)
+    batch_ops, batch_notes = mask_operators(only, shape=(1, cfg.batch * m), k=cfg.k * cfg.batch)
+    notes += [f"BatchTopK: {n}" for n in batch_notes if n not in notes]
 
     def run(activation: str, method: object, aux: bool = True, knob: str = "temperature"):  # noqa: ANN202
         def go(value: float | None, seed: int) -> RunResult:
@@ -229,9 +232,12 @@ def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None, acts=None)
     for op in ops:
         grid_t = temperature_grid(op, grid)
         methods.append(Method(f"TopK [{op.name}]", "operator", run("topk", op.name), grid_t, note=op.paper))
-        methods.append(
-            Method(f"BatchTopK [{op.name}]", "operator", run("batch_topk", op.name), grid_t, note=op.paper)
-        )
+        if op in batch_ops:
+            methods.append(
+                Method(
+                    f"BatchTopK [{op.name}]", "operator", run("batch_topk", op.name), grid_t, note=op.paper
+                )
+            )
     return Setting(
         key=f"{cfg.dataset}-k{cfg.k}",
         title=f"{pretty(cfg.dataset)} MLP activations, k = {cfg.k}",
