@@ -63,12 +63,6 @@ def cuda_available() -> bool:
 # turns them into errors until the entry is removed). The hypothesis "ci" profile is
 # derandomized, so these cases fail the same way on every run.
 KNOWN_FAILURES = {
-    "test_properties.py::test_contract_on_finite_rows[sparse-pav]": (
-        "solver='pav' loses the budget in float32 when |x|/t is about 1e16 ([0, 0, 1.1e15], t = 0.1)"
-    ),
-    "test_properties.py::test_half_precision_matches_float32[sparse-pav]": (
-        "solver='pav' in bfloat16 departs from float32 beyond the half-precision tolerance"
-    ),
     "test_properties.py::test_contract_on_finite_rows[soft-sinkhorn]": (
         "the reference Sinkhorn breaks its bounds on rows spanning the float64 range"
     ),
@@ -80,9 +74,6 @@ KNOWN_FAILURES = {
     ),
     "test_properties.py::test_backends_agree[magnitude-p4/3]": (
         "at tied magnitudes the numba kernel keeps the lowest index, the tensor route torch.topk's choice"
-    ),
-    "test_properties.py::test_extra_contract_and_gradients[isotonic]": (
-        "isotonic regression breaks its contract on rows spanning the float64 range"
     ),
 }
 

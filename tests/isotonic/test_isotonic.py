@@ -327,3 +327,23 @@ def test_dykstra_does_not_certify_a_non_monotone_float32_fit():
     assert bool(info.converged.all())
     assert bool((v[:, 1:] >= v[:, :-1]).all())
     torch.testing.assert_close(v, softtopk.isotonic_regression(y, solver="pav"))
+
+
+@pytest.mark.parametrize("solver", ["pav", "dykstra"])
+def test_small_entries_next_to_a_huge_one_are_pooled(solver, monkeypatch):
+    # The rounding margin of a comparison scales with the blocks compared, not the row.
+    for backend in ("cpu", "torch"):
+        monkeypatch.setenv("SOFTTOPK_BACKEND", backend)
+        y = torch.tensor([[1.1259e15, -0.1, 0.0]], dtype=torch.float64)
+        v, info = softtopk.isotonic_regression(y, increasing=False, solver=solver, return_info=True)
+        assert bool(info.converged.all())
+        torch.testing.assert_close(v, torch.tensor([[1.1259e15, -0.05, -0.05]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("solver", ["pav", "dykstra"])
+def test_block_means_of_entries_near_the_float_limit_are_finite(solver):
+    big = torch.finfo(torch.float64).max
+    y = torch.tensor([[big, big, 1e-300], [big, -big, 1.0]], dtype=torch.float64)
+    v = softtopk.isotonic_regression(y, increasing=True, solver=solver)
+    expected = torch.tensor([[big * (2 / 3)] * 3, [0.0, 0.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(v, expected)

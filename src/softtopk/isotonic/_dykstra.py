@@ -10,7 +10,8 @@ norm) replaces each violating pair by its weighted mean. Dykstra's iteration
 converges to the projection onto the intersection (Sander et al. 2023, section 5), but
 slowly: about 2 B^2 iterations for a pooled block of B entries. So the iterate is never
 returned on faith. Every ``check_every`` iterations the partition suggested by the
-iterate (adjacent entries closer than ``tol`` times the row's scale) is *certified*:
+iterate (adjacent entries closer than ``tol`` times the row's scale, and if that fails,
+than ``tol`` times their own magnitude) is *certified*:
 
 1. the exact optimal value of every block of that partition is computed (its weighted
    mean);
@@ -66,7 +67,8 @@ def certify(y: Tensor, w: Tensor, start: Tensor, rel: float) -> tuple[Tensor, Te
         y: (B, n) targets.
         w: (B, n) positive weights.
         start: (B, n) bool, True where a block starts (start[:, 0] is True).
-        rel: relative slack for rounding in the comparisons.
+        rel: relative slack for rounding in the comparisons (times the largest abs(y) of
+            the blocks compared).
 
     Returns:
         (ok (B,), v (B, n), bid (B, n), aux (B, n)): whether the partition is optimal,
@@ -75,19 +77,24 @@ def certify(y: Tensor, w: Tensor, start: Tensor, rel: float) -> tuple[Tensor, Te
     """
     bid = start.cumsum(-1) - 1
     v, _ = block_values(y, w, bid, "l2")
-    scale = y.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(y.dtype).tiny)
-    slack = rel * scale
-    ordered = (v[:, :-1] >= v[:, 1:] - slack).all(-1)
-    # Prefix sums inside each block: global cumulative sums minus their value at the block start.
+    # The slack of a comparison scales with the largest entry of the blocks involved (the
+    # rounding of their means), not with the row's: a row holding 1e15 and 0.1 must still
+    # order its small entries.
+    mag = y.abs().clamp(min=torch.finfo(y.dtype).tiny)
+    block_mag = torch.zeros_like(mag).scatter_reduce(-1, bid, mag, "amax", include_self=False)
+    slack = rel * block_mag.gather(-1, bid)
+    ordered = (v[:, :-1] >= v[:, 1:] - slack[:, :-1].maximum(slack[:, 1:])).all(-1)
+    # Prefix sums inside each block: global cumulative sums minus their value at the block
+    # start, of the entries centred on their block's mean (the sums of raw entries would
+    # carry the rounding of a huge block into the small ones after it).
     f64 = torch.float64
     cw = torch.cumsum(w.to(f64), -1)
-    cwy = torch.cumsum((w * y).to(f64), -1)
+    cwc = torch.cumsum((w * (y - v)).to(f64), -1)
     first = torch.arange(y.shape[-1], device=y.device).expand_as(bid)
     first = torch.zeros_like(bid).scatter_reduce_(-1, bid, first, "amin", include_self=False).gather(-1, bid)
     before_w = torch.where(first > 0, cw.gather(-1, (first - 1).clamp(min=0)), 0.0)
-    before_wy = torch.where(first > 0, cwy.gather(-1, (first - 1).clamp(min=0)), 0.0)
-    prefix_mean = (cwy - before_wy) / (cw - before_w)
-    gap = (prefix_mean - v.to(f64)).to(y.dtype)
+    before_wc = torch.where(first > 0, cwc.gather(-1, (first - 1).clamp(min=0)), 0.0)
+    gap = ((cwc - before_wc) / (cw - before_w)).to(y.dtype)  # prefix mean - block mean
     # The last entry of a block has prefix mean == block mean; only internal cuts matter.
     last = torch.ones_like(start)
     last[:, :-1] = start[:, 1:]
@@ -105,6 +112,8 @@ def certify(y: Tensor, w: Tensor, start: Tensor, rel: float) -> tuple[Tensor, Te
 def _proposal(x: Tensor, p: Tensor, q: Tensor, gap: Tensor) -> Tensor:
     """Block starts suggested by the iterate x and the dual residuals p (odd pairs), q (even).
 
+    ``gap`` (B, n) is each entry's closeness tolerance; a pair takes the larger of its two.
+
     A pair (i, i+1) is proposed as pooled when the iterate holds it (nearly) equal *and*
     its constraint is active, i.e. the last projection onto it moved the pair (its dual
     residual is non-zero). Closeness alone would pool nearly tied entries that are in
@@ -115,7 +124,7 @@ def _proposal(x: Tensor, p: Tensor, q: Tensor, gap: Tensor) -> Tensor:
     start = torch.ones(B, n, dtype=torch.bool, device=x.device)
     if n < 2:
         return start
-    close = (x[:, :-1] - x[:, 1:]).abs() <= gap
+    close = (x[:, :-1] - x[:, 1:]).abs() <= gap[:, :-1].maximum(gap[:, 1:])
     i = torch.arange(n - 1, device=x.device)
     dual = torch.where(i % 2 == 0, p[:, :-1], q[:, :-1]) != 0
     start[:, 1:] = ~(close & dual)
@@ -132,7 +141,9 @@ def dykstra(
         w: (B, n) positive weights or None.
         max_iter: the most Dykstra iterations (one odd and one even projection each).
         tol: adjacent entries of the iterate closer than ``tol * max|y|`` are proposed as
-            pooled; a proposal is accepted only after the certificate.
+            pooled (and, where that proposal fails, those closer than ``tol`` times the
+            larger of their targets' magnitudes); a proposal is accepted only after the
+            certificate.
         check_every: iterations between certificates.
 
     Returns:
@@ -144,7 +155,11 @@ def dykstra(
     # float32 row whose violations are of float32 size is not certified as ordered.
     y = y.to(torch.float64)
     wt = torch.ones_like(y) if w is None else w.to(torch.float64)
-    scale = y.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(y.dtype).tiny)
+    # Two proposals are certified: closeness at the row's scale (the iterate's rounding),
+    # and at each entry's own magnitude, for rows that hold entries of very different
+    # sizes (a row holding 1e15 and 0.1 must still resolve its small entries).
+    row_scale = y.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(y.dtype).tiny)
+    gaps = (tol * row_scale.expand_as(y), tol * y.abs())
     rel = 64.0 * torch.finfo(y.dtype).eps * max(1.0, math.log2(max(n, 2)))
     x = y.clone()
     p = torch.zeros_like(y)
@@ -157,7 +172,16 @@ def dykstra(
     it = 0
     while True:
         if it % check_every == 0 or it == max_iter:
-            ok, v, bid, aux = certify(y, wt, _proposal(x, p, q, tol * scale), rel)
+            ok, v, bid, aux = certify(y, wt, _proposal(x, p, q, gaps[0]), rel)
+            if not bool(ok.all()):
+                ok2, v2, bid2, aux2 = certify(y, wt, _proposal(x, p, q, gaps[1]), rel)
+                use = (ok2 & ~ok).unsqueeze(-1)
+                v, bid, aux = (
+                    torch.where(use, v2, v),
+                    torch.where(use, bid2, bid),
+                    torch.where(use, aux2, aux),
+                )
+                ok = ok | ok2
             new = ok & ~converged
             col = new.unsqueeze(-1)
             v_out = torch.where(col, v, v_out)
@@ -177,7 +201,7 @@ def dykstra(
     rest = (~converged).unsqueeze(-1)
     if bool(rest.any()):
         # Not certified: the last iterate, with the partition its values suggest.
-        bid = _proposal(x, p, q, tol * scale).cumsum(-1) - 1
+        bid = _proposal(x, p, q, gaps[0]).cumsum(-1) - 1
         aux = segment_sum(wt, bid).gather(-1, bid)
         v_out = torch.where(rest, x, v_out)
         bid_out = torch.where(rest, bid, bid_out)

@@ -92,6 +92,20 @@ def solve_rows(
     return dykstra(y, w, max_iter, tol)
 
 
+def _overflow_scale(y: Tensor) -> Tensor:
+    """(B, 1) powers of two that bring rows whose block sums could overflow into range; 1 elsewhere.
+
+    A block value is a (weighted) mean, whose running sum over up to n entries overflows
+    once max abs(y) nears max / n. Such rows are solved divided by 2^e (exact, except
+    for entries that become subnormal, whose share of any block mean with a huge entry is
+    below rounding) and the values multiplied back.
+    """
+    finite = torch.where(torch.isfinite(y), y, 0.0).abs().amax(-1, keepdim=True).to(torch.float64)
+    limit = torch.finfo(y.dtype).max / (4.0 * max(y.shape[-1], 1))
+    e = torch.ceil(torch.log2(finite / limit)).clamp(min=0.0)
+    return torch.exp2(e).to(y.dtype)
+
+
 @torch.library.custom_op("softtopk::isotonic_fwd", mutates_args=())
 def isotonic_fwd(
     y: Tensor, w: Tensor | None, kl: bool, solver: int, max_iter: int, tol: float
@@ -107,7 +121,11 @@ def isotonic_fwd(
         empty = torch.zeros(B, dtype=torch.int64, device=y.device)
         bid = torch.zeros_like(y, dtype=torch.int64)
         return torch.empty_like(y), bid, torch.empty_like(y), empty.bool(), empty
-    v, bid, aux, converged, iterations = solve_rows(y.contiguous(), w, loss, route, max_iter, tol)
+    scale = _overflow_scale(y) if loss == "l2" else None
+    ys = y if scale is None else y / scale
+    v, bid, aux, converged, iterations = solve_rows(ys.contiguous(), w, loss, route, max_iter, tol)
+    if scale is not None:
+        v = v * scale.to(v.dtype)
     bad = ~torch.isfinite(y).all(-1)
     if w is not None:
         bad = bad | ~torch.isfinite(w).all(-1)
@@ -320,7 +338,8 @@ def isotonic_regression(
         max_iter: Dykstra only: the most iterations (one odd and one even projection each).
             Dykstra needs about 2 B^2 of them for a pooled block of B entries.
         tol: Dykstra only: adjacent entries of the iterate closer than ``tol * max|y|`` are
-            proposed as pooled; every proposal is checked by the certificate.
+            proposed as pooled (where that fails, those closer than ``tol`` times their own
+            magnitude); every proposal is checked by the certificate.
         return_info: also return an :class:`IsotonicInfo` (convergence, iterations,
             blocks). Without it, a Dykstra run that leaves rows uncertified warns
             (UserWarning).

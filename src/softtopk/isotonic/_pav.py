@@ -41,8 +41,8 @@ import math
 import torch
 from torch import Tensor
 
-#: Relative tolerance (times max|y| of the row) below which a difference of block values
-#: is rounding, not a violation.
+#: Relative tolerance (times the largest abs(y) in the two blocks compared) below which a
+#: difference of block values is rounding, not a violation.
 TIE_EPS = 8.0 * 2.220446049250313e-16
 
 # ------------------------------------------------------------- tensor-op blocks (any device)
@@ -167,7 +167,8 @@ def _jump_merges(
     last = torch.zeros_like(bid).scatter_reduce_(-1, bid, pos, "amax", include_self=False)
     val = torch.zeros_like(v).scatter_(-1, bid, v).to(f64)
     viol = torch.zeros_like(valid)
-    viol[:, 1:] = valid[:, 1:] & (val[:, :-1] < val[:, 1:] - tie)
+    tie_b = torch.zeros_like(v).scatter_reduce(-1, bid, tie, "amax", include_self=False).to(f64)
+    viol[:, 1:] = valid[:, 1:] & (val[:, :-1] < val[:, 1:] - tie_b[:, :-1].maximum(tie_b[:, 1:]))
     margin = 1e-9 * y.abs().amax(-1, keepdim=True).to(f64) + 1e-300
     # Previous / next violating boundary of each block index.
     prev_v = torch.where(viol, k, -1)
@@ -241,7 +242,10 @@ def pav_torch(
     prefix = _prefix(y, w, loss)
     pos = torch.arange(n, device=device).expand(B, n)
     steps = max(1, math.ceil(math.log2(n + 1)))
-    tie = 8.0 * torch.finfo(y.dtype).eps * y.abs().amax(-1, keepdim=True)
+    # Per entry, the rounding margin of its value: a block's margin is the largest of its
+    # entries', and a pair of blocks violates the order only beyond the larger of the two
+    # (a row-wide margin would hide violations among small entries next to huge ones).
+    tie = 8.0 * torch.finfo(y.dtype).eps * y.detach().abs()
     rounds = 0
     while True:
         bid = start.cumsum(-1) - 1
@@ -249,7 +253,8 @@ def pav_torch(
         rounds += 1
         if n < 2:
             break
-        violation = start[:, 1:] & (v[:, :-1] < v[:, 1:] - tie)
+        tie_v = torch.zeros_like(tie).scatter_reduce(-1, bid, tie, "amax", include_self=False).gather(-1, bid)
+        violation = start[:, 1:] & (v[:, :-1] < v[:, 1:] - tie_v[:, :-1].maximum(tie_v[:, 1:]))
         if rounds >= limit or not bool(violation.any()):
             break
         start &= ~_jump_merges(bid, v, prefix, pos, steps, loss, y, tie)

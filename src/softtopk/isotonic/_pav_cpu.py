@@ -38,12 +38,12 @@ def _pav_stack(y, wt, weighted, kl):  # pragma: no cover
     s2 = np.empty(n, dtype=np.float64)
     s_val = np.empty(n, dtype=np.float64)
     s_start = np.empty(n + 1, dtype=np.int64)
+    s_abs = np.empty(n, dtype=np.float64)
     # Differences at rounding level (a pooled mean of tied values vs the next tie) are
-    # not violations: tied entries are not pooled because of rounding.
-    tie = 0.0
-    for i in range(n):
-        tie = max(tie, abs(y[i]))
-    tie *= TIE_EPS
+    # not violations: tied entries are not pooled because of rounding. The rounding of a
+    # block's value scales with its largest entry, so the margin of a pair of blocks is
+    # TIE_EPS times the larger abs(y) in the two (a row-wide margin would hide real
+    # violations among small entries of a row that also holds huge ones).
     top = -1
     for i in range(n):
         yi = y[i]
@@ -55,7 +55,8 @@ def _pav_stack(y, wt, weighted, kl):  # pragma: no cover
             a = c * yi
         val = yi
         start = i
-        while top >= 0 and s_val[top] < val - tie:
+        big = abs(yi)
+        while top >= 0 and s_val[top] < val - TIE_EPS * max(big, s_abs[top]):
             if kl:
                 a = _logaddexp(a, s1[top])
                 c = _logaddexp(c, s2[top])
@@ -63,6 +64,7 @@ def _pav_stack(y, wt, weighted, kl):  # pragma: no cover
                 a += s1[top]
                 c += s2[top]
             start = s_start[top]
+            big = max(big, s_abs[top])
             top -= 1
             val = a - c if kl else a / c
         top += 1
@@ -70,6 +72,7 @@ def _pav_stack(y, wt, weighted, kl):  # pragma: no cover
         s2[top] = c
         s_val[top] = val
         s_start[top] = start
+        s_abs[top] = big
     s_start[top + 1] = n
     return top + 1, s1, s2, s_val, s_start
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from .._rows import apply_rules, classify
 from ..threshold._reference import finite_stand_ins
 from ._function import isotonic_rows
+from ._pav import segment_sum
 
 #: Iteration budget of Dykstra on the top-k route (``topk_mask`` has no max_iter argument).
 TOPK_DYKSTRA_MAX_ITER = 20_000
@@ -90,11 +91,18 @@ def isotonic_sparse_mask(
     s = torch.where(finite, s, finite_stand_ins(s.detach(), 2.0 * t + 1.0))
     k_safe = torch.where(rules.regular, k, torch.ones_like(k))
     w = _capped_steps(k_safe, n)
-    max_iter = TOPK_DYKSTRA_MAX_ITER
-    v = isotonic_rows(s - t * w, None, "l2", solver, max_iter, 1e-6)[0]
-    ys = (s - v) / t
-    # y lies in [0, 1] exactly; the clamp removes rounding only, so it must not cut the
-    # gradient of an entry that rounding put a hair above 1 or below 0.
+    # The solve gives the partition into blocks; y is then written from s and w by block
+    # means, y = mean_B(w) + (s - mean_B(s)) / t, which equals (s - v) / t but subtracts
+    # only entries of one block (they lie within t of each other): a saturated entry far
+    # above the others is a block of one and gets w exactly, where s - v would lose it to
+    # the rounding of s (its ulp exceeds t once abs(x) / t nears 1 / eps). It is linear in
+    # (s, w) for a fixed partition, so the gradients (first and higher order, forward
+    # mode) are the isotonic regression's block Jacobian.
+    bid = isotonic_rows((s - t * w).detach(), None, "l2", solver, TOPK_DYKSTRA_MAX_ITER, 1e-6)[1]
+    size = segment_sum(torch.ones_like(s), bid).gather(-1, bid)
+    s_mean = segment_sum(s, bid).gather(-1, bid) / size
+    w_mean = segment_sum(w, bid).gather(-1, bid) / size
+    ys = w_mean + (s - s_mean) / t
     ys = ys + (ys.detach().clamp(0.0, 1.0) - ys.detach())
     y = torch.zeros_like(ys).scatter(-1, perm, ys)
     return apply_rules(x.detach(), k, y, rules).to(dtype)
