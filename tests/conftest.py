@@ -69,12 +69,6 @@ KNOWN_FAILURES = {
     "test_properties.py::test_gradients_finite_on_finite_rows[neuralsort]": (
         "NeuralSort gives non-finite gradients on some constant rows"
     ),
-    "test_properties.py::test_backends_agree[hard]": (
-        "the numba hard top-k breaks ties by the lowest index, the torch route as torch.topk does"
-    ),
-    "test_properties.py::test_backends_agree[magnitude-p4/3]": (
-        "at tied magnitudes the numba kernel keeps the lowest index, the tensor route torch.topk's choice"
-    ),
 }
 
 

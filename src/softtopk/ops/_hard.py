@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._checks import may_sync, scatter_rows
-from ._topk import topk_rows_impl
+from ._topk import lowest_index_topk, topk_rows_impl
 
 
 def _hard_rows(x: Tensor, k: Tensor) -> Tensor:
@@ -21,7 +21,7 @@ def _hard_rows(x: Tensor, k: Tensor) -> Tensor:
     if may_sync(x) and _backend.route(x) == "cpu":  # the threshold selection beats torch.topk on CPU
         vals, idx = topk_rows_impl(x, K, True, True)
     else:
-        vals, idx = torch.topk(x, K, dim=-1)
+        vals, idx = lowest_index_topk(x, K)
     # The j-th largest gets clip(k - j, 0, 1): 1 for j < floor(k), frac(k) next, then 0.
     rank = torch.arange(K, device=x.device, dtype=x.dtype)
     weight = (k.unsqueeze(-1) - rank).clamp(0.0, 1.0)
@@ -58,8 +58,8 @@ def hard_mask(x: Tensor, k: Tensor, **unused: Any) -> Tensor:
         x_{\sigma(1)} \ge x_{\sigma(2)} \ge \dots
 
     so an integer k gives the usual k-hot mask and a real k gives the fractional
-    (k+1)-th entry that the soft masks converge to. On CPU the entries are chosen by
-    :func:`softtopk.topk` (ties to the lowest index), elsewhere by ``torch.topk``.
+    (k+1)-th entry that the soft masks converge to. The entries are chosen as by
+    :func:`softtopk.topk`: ties go to the lowest index, on every device.
     Entries equal to -inf are never selected. The gradient is zero (the derivative of a
     piecewise-constant map almost everywhere).
     """

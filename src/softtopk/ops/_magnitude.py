@@ -19,6 +19,7 @@ from .._checks import (
 )
 from .._roots import newton
 from .._rows import empty_result, rowwise
+from ._topk import lowest_index_topk
 
 #: Rows up to this length are solved on all their entries.
 SHORT_ROW = 256
@@ -57,17 +58,22 @@ def singleton_gap(s: Tensor, l: float, r: int) -> Tensor:
     """u = s - v for an unpooled top entry: the root of u^r + l^r u = l^r s (u >= 0).
 
     For r = 1 this is u = l s/(1 + l); for r = 3 it is a depressed cubic, solved by
-    Cardano's formula and polished by two Newton steps.
+    Cardano's formula (on u / (l^3 s)^(1/3) where l^3 s > 1) and polished by two Newton steps.
     """
     if r == 1:
         return l * s / (1.0 + l)
     a, b = l**3, l**3 * s
-    root = torch.sqrt((0.5 * b) ** 2 + (a / 3.0) ** 3)
     cbrt = lambda v: torch.sign(v) * v.abs().pow(1.0 / 3.0)  # noqa: E731
+    # Beyond b = 1 the cubic is solved for w = u / b^(1/3): w^3 + (a / b^(2/3)) w = 1, whose
+    # coefficients stay in range ((b / 2)^2 overflows once abs(x) l^3 nears 1e154).
+    scale = torch.where(b > 1.0, cbrt(b), 1.0)
+    a = a / (scale * scale)
+    b = torch.where(b > 1.0, 1.0, b)
+    root = torch.sqrt((0.5 * b) ** 2 + (a / 3.0) ** 3)
     u = cbrt(0.5 * b + root) + cbrt(0.5 * b - root)
     for _ in range(2):
         u = u - (u**3 + a * u - b) / (3.0 * u * u + a)
-    return u
+    return u * scale
 
 
 def _mag_evaluator(s: Tensor, top: Tensor, l: float, r: int):
@@ -104,7 +110,7 @@ def _mag_candidates(x: Tensor, k: Tensor, l: float, r: int, K: int) -> tuple[Ten
     through tau.
     """
     n = x.shape[-1]
-    vals, idx = torch.topk(x.abs(), K, dim=-1, sorted=True)
+    vals, idx = lowest_index_topk(x.abs(), K)  # ties to the lowest index, as the CPU kernel
     f64 = torch.float64
     vals, k, x_c = vals.to(f64), k.to(f64), x.gather(-1, idx).to(f64)
     finite = torch.isfinite(vals)
@@ -137,11 +143,12 @@ def _mag_candidates(x: Tensor, k: Tensor, l: float, r: int, K: int) -> tuple[Ten
     slope_block = r * z ** (r - 1) / l
     kept_slope = 1.0 / (1.0 + l) if r == 1 else 3.0 * u * u / (3.0 * u * u + lr)
     # infinite entries are returned as they are: slope 1 in both outputs
-    diag_plain = torch.where(block, slope_block, torch.where(kept, kept_slope, 0.0))
+    # (a where of two Python floats is float32: the zeros are float64 tensors)
+    diag_plain = torch.where(block, slope_block, torch.where(kept, kept_slope, torch.zeros_like(s)))
     diag_plain = torch.where(finite, diag_plain, 1.0)
     diag_debiased = torch.where(block, slope_block + 1.0, torch.where(kept, 1.0, 0.0))
     right = torch.where(block, r * gap ** (r - 1), 0.0)
-    weight = right.sum(-1) + lr * pooled.sum(-1)
+    weight = right.sum(-1) + lr * pooled.sum(-1).to(f64)  # an int64 count times a float is float32
     sign = torch.sign(x_c)
     n_inf = (~finite).sum(-1)
     # Rows with NaN, or with more infinite entries than k, give NaN (no finite answer).
@@ -314,11 +321,10 @@ def _mag_backward_tensors(x: Tensor, info: Tensor, grad_y: Tensor, l: float, deb
     pooled = top & (gap > 0) & (gap < l * tau)
     block = (gap > 0) & finite & (pooled | ~top)
     kept = top & (gap > 0) & ~pooled
-    d = torch.where(
-        block, 1.0 / l + float(debias), torch.where(kept, 1.0 if debias else 1.0 / (1.0 + l), 0.0)
-    )
+    kept_slope = torch.where(kept, 1.0 if debias else 1.0 / (1.0 + l), torch.zeros_like(s))  # float64
+    d = torch.where(block, 1.0 / l + float(debias), kept_slope)
     right = block.to(f64)
-    weight = right.sum(-1, keepdim=True) + l * pooled.sum(-1, keepdim=True)
+    weight = right.sum(-1, keepdim=True) + l * pooled.sum(-1, keepdim=True).to(f64)
     sign = torch.sign(x).to(f64)
     v = sign * grad_y.to(f64)
     c = (d * right * v).sum(-1, keepdim=True) / torch.where(weight > 0, weight, 1.0)

@@ -49,13 +49,18 @@ def _own_gap(s, l, r):  # pragma: no cover - compiled
         return l * s / (1.0 + l)
     a = l * l * l
     b = a * s
+    # Beyond b = 1 the cubic is solved for w = u / b^(1/3): w^3 + (a / b^(2/3)) w = 1, whose
+    # coefficients stay in range ((b / 2)^2 overflows once abs(x) l^3 nears 1e154).
+    scale = b ** (1.0 / 3.0) if b > 1.0 else 1.0
+    a = a / (scale * scale)
+    b = b / (scale * scale * scale) if b > 1.0 else b
     root = math.sqrt((0.5 * b) ** 2 + (a / 3.0) ** 3)
     p = 0.5 * b + root
     q = 0.5 * b - root
     u = math.copysign(abs(p) ** (1.0 / 3.0), p) + math.copysign(abs(q) ** (1.0 / 3.0), q)
     for _ in range(2):
         u = u - (u * u * u + a * u - b) / (3.0 * u * u + a)
-    return u
+    return u * scale
 
 
 @_jit

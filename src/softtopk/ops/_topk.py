@@ -2,9 +2,9 @@
 
 The rows go through one ``torch.library`` custom op,
 ``torch.ops.softtopk.topk(x, k, largest, sorted) -> (values, indices)`` on rows (B, n):
-numba kernels on CPU tensors (a selection, no sort of the row), a stable sort of the row
-on other devices and with ``SOFTTOPK_BACKEND=torch`` (the reference route and the test
-oracle), shapes only on meta and fake tensors.
+numba kernels on CPU tensors (a selection, no sort of the row), ``torch.topk`` with its
+ties put in index order on other devices and with ``SOFTTOPK_BACKEND=torch`` (the
+reference route and the test oracle), shapes only on meta and fake tensors.
 """
 
 from __future__ import annotations
@@ -27,14 +27,43 @@ _BITS = {
 }
 
 
-def _reference(x: Tensor, k: int, largest: bool, sorted: bool) -> tuple[Tensor, Tensor]:
-    """The rows' top-k by a stable sort: ties to the lowest index, NaN above every number.
+def lowest_index_topk(x: Tensor, k: int, largest: bool = True) -> tuple[Tensor, Tensor]:
+    """``torch.topk`` of rows (B, n), sorted, with ties broken by the lowest index.
 
-    ``torch.sort`` orders NaN after +inf when ascending and before it when descending,
-    and -0.0 equal to 0.0, as ``torch.topk`` does.
+    ``torch.topk`` picks some of the entries equal to the k-th value when they do not
+    all fit; here the first ones by index are taken, and entries of equal value are
+    listed by index (NaN lies above every number, as in ``torch.topk``). Sync-free: one
+    ``torch.topk``, O(n) tensor ops, and two sorts of the k results.
     """
-    values, indices = torch.sort(x, dim=-1, descending=largest, stable=True)
-    values, indices = values[:, :k], indices[:, :k]
+    B, n = x.shape
+    if B == 0 or k == 0:
+        return torch.topk(x, k, dim=-1, largest=largest)
+    values, indices = torch.topk(x, k, dim=-1, largest=largest, sorted=True)
+    kth = values[:, -1:]
+    nan, kth_nan = torch.isnan(x), torch.isnan(kth)
+    if largest:
+        better = (x > kth) | (nan & ~kth_nan)
+    else:
+        better = (x < kth) | (kth_nan & ~nan)
+    tied = (x == kth) | (nan & kth_nan)
+    # The entries tied with the k-th value take the output's last slots, in index order.
+    first = better.sum(-1, keepdim=True)
+    slot = first + tied.cumsum(-1) - 1
+    slot = torch.where(tied & (slot < k), slot, k)
+    pos = torch.arange(n, device=x.device).expand(B, n)
+    fixed = torch.zeros(B, k + 1, dtype=indices.dtype, device=x.device).scatter(-1, slot, pos)[:, :k]
+    rank = torch.arange(k, device=x.device)
+    indices = torch.where(rank >= first, fixed, indices)
+    # Equal values elsewhere in the list by index: sort by index, then stably by value.
+    indices = indices.sort(-1).values
+    values = x.gather(-1, indices)
+    values, order = values.sort(dim=-1, descending=largest, stable=True)
+    return values, indices.gather(-1, order)
+
+
+def _reference(x: Tensor, k: int, largest: bool, sorted: bool) -> tuple[Tensor, Tensor]:
+    """The rows' top-k with ties to the lowest index, NaN above every number."""
+    values, indices = lowest_index_topk(x, k, largest)
     if not sorted:
         indices, order = torch.sort(indices, dim=-1)
         values = values.gather(-1, order)
@@ -174,8 +203,8 @@ def topk(
     On CPU tensors the rows are solved by a threshold selection without sorting them: a
     strided sample brackets the k-th value, one pass collects the entries above the
     bracket, a quickselect among those finds the k-th, and only the k kept entries are
-    sorted. The values are bit-identical to the input entries. Other devices use a stable
-    sort of the rows (same result).
+    sorted. The values are bit-identical to the input entries. Other devices use
+    ``torch.topk`` with its ties put in index order (same result).
 
     Args:
         x: a tensor of float16, bfloat16, float32 or float64 (0-d is treated as one entry).
