@@ -66,9 +66,6 @@ KNOWN_FAILURES = {
     "test_properties.py::test_contract_on_finite_rows[soft-sinkhorn]": (
         "the reference Sinkhorn breaks its bounds on rows spanning the float64 range"
     ),
-    "test_properties.py::test_gradients_finite_on_finite_rows[neuralsort]": (
-        "NeuralSort gives non-finite gradients on some constant rows"
-    ),
 }
 
 

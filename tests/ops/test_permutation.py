@@ -297,3 +297,20 @@ def test_neuralsort_subnormal_rows():
     x = torch.tensor([[-math.inf, 0.0, 2.2251e-311]], dtype=torch.float64)
     y = softtopk.permutation_topk_mask(x, 1, method="neuralsort")
     torch.testing.assert_close(y, torch.tensor([[0.0, 0.5, 0.5]], dtype=torch.float64))
+
+
+def test_neuralsort_at_the_largest_float64_and_its_tied_gradients():
+    # log2(max float64) rounds to 1024: the scale 2^1024 was inf and the mask uniform. The
+    # gradient among tied entries does not depend on the huge entry's size, and it no longer
+    # overflows in the scaled backward (1 / (t / s) times 1 / s).
+    grads = []
+    for big in (torch.finfo(torch.float64).max, 1e300, 1e10):
+        x = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, big]], dtype=torch.float64, requires_grad=True)
+        y = softtopk.permutation_topk_mask(x, 4, method="neuralsort", temperature=0.1)
+        torch.testing.assert_close(y.detach(), torch.tensor([[0.6] * 5 + [1.0]], dtype=torch.float64))
+        w = torch.tensor([[1.0, -2.0, 0.5, 3.0, -1.0, 2.0]], dtype=torch.float64)
+        (g,) = torch.autograd.grad(y, x, w)
+        assert torch.isfinite(g).all()
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(grads[0], grads[2])

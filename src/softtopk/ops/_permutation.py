@@ -86,19 +86,23 @@ def neuralsort_rows(x: Tensor, K: int, temperature: float) -> Tensor:
     # A power of two near the largest finite |x|, only scaling down (s >= 1): t / s never
     # overflows for tiny or subnormal rows. (floor(log2), not frexp: inductor's C++ code
     # cannot convert frexp's int32 exponent in vectorised loops.)
-    s = torch.where(
-        big > 1, torch.exp2(torch.floor(torch.log2(torch.where(big > 1, big, 1.0)))), 1.0
-    ).detach()
-    x64 = x64 / s
+    # log2 of the largest float64 rounds to 1024: the exponent is capped at 1023.
+    exponent = torch.floor(torch.log2(torch.where(big > 1, big, 1.0))).clamp(max=1023.0)
+    s = torch.where(big > 1, torch.exp2(exponent), 1.0).detach()
+    # Gradients take the scaling in one step: x / s carries d/dx = 1 / t and the division
+    # by t / s passes its cotangent on unscaled (the logits are linear in x / s, so first and
+    # higher derivatives and forward-mode tangents are those of the plain formula); split
+    # into d/dx = 1 / s and 1 / (t / s), the intermediate overflows once max abs(x) / t does.
+    scaled = x64 / s
+    x64 = scaled.detach() + torch.where(torch.isfinite(x64), x64 - x64.detach(), 0.0) / temperature
     a = _abs_row_sums(x64, present)
     r = torch.arange(1, K + 1, device=x.device, dtype=torch.float64).unsqueeze(-1)  # (K, 1)
     coef = count.to(torch.float64).unsqueeze(-1) + 1.0 - 2.0 * r  # (B, K, 1)
-    logits = coef * x64.unsqueeze(-2) - a.unsqueeze(-2)
-    logits = torch.where(present.unsqueeze(-2), logits, -math.inf)
-    top = logits.detach().amax(-1, keepdim=True)
-    logits = (logits - torch.where(torch.isfinite(top), top, 0.0)) / (temperature / s).unsqueeze(-1).clamp(
-        min=torch.finfo(torch.float64).tiny
-    )
+    raw = coef * x64.unsqueeze(-2) - a.unsqueeze(-2)
+    top = torch.where(present.unsqueeze(-2), raw, -math.inf).detach().amax(-1, keepdim=True)
+    tt = (temperature / s).unsqueeze(-1).clamp(min=torch.finfo(torch.float64).tiny)
+    value = (raw.detach() - torch.where(torch.isfinite(top), top, 0.0)) / tt
+    logits = torch.where(present.unsqueeze(-2), value + (raw - raw.detach()), -math.inf)
     rows_present = (r.squeeze(-1) <= count).unsqueeze(-1)  # (B, K, 1)
     logits = torch.where(rows_present, logits, 0.0)
     p = torch.softmax(logits, dim=-1)
