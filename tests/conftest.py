@@ -63,9 +63,6 @@ def cuda_available() -> bool:
 # turns them into errors until the entry is removed). The hypothesis "ci" profile is
 # derandomized, so these cases fail the same way on every run.
 KNOWN_FAILURES = {
-    "test_properties.py::test_contract_on_finite_rows[soft-sinkhorn]": (
-        "the reference Sinkhorn breaks its bounds on rows spanning the float64 range"
-    ),
 }
 
 

@@ -215,3 +215,23 @@ def test_sinkhorn_mask_rows_set_by_a_rule_on_one_entry():
     torch.testing.assert_close(y.detach(), torch.tensor([[0.0], [1.0]]))
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.zeros(2, 1))
+
+
+def test_sinkhorn_mask_keeps_fewer_than_k_infinite_entries():
+    # +inf entries (fewer than k) get 1 and the others share k - (their number), as in
+    # topk_mask; the solve on them was NaN (cost inf / inf).
+    x = torch.tensor([[0.0, 0.0, math.inf, -1.0, -math.inf]], dtype=torch.float64, requires_grad=True)
+    y = softtopk.soft_sinkhorn_mask(x, 2, temperature=0.1)
+    rest = softtopk.soft_sinkhorn_mask(torch.tensor([[0.0, 0.0, -1.0]], dtype=torch.float64), 1, temperature=0.1)
+    torch.testing.assert_close(y.detach()[:, [0, 1, 3]], rest)
+    assert y[0, 2] == 1.0 and y[0, 4] == 0.0
+    y.backward(torch.arange(5.0, dtype=torch.float64).unsqueeze(0))
+    assert torch.isfinite(x.grad).all() and x.grad[0, 2] == 0.0
+
+
+def test_sinkhorn_rows_whose_costs_differ_by_a_shift_get_equal_masks():
+    # A row spanning the float64 range: both entries have equal costs to the two anchors
+    # (up to 1e-308), so SOFT sends them the same mass; rounding used to order them wrongly.
+    big = torch.finfo(torch.float64).max
+    y = softtopk.soft_sinkhorn_mask(torch.tensor([[big, 2.2e-308]], dtype=torch.float64), 1, temperature=0.1)
+    assert y[0, 0] == y[0, 1]

@@ -143,6 +143,11 @@ def soft_sinkhorn_fwd(
     # the reference's "k smallest" with the roles of the anchors exchanged.
     nu = torch.cat([(n - k.unsqueeze(-1)) / n, k.unsqueeze(-1) / n], -1)
     log_mu = torch.where(present, -torch.log(n), -math.inf)
+    # Each source's costs shifted by their minimum: the iterations start with the row
+    # update, which absorbs a per-row shift into f exactly, so every iterate (and the plan)
+    # is unchanged, while rows whose costs differ by a shift get bit-identical plan rows
+    # (on a row spanning the float64 range, costs 1 and 0 had rounded apart).
+    cost = cost - cost.amin(-1, keepdim=True)
     plan = sinkhorn_plan(cost, log_mu, torch.log(nu), epsilon, max_iter)
     plan = torch.where(present.unsqueeze(-1), plan, 0.0)
     return n * plan[..., 1], plan, nu, c_max.reshape(-1, 1)
@@ -264,8 +269,15 @@ def soft_sinkhorn_mask(
     # backward's linear system is regular.
     rules = classify(rows.x, rows.k)
     v = regular_rows(rows.x, rules)
+    # A regular row's +inf entries (fewer than k) are kept: they get 1 and leave the solve,
+    # as absent sources, with the budget k - (their number), which stays in (0, n_finite).
+    pinf = v == math.inf
+    v = torch.where(pinf, -math.inf, v)
+    k_solve = rows.k - rules.n_pos.to(rows.k.dtype)
     # Ruled rows are solved with k = n/2 (0 < k < n also for n = 1); their result is discarded.
-    y = _SoftSinkhorn.apply(v, torch.where(rules.regular, rows.k, rows.x.shape[-1] / 2.0), eps, max_iter)[0]
+    k_solve = torch.where(rules.regular, k_solve, rows.x.shape[-1] / 2.0)
+    y = _SoftSinkhorn.apply(v, k_solve, eps, max_iter)[0]
+    y = torch.where(pinf, 1.0, y)
     return rows.restore(apply_rules(rows.x, rows.k, y.to(rows.x.dtype), rules))
 
 
