@@ -62,8 +62,7 @@ def cuda_available() -> bool:
 # Known failures of the property suite, each a real defect kept visible (strict xfail: a fix
 # turns them into errors until the entry is removed). The hypothesis "ci" profile is
 # derandomized, so these cases fail the same way on every run.
-KNOWN_FAILURES = {
-}
+KNOWN_FAILURES = {}
 
 
 # torch.compile of topk_mag's tensor route (a Newton loop of many small ops) takes minutes per

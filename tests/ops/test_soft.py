@@ -222,7 +222,8 @@ def test_sinkhorn_mask_keeps_fewer_than_k_infinite_entries():
     # topk_mask; the solve on them was NaN (cost inf / inf).
     x = torch.tensor([[0.0, 0.0, math.inf, -1.0, -math.inf]], dtype=torch.float64, requires_grad=True)
     y = softtopk.soft_sinkhorn_mask(x, 2, temperature=0.1)
-    rest = softtopk.soft_sinkhorn_mask(torch.tensor([[0.0, 0.0, -1.0]], dtype=torch.float64), 1, temperature=0.1)
+    finite = torch.tensor([[0.0, 0.0, -1.0]], dtype=torch.float64)
+    rest = softtopk.soft_sinkhorn_mask(finite, 1, temperature=0.1)
     torch.testing.assert_close(y.detach()[:, [0, 1, 3]], rest)
     assert y[0, 2] == 1.0 and y[0, 4] == 0.0
     y.backward(torch.arange(5.0, dtype=torch.float64).unsqueeze(0))
