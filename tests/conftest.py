@@ -65,11 +65,18 @@ def cuda_available() -> bool:
 KNOWN_FAILURES = {}
 
 
-# torch.compile of topk_mag's tensor route (a Newton loop of many small ops) takes minutes per
-# test on 2 cores: these run with `make test-heavy`, outside CI's time budget.
+# torch.compile of topk_mag's tensor route (a Newton loop of many small ops) and of the sorting
+# networks (a node per comparator layer) takes minutes per test on 2 cores: these run with
+# `make test-heavy`, outside CI's time budget.
 HEAVY = (
     "test_transforms.py::test_compile_fullgraph[magnitude",
     "test_transforms.py::test_compile_dynamic[magnitude",
+    "test_transforms.py::test_compile_fullgraph[odd_even]",
+    "test_transforms.py::test_compile_dynamic[odd_even]",
+    "test_transforms.py::test_compile_fullgraph[bitonic]",
+    "test_transforms.py::test_compile_dynamic[bitonic]",
+    "test_registry.py::test_compile_equals_eager[odd_even]",
+    "test_registry.py::test_compile_equals_eager[bitonic]",
 )
 
 

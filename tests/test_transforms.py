@@ -56,9 +56,9 @@ OPS.update(
 NAMES = list(OPS)
 STOCHASTIC = [name for name in OPERATORS if OPERATORS[name].stochastic]
 DETERMINISTIC = [name for name in NAMES if name not in STOCHASTIC]
-# The sorting networks compile (test_permutation.py, n = 8) but inductor takes minutes
-# on them; their registry entries say so (``compiles=False``). The stochastic operators
-# compile with their noise passed in (``EXPLICIT_NOISE``).
+# Operators whose registry entry says ``compiles=False`` are left out; the stochastic
+# operators compile with their noise passed in (``EXPLICIT_NOISE``). The sorting networks'
+# compile tests take minutes each (tests/conftest.py marks them heavy).
 COMPILED = [n for n in NAMES if n not in OPERATORS or OPERATORS[n].compiles or n in STOCHASTIC]
 
 

@@ -250,7 +250,7 @@ def test_difftopk_neuralsort_and_softsort():
 @pytest.mark.slow
 def test_compile_small_bitonic_network():
     """torch.compile(fullgraph=True) == eager. Small n: inductor unrolls every layer, and at
-    the conformance suite's n = 40 its compile takes minutes (the registry skips it there)."""
+    the conformance suite's n = 40 its compile takes minutes (a heavy test there)."""
     torch._dynamo.reset()
     x = torch.randn(3, 8)
 
