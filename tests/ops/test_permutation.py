@@ -314,3 +314,26 @@ def test_neuralsort_at_the_largest_float64_and_its_tied_gradients():
         grads.append(g)
     torch.testing.assert_close(grads[0], grads[1])
     torch.testing.assert_close(grads[0], grads[2])
+
+
+@pytest.mark.parametrize("method", ["odd_even", "bitonic"])
+def test_networks_on_rows_near_the_float32_limit(method):
+    # Constant rows are exactly tied at any magnitude (the rows are centred): the same mask
+    # and gradient at 0, 1e20 and 3e38. Differences of entries at +-max stay finite (the
+    # rows are halved), and a hard comparator passes no 0 * inf products back (NaN).
+    w = torch.tensor([[0.3, -1.0, 2.0, 0.5, -0.7]])
+    results = []
+    for v in (0.0, 1e20, 3e38):
+        x = torch.full((1, 5), v, requires_grad=True)
+        y = softtopk.permutation_topk_mask(x, 2, method=method, temperature=1e-6)
+        (g,) = torch.autograd.grad(y, x, w)
+        results.append((y.detach(), g))
+    for y, g in results[1:]:
+        torch.testing.assert_close(y, results[0][0])
+        torch.testing.assert_close(g, results[0][1])
+    big = torch.finfo(torch.float32).max
+    x = torch.tensor([[big, big, -big], [0.0, 1.5e26, 5.4e33]], requires_grad=True)
+    y = softtopk.permutation_topk_mask(x, 1, method=method, temperature=1e-6)
+    (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.isfinite(y).all() and torch.isfinite(g).all()
+    torch.testing.assert_close(y.detach()[:, 2], torch.tensor([0.0, 1.0]))

@@ -219,13 +219,20 @@ def network(kind: str, n: int, device: torch.device) -> Network:
     return _NETWORKS[key]
 
 
-def swap_probability(diff: Tensor, temperature: float, distribution: str, art_lambda: float) -> Tensor:
-    """alpha = s(diff / t): how likely the pair is already in order (diff = hi - lo)."""
-    u = diff / temperature
+def swap_probability(
+    diff: Tensor, temperature: float, distribution: str, art_lambda: float, scale: float = 1.0
+) -> Tensor:
+    """alpha = s(diff / t): how likely the pair is already in order (diff = hi - lo).
+
+    ``diff`` may be given times ``scale`` (the networks run on rows halved, so that
+    differences of entries near the dtype's limits stay finite); alpha is that of the
+    true difference, diff / scale.
+    """
+    u = diff / (temperature * scale)
     if distribution == "logistic":
         return torch.sigmoid(u)
     if distribution == "logistic_phi":
-        return torch.sigmoid(u / (diff.abs() + 1e-10).pow(art_lambda))
+        return torch.sigmoid(u / ((diff.abs() + 1e-10 * scale).pow(art_lambda) / scale**art_lambda))
     if distribution == "gaussian":
         return 0.5 + 0.5 * torch.erf(u / math.sqrt(2.0))
     if distribution == "reciprocal":
@@ -249,18 +256,33 @@ def _run_network(
     """
     finite = torch.isfinite(x)
     v = torch.where(finite, x, 0.0)
+    # The comparators see differences only: the rows are centred on the midpoint of their
+    # finite range (max/2 + min/2, no overflow), so a row clustered far from zero keeps its
+    # differences exact (a constant row is exactly tied, whatever its magnitude), and halved,
+    # so that every difference of two wires is finite (at most half the row's span).
+    top = torch.where(finite, x, -math.inf).amax(-1, keepdim=True)
+    bottom = torch.where(finite, x, math.inf).amin(-1, keepdim=True)
+    mid = torch.where(top >= bottom, 0.5 * top + 0.5 * bottom, 0.0).detach()
+    v = torch.where(finite, 0.5 * (v - mid), 0.0)
     track = not may_sync(finite) or not bool(finite.all())
     cls = torch.where(finite, 0, torch.where(x > 0, 1, -1)).to(torch.int8) if track else None
     alphas = []
     for lo, hi in net.layers:
         a, b = v[:, lo], v[:, hi]
-        alpha = swap_probability(b - a, temperature, distribution, art_lambda)
+        alpha = swap_probability(b - a, temperature, distribution, art_lambda, scale=0.5)
+        # Where (b - a) / t is beyond 1e4 the comparator is hard and its derivative underflows
+        # to 0 in every dtype: alpha is a constant there, so that the backward does not form
+        # 0 * (a - b) / t products that overflow (inf * 0 = NaN).
+        alpha = torch.where((b - a).abs() < 5e3 * temperature, alpha, alpha.detach())
         if cls is not None:
             ca, cb = cls[:, lo], cls[:, hi]
             alpha = torch.where(ca == cb, alpha, (ca < cb).to(alpha.dtype))
             cls = cls.index_copy(-1, lo, torch.minimum(ca, cb)).index_copy(-1, hi, torch.maximum(ca, cb))
-        new_lo = alpha * a + (1.0 - alpha) * b
-        new_hi = (1.0 - alpha) * a + alpha * b
+        # min' = alpha a + (1 - alpha) b and max' = (1 - alpha) a + alpha b, written with
+        # a - b once, so that d/d alpha never forms alpha-scaled huge values that cancel.
+        gap = alpha * (a - b)
+        new_lo = b + gap
+        new_hi = a - gap
         v = v.index_copy(-1, lo, new_lo).index_copy(-1, hi, new_hi)
         alphas.append(alpha)
     return alphas
