@@ -347,11 +347,37 @@ def btcell(res: Results) -> tuple[str, str, list[str]]:
 def modification(res: Results) -> tuple[str, str, list[str]]:
     if "mod" not in res.experiments:
         return "pending: the mixture-of-depths experiment has not been merged or run yet", PENDING, ["mod"]
-    parts = []
+    parts, outcomes = [], []
+    frac = "fraction processed (test)"
     for key, s in res.experiments["mod"].items():
-        metric = s["metrics"][0]
-        parts.append(f"{key}: " + ", ".join(f"{r['method']} {fmt(r, metric)}" for r in s["rows"]))
-    return "; ".join(parts) + " (verdict: read the table)", PENDING, ["mod"]
+        rows = s["rows"]
+        pairs = [
+            (
+                next((r for r in rows if r["method"].startswith("top-k (")), None),
+                next((r for r in rows if r["method"].startswith("threshold-p (")), None),
+            ),
+            (
+                next((r for r in rows if r["method"] == "top-k [sparse]"), None),
+                next((r for r in rows if r["method"] == "threshold-p [sparse]"), None),
+            ),
+        ]
+        dense = next((r for r in rows if r["method"].startswith("dense")), None)
+        if dense is not None:
+            parts.append(f"{key}: dense {fmt(dense, 'test loss')}")
+        for topk, thr in pairs:
+            if topk is None or thr is None:
+                continue
+            parts.append(
+                f"{topk['method']} {fmt(topk, 'test loss')} at {fmt(topk, frac)} of tokens, "
+                f"{thr['method']} {fmt(thr, 'test loss')} at {fmt(thr, frac)}"
+            )
+            # the claim: threshold-p is no worse than top-k (test loss, lower is better)
+            # while processing at most as many tokens
+            no_worse = compare(thr, topk, "test loss", lower_is_better=True) >= 0
+            outcomes.append(no_worse and thr["mean"][frac] <= topk["mean"][frac] + 1e-9)
+    if not outcomes:
+        return _missing("mod")
+    return "; ".join(parts), _verdict(outcomes), ["mod"]
 
 
 def lcron(res: Results) -> tuple[str, str, list[str]]:
