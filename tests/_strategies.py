@@ -60,7 +60,8 @@ def row_values(draw, n: int, dtype: torch.dtype, *, extreme: bool = True) -> lis
         lo = math.log10(tiny) if extreme else -6.0
         hi = math.floor(math.log10(big)) if extreme else 6.0
         scale = 10.0 ** draw(st.floats(lo, hi))
-        return [v * scale for v in draw(st.lists(unit, min_size=n, max_size=n))]
+        # v * scale can overflow to +-inf past the dtype's largest value: clamp it there.
+        return [max(-big, min(big, v * scale)) for v in draw(st.lists(unit, min_size=n, max_size=n))]
     if style == "any":
         return draw(st.lists(st.floats(-big, big), min_size=n, max_size=n))
     # "limits": the dtype's extremes mixed with ordinary values.

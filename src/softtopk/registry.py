@@ -308,13 +308,15 @@ OPERATORS: dict[str, Operator] = {
             soft_sinkhorn_mask,
             paper="Xie et al. 2020 (SOFT as published: 200 Sinkhorn iterations)",
             k_grad=False,
+            bounded=False,
             hard_limit=False,
             exact_gradient=False,
             route_of="soft",
             bench_max_elements=700_000,
             note=(
                 "200 log-domain Sinkhorn iterations from zero potentials, as the reference: "
-                "not converged at small temperatures (no hard limit at t = 1e-4); the implicit "
+                "not converged at small temperatures (no hard limit at t = 1e-4; entries can "
+                "exceed 1, as the rows of the plan are not yet feasible); the implicit "
                 "backward assumes a converged plan and a constant C_max; k takes no gradient "
                 "(the reference's k is fixed)"
             ),

@@ -236,3 +236,15 @@ def test_sinkhorn_rows_whose_costs_differ_by_a_shift_get_equal_masks():
     big = torch.finfo(torch.float64).max
     y = softtopk.soft_sinkhorn_mask(torch.tensor([[big, 2.2e-308]], dtype=torch.float64), 1, temperature=0.1)
     assert y[0, 0] == y[0, 1]
+
+
+def test_sinkhorn_backward_where_a_target_mass_rounds_away():
+    # k within rounding of 0 (or n) makes the implicit backward's kernel singular: the
+    # least-squares solution gives the gradient (zero: on one entry the mask is k whatever x).
+    for k in (1.175494351e-38, 1.0 - 1e-17):
+        x = torch.tensor([[0.0]], dtype=torch.float64, requires_grad=True)
+        softtopk.soft_sinkhorn_mask(x, k, temperature=0.1).sum().backward()
+        assert torch.isfinite(x.grad).all() and x.grad.abs().max() < 1e-12
+    # an unconverged plan (t = 1e-6, 200 iterations) sums to k but may exceed 1 (documented)
+    y = softtopk.soft_sinkhorn_mask(torch.tensor([[0.0, 1.0]]), 1.5, temperature=1e-6)
+    torch.testing.assert_close(y.sum(), torch.tensor(1.5))
