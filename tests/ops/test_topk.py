@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -150,6 +151,27 @@ def test_random_shapes_dims_k_dtypes(shape, n, data):
     got = check_against_oracle(x, k, dim, largest=largest, sorted=sort)
     if sort:
         assert same_values(got.values, torch.topk(x, k, dim, largest=largest).values)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 60), rows=st.integers(1, 4), data=st.data())
+def test_torch_route_puts_ties_in_index_order(n, rows, data):
+    # The route of devices without a kernel (torch.topk, then its ties in index order)
+    # against the brute-force oracle, on tie-heavy rows with NaN, +-inf and signed zeros.
+    k = data.draw(st.integers(0, n))
+    largest, sort = data.draw(st.booleans()), data.draw(st.booleans())
+    choices = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -1.0, 2.0])
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    x = choices[torch.randint(0, len(choices), (rows, n), generator=g)]
+    before = os.environ.get("SOFTTOPK_BACKEND")
+    os.environ["SOFTTOPK_BACKEND"] = "torch"
+    try:
+        check_against_oracle(x, k, largest=largest, sorted=sort)
+    finally:
+        if before is None:
+            del os.environ["SOFTTOPK_BACKEND"]
+        else:
+            os.environ["SOFTTOPK_BACKEND"] = before
 
 
 def test_cpu_and_torch_routes_agree(monkeypatch):
