@@ -33,11 +33,14 @@ def lowest_index_topk(x: Tensor, k: int, largest: bool = True) -> tuple[Tensor, 
     ``torch.topk`` picks some of the entries equal to the k-th value when they do not
     all fit; here the first ones by index are taken, and entries of equal value are
     listed by index (NaN lies above every number, as in ``torch.topk``). Sync-free: one
-    ``torch.topk``, O(n) tensor ops, and two sorts of the k results.
+    ``torch.topk``, O(n) tensor ops, and two sorts of the k results. Under tracing
+    (torch.compile, torch.func) it is ``torch.topk`` itself.
     """
     B, n = x.shape
-    if B == 0 or k == 0:
-        return torch.topk(x, k, dim=-1, largest=largest)
+    if B == 0 or k == 0 or is_tracing():
+        # Under torch.compile inductor fails on the tie fix (an unbound buffer in its
+        # generated code, torch 2.13): traced calls keep torch.topk's choice among ties.
+        return torch.topk(x, k, dim=-1, largest=largest, sorted=True)
     values, indices = torch.topk(x, k, dim=-1, largest=largest, sorted=True)
     kth = values[:, -1:]
     nan, kth_nan = torch.isnan(x), torch.isnan(kth)
