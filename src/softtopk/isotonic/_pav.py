@@ -167,7 +167,7 @@ def _jump_merges(
     last = torch.zeros_like(bid).scatter_reduce_(-1, bid, pos, "amax", include_self=False)
     val = torch.zeros_like(v).scatter_(-1, bid, v).to(f64)
     viol = torch.zeros_like(valid)
-    tie_b = torch.zeros_like(v).scatter_reduce(-1, bid, tie, "amax", include_self=False).to(f64)
+    tie_b = tie.to(f64)  # per block: the rounding margin of its value
     viol[:, 1:] = valid[:, 1:] & (val[:, :-1] < val[:, 1:] - tie_b[:, :-1].maximum(tie_b[:, 1:]))
     margin = 1e-9 * y.abs().amax(-1, keepdim=True).to(f64) + 1e-300
     # Previous / next violating boundary of each block index.
@@ -253,9 +253,10 @@ def pav_torch(
         rounds += 1
         if n < 2:
             break
-        tie_v = torch.zeros_like(tie).scatter_reduce(-1, bid, tie, "amax", include_self=False).gather(-1, bid)
+        tie_b = torch.zeros_like(tie).scatter_reduce(-1, bid, tie, "amax", include_self=False)
+        tie_v = tie_b.gather(-1, bid)
         violation = start[:, 1:] & (v[:, :-1] < v[:, 1:] - tie_v[:, :-1].maximum(tie_v[:, 1:]))
         if rounds >= limit or not bool(violation.any()):
             break
-        start &= ~_jump_merges(bid, v, prefix, pos, steps, loss, y, tie)
+        start &= ~_jump_merges(bid, v, prefix, pos, steps, loss, y, tie_b)
     return v, bid, aux, rounds

@@ -59,7 +59,8 @@ def hard_mask(x: Tensor, k: Tensor, **unused: Any) -> Tensor:
 
     so an integer k gives the usual k-hot mask and a real k gives the fractional
     (k+1)-th entry that the soft masks converge to. The entries are chosen as by
-    :func:`softtopk.topk`: ties go to the lowest index, on every device.
+    :func:`softtopk.topk`: ties go to the lowest index, on every device (under
+    ``torch.compile`` and ``torch.func`` transforms, ``torch.topk``'s choice among ties).
     Entries equal to -inf are never selected. The gradient is zero (the derivative of a
     piecewise-constant map almost everywhere).
     """

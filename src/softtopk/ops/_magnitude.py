@@ -110,7 +110,7 @@ def _mag_candidates(x: Tensor, k: Tensor, l: float, r: int, K: int) -> tuple[Ten
     through tau.
     """
     n = x.shape[-1]
-    vals, idx = lowest_index_topk(x.abs(), K)  # ties to the lowest index, as the CPU kernel
+    vals, idx = lowest_index_topk(x.abs(), K)  # ties to the lowest index (eager), as the CPU kernel
     f64 = torch.float64
     vals, k, x_c = vals.to(f64), k.to(f64), x.gather(-1, idx).to(f64)
     finite = torch.isfinite(vals)
