@@ -1,10 +1,19 @@
-"""Runs a function in W spawned gloo processes on this machine and returns every rank's result."""
+"""Runs a function in W spawned gloo processes on this machine and returns every rank's result.
+
+Each rank writes its result, meets the others at a barrier, destroys its process groups and
+leaves with ``os._exit(0)``: interpreter finalisation can otherwise abort a gloo process
+("terminate called without an active exception", a worker thread destroyed while joinable)
+after the work is done. A rank that dies by a signal anyway is retried once, as a whole
+run, only when every rank had written its result before the crash; any other failure, and a
+second crash, fail the test.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
 import tempfile
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -21,15 +30,28 @@ def _worker(rank: int, world: int, port: int, folder: str, fn, kwargs) -> None: 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        out = fn(rank, world, **kwargs)
-        torch.save(out, os.path.join(folder, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    out = fn(rank, world, **kwargs)
+    torch.save(out, os.path.join(folder, f"{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def _run(fn, world: int, kwargs: dict, folder: str) -> None:  # noqa: ANN001
+    mp.spawn(_worker, args=(world, _free_port(), folder, fn, kwargs), nprocs=world)
 
 
 def spawn(fn, world: int, **kwargs) -> list:  # noqa: ANN001
     """``[fn(rank, world, **kwargs) for rank in range(world)]``, each rank in its own process."""
-    with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_worker, args=(world, _free_port(), folder, fn, kwargs), nprocs=world)
-        return [torch.load(os.path.join(folder, f"{r}.pt"), weights_only=False) for r in range(world)]
+    for attempt in range(2):
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                _run(fn, world, kwargs, folder)
+            except mp.ProcessExitedException as err:
+                written = all(os.path.exists(os.path.join(folder, f"{r}.pt")) for r in range(world))
+                if attempt == 1 or err.signal_name is None or not written:
+                    raise
+                warnings.warn(f"gloo teardown crashed ({err}); running again", stacklevel=2)
+                continue
+            return [torch.load(os.path.join(folder, f"{r}.pt"), weights_only=False) for r in range(world)]
+    raise AssertionError("unreachable")
