@@ -90,6 +90,7 @@ def main(args: argparse.Namespace) -> int:
     env["protocol"] = PROTOCOL_VERSION
     start = time.perf_counter()
     results = {}
+    path, minutes = None, 0.0
     for name in names:
         module = EXPERIMENTS[name]
         if args.size not in module.SIZES:
@@ -116,9 +117,18 @@ def main(args: argparse.Namespace) -> int:
             line = verdict(result)
             if line:
                 print(line)
-        results[name] = (module.TITLE, done)
-    minutes = (time.perf_counter() - start) / 60
-    header = "\n".join(
+            # the report is rewritten after every setting: a run stopped early keeps what it finished
+            results[name] = (module.TITLE, done)
+            minutes = (time.perf_counter() - start) / 60
+            last = name == names[-1] and len(done) == len(settings)
+            header = _header(env, args, minutes, PROTOCOL, partial=not last)
+            path = write_report(results, args.out, header=header, environment=env)
+    print(f"\nwrote {path} ({minutes:.1f} min)")
+    return 0
+
+
+def _header(env: dict, args: argparse.Namespace, minutes: float, protocol: str, *, partial: bool) -> str:
+    return "\n".join(
         [
             "# softtopk experiments",
             "",
@@ -127,9 +137,7 @@ def main(args: argparse.Namespace) -> int:
             f"torch {env['torch']} with {env['torch_threads']} threads"
             + (f", {env['cuda_device']}" if "cuda_device" in env else ""),
             f"- command: `{env['command']}` (size {args.size}, {args.seeds} seeds, total {minutes:.1f} min)",
-            f"- protocol: {PROTOCOL}",
+            f"- protocol: {protocol}",
         ]
+        + (["- **partial**: written while the run was going; later settings are missing"] if partial else [])
     )
-    path = write_report(results, args.out, header=header, environment=env)
-    print(f"\nwrote {path} ({minutes:.1f} min)")
-    return 0
