@@ -65,6 +65,20 @@ def same(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+def same_rows(a: torch.Tensor, b: torch.Tensor) -> None:
+    """The same rows computed in another batch: equal to the last bits (NaN equal to NaN).
+
+    torch's element-wise CPU kernels round a value differently in their vectorised body and
+    in their scalar tail, so a row moved to another place of a batch can change in its last
+    bit (``torch.sigmoid`` does, about one row in fifteen); a row coupled to its neighbours
+    differs by far more than 4 ulps of the tensor's scale.
+    """
+    e = torch.finfo(a.dtype).eps
+    finite = b[torch.isfinite(b)]
+    top = float(finite.abs().max()) if finite.numel() else 0.0
+    torch.testing.assert_close(a, b, rtol=4 * e, atol=4 * e * top, equal_nan=True)
+
+
 def scale(x: torch.Tensor) -> float:
     """Largest finite magnitude of x (1 for an empty or all-zero x)."""
     xf = x.detach().double()
@@ -217,14 +231,14 @@ def ruled_batch(draw, name: str):
 @pytest.mark.parametrize("name", SHAPED)
 @given(data=st.data())
 def test_row_rules(name, data):
-    """Each rule row gets the table's value; NaN stays in its row, the others bit-identical."""
+    """Each rule row gets the table's value; NaN stays in its row, the others unchanged (same_rows)."""
     ruled, clean, k, kinds = data.draw(ruled_batch(name))
     note(f"x={ruled!r} k={k!r} kinds={kinds}")
     xr, xc = ruled.clone().requires_grad_(), clean.clone().requires_grad_()
     y, yc = call(name, xr, k), call(name, xc, k)
     nan_rows = torch.tensor([kind == "nan" for kind in kinds])
     assert torch.isnan(y[nan_rows]).all()
-    same(y[~nan_rows], yc[~nan_rows])
+    same_rows(y[~nan_rows], yc[~nan_rows])
     magnitude = OPERATORS[name].kind == "magnitude"
     for i, kind in enumerate(kinds):
         row = ruled[i]
@@ -249,7 +263,7 @@ def test_row_rules(name, data):
     g = torch.where(torch.isfinite(y), y, 0.0).detach() + 1.0
     (gx,) = torch.autograd.grad(y, xr, g)
     (gc,) = torch.autograd.grad(yc, xc, g)
-    same(gx[~nan_rows], gc[~nan_rows])
+    same_rows(gx[~nan_rows], gc[~nan_rows])
     # Rule rows other than NaN rows get no gradient.
     rule = torch.tensor([kind in ("zero", "pos", "ones") for kind in kinds])
     if not magnitude:
@@ -306,7 +320,7 @@ def test_batch_equals_loop(name, data):
     y = call(name, x, k, temperature=t)
     loop = torch.stack([call(name, x[i], k_for_row(k, i), temperature=t) for i in range(x.shape[0])])
     note(f"x={x.dtype} {x.tolist()!r} k={k!r} t={t}")
-    same(y, loop)
+    same_rows(y, loop)
 
 
 @pytest.mark.parametrize("name", SHAPED)
@@ -683,7 +697,7 @@ def test_extra_batch_and_layout(name, data):
     note(f"x={x!r} k={k!r}")
     ki = (lambda i: k_for_row(k, i)) if isinstance(k, torch.Tensor) else (lambda i: k)
     loop = torch.stack([run_extra(e, x[i], ki(i)) for i in range(x.shape[0])])
-    same(y, loop)
+    same_rows(y, loop)
     if isinstance(k, torch.Tensor) or y.shape != x.shape:
         return
     xt = x.t()  # non-contiguous, rows along dim 0

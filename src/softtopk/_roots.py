@@ -35,7 +35,7 @@ def newton(
     tau: Tensor,
     done: Tensor,
     *,
-    t: float,
+    t: float | Tensor,
     m: int,
     value_dtype: torch.dtype,
     max_iter: int | None = None,
@@ -49,7 +49,7 @@ def newton(
         hi: (B,) upper end of the bracket, f(hi) <= 0.
         tau: (B,) starting point in [lo, hi].
         done: (B,) rows to leave alone (set by a rule).
-        t: temperature (scale of tau).
+        t: the scale of tau (a temperature, or a tensor (B,) of per-row scales).
         m: row length (scales the rounding error of the sums).
         value_dtype: dtype of the values, whose rounding limits how small f can get.
         max_iter: cap (default MAX_ITER, or TRACED_ITER when tracing).

@@ -305,3 +305,18 @@ def test_p43_keeps_huge_entries(route):
     plain = _route(route, softtopk.topk_mag, x.detach(), 1, temperature=0.1, p=4.0 / 3.0, debias=False)
     u = 0.1 * 1e158 ** (1 / 3)  # u ~ (l^3 s)^(1/3) when u >> l
     torch.testing.assert_close(plain[0, 1], torch.tensor(1e158 - u, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("route", ["torch", "cpu"])
+@pytest.mark.parametrize("scale", [1e-11, 1.0, 1e11])
+def test_the_solve_is_scale_free_in_x(route, scale):
+    """For p = 2, l is dimensionless: rows of any magnitude converge to the isotonic oracle.
+
+    The tensor route stopped its Newton steps at a tolerance in units of l, which left
+    rows of magnitudes 1e-11 at l = 1e4 with the wrong block (2e-11 pooled).
+    """
+    base = np.array([0, 0, 0, 0, 0, 1, 1, 1, 2, 4], dtype=np.float64)
+    x = base * scale
+    ref = oracles.isotonic_magnitude(x, 4, 1e4, True)
+    y = _route(route, softtopk.topk_mag, torch.tensor(x)[None], 4, temperature=1e4)[0]
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-12, atol=0)

@@ -127,7 +127,10 @@ def _mag_candidates(x: Tensor, k: Tensor, l: float, r: int, K: int) -> tuple[Ten
     hard = lo >= hi  # no pooling: every tau in [hi, lo] is a root
     lo = torch.minimum(lo, hi)
     evaluate = _mag_evaluator(s, top, l, r)
-    tau, _ = newton(evaluate, k, lo, hi, 0.5 * (lo + hi), hard | edge, t=l, m=K, value_dtype=f64)
+    # tau has the units of s and lies below hi: the step tolerance scales with hi, not with l
+    # (dimensionless for p = 2), so rows of tiny magnitudes converge as far as large ones.
+    scale = torch.where(hard | edge, 1.0, hi)
+    tau, _ = newton(evaluate, k, lo, hi, 0.5 * (lo + hi), hard | edge, t=scale, m=K, value_dtype=f64)
     tau = torch.where(hard, hi, tau)
     tau = torch.where(k >= n, -1.0, torch.where(k <= 0, big.squeeze(-1), tau)).unsqueeze(-1)
     lr = l**r
