@@ -320,3 +320,21 @@ def test_the_solve_is_scale_free_in_x(route, scale):
     ref = oracles.isotonic_magnitude(x, 4, 1e4, True)
     y = _route(route, softtopk.topk_mag, torch.tensor(x)[None], 4, temperature=1e4)[0]
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("route", ["torch", "cpu"])
+@pytest.mark.parametrize("l", [1e-4, 0.1])
+def test_p43_float32_gradient_of_a_pooled_tie(route, l):
+    """Two tied large entries, k = 1, small l: each gets half of the cotangent's pull.
+
+    The diagonal (3 z^2 / l) and the coupling term nearly cancel; the tensor route rounded
+    them to float32 before the backward and returned a zero gradient.
+    """
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        x = torch.tensor([[1e9, 1e9]], dtype=dtype, requires_grad=True)
+        y = _route(route, softtopk.topk_mag, x, 1, temperature=l, p=4.0 / 3.0)
+        (g,) = torch.autograd.grad(y.sum(), x)
+        grads.append(g.double())
+    torch.testing.assert_close(grads[1], torch.full_like(grads[1], 0.5), rtol=1e-6, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=0)

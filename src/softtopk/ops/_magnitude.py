@@ -167,7 +167,11 @@ def _mag_candidates(x: Tensor, k: Tensor, l: float, r: int, K: int) -> tuple[Ten
         sign,
         weight,
     ]
-    return (idx, *[o.to(x.dtype) for o in outputs], bad, failed & ~bad)
+    # The outputs in x's dtype; the Jacobian's factors stay in float64: for p = 4/3 and a
+    # small l its diagonal and coupling term nearly cancel (3 z^2 / l against a sum of as
+    # large terms), and rounding them to float32 turned a gradient of 1/2 into 0.
+    y_deb, y_plain = (o.to(x.dtype) for o in outputs[:2])
+    return (idx, y_deb, y_plain, *outputs[2:], bad, failed & ~bad)
 
 
 class _TopKMag(torch.autograd.Function):
