@@ -412,3 +412,17 @@ def test_double_backward_equals_two_j_jt_w(route, reg, fn):
     u = torch.randn_like(z)
     _, tangent = torch.func.jvp(f, (z.detach(),), (u,))
     torch.testing.assert_close(tangent, torch.einsum("bij,bj->bi", Jb, u))
+
+
+@pytest.mark.parametrize("solver", ["auto", "dykstra"])
+def test_soft_sort_rows_near_the_float64_limit(solver):
+    """L2 soft sort is solved on x / c with t c (c a power of two) where block sums overflow."""
+    m = torch.finfo(torch.float64).max
+    x = torch.tensor([[m, m, 1e-300], [m, -m, -m], [3.0, 1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    y = softtopk.soft_sort(x, solver=solver)
+    assert torch.isfinite(y).all(), y
+    torch.testing.assert_close(y[0], torch.full((3,), 2 * (m / 3), dtype=torch.float64), rtol=1e-15, atol=0)
+    torch.testing.assert_close(y[1], torch.full((3,), -(m / 3), dtype=torch.float64), rtol=1e-15, atol=0)
+    torch.testing.assert_close(y[2], softtopk.soft_sort(x[2:].detach(), solver=solver)[0], rtol=0, atol=0)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g, torch.ones_like(g))  # sum(y) = sum(x): the block mean passes 1 on
