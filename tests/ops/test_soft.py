@@ -248,3 +248,24 @@ def test_sinkhorn_backward_where_a_target_mass_rounds_away():
     # an unconverged plan (t = 1e-6, 200 iterations) sums to k but may exceed 1 (documented)
     y = softtopk.soft_sinkhorn_mask(torch.tensor([[0.0, 1.0]]), 1.5, temperature=1e-6)
     torch.testing.assert_close(y.sum(), torch.tensor(1.5))
+
+
+@pytest.mark.parametrize("route", ["torch", "cpu"])
+def test_rows_near_the_float64_limit(route, monkeypatch):
+    """x - tau overflowed the CPU kernel: [max, 0] gave [0, 0] and [max, -max] NaN.
+
+    The threshold family solves such rows on (x / c, t / c), which leaves the mask unchanged.
+    """
+    monkeypatch.setenv("SOFTTOPK_BACKEND", route)
+    m = torch.finfo(torch.float64).max
+    x = torch.tensor([[m, -m, 0.0], [m, 0.0, 0.0], [m / 2, m / 4, -m], [3.0, 1.0, 2.0]], dtype=torch.float64)
+    k = torch.tensor([1.0, 1.0, 1.5, 1.5], dtype=torch.float64)
+    y = softtopk.topk_mask(x, k, method="soft", temperature=0.1)
+    assert torch.isfinite(y).all() and ((y >= 0) & (y <= 1)).all(), y
+    torch.testing.assert_close(y.sum(-1), k, rtol=0, atol=1e-12)
+    # the effective temperature is capped at 1e300, far below the gaps: the hard mask
+    torch.testing.assert_close(y[:2], torch.tensor([[1.0, 0, 0], [1, 0, 0]], dtype=torch.float64))
+    # an ordinary row of the same batch is untouched
+    torch.testing.assert_close(
+        y[3], softtopk.topk_mask(x[3:], k[3:], method="soft", temperature=0.1)[0], rtol=0, atol=0
+    )

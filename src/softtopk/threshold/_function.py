@@ -115,6 +115,22 @@ class EagerThresholdMask(torch.autograd.Function):
     jvp = staticmethod(ThresholdMask.jvp)
 
 
+def _in_range(x: Tensor, tt: Tensor) -> tuple[Tensor, Tensor]:
+    """Float64 rows near the float64 limit divided by a power of two c, with t / c (branch-free).
+
+    The mask depends on (x - tau) / t only, so (x, t) -> (x / c, t / c) leaves it
+    unchanged (exactly, up to entries that become subnormal); the solvers form x - tau,
+    which overflows once max abs(x) nears the largest float64.
+    """
+    finite = torch.where(torch.isfinite(x), x, 0.0).detach().abs().amax(-1)
+    c = torch.exp2(torch.ceil(torch.log2(finite / _LIMIT)).clamp(min=0.0))  # 1 on ordinary rows
+    return x / c.unsqueeze(-1), tt / c
+
+
+#: Rows whose largest finite magnitude exceeds this are rescaled (see _in_range).
+_LIMIT = torch.finfo(torch.float64).max / 64.0
+
+
 def threshold_mask(x: Tensor, k: Tensor, t: Tensor | float, link: Link, solver: str = "auto") -> Tensor:
     """The threshold family on validated rows ``x`` (B, n) with budgets ``k`` (B,).
 
@@ -124,6 +140,8 @@ def threshold_mask(x: Tensor, k: Tensor, t: Tensor | float, link: Link, solver: 
     tt = t.detach().to(device=x.device, dtype=torch.float64) if isinstance(t, Tensor) else None
     if tt is None:
         tt = torch.full((B,), float(t), dtype=torch.float64, device=x.device)
+    if x.dtype == torch.float64:
+        x, tt = _in_range(x, tt)
     if torch.compiler.is_compiling():
         fn = CompiledThresholdMask
     elif is_tracing() or not has_values(x):
