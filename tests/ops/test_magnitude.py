@@ -338,3 +338,13 @@ def test_p43_float32_gradient_of_a_pooled_tie(route, l):
         grads.append(g.double())
     torch.testing.assert_close(grads[1], torch.full_like(grads[1], 0.5), rtol=1e-6, atol=0)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("route", ["torch", "cpu"])
+def test_p43_zero_entries_stay_zero_beside_tiny_ones(route):
+    """tau >= 0 always (h(0) >= 0): the rounded bracket once put it below 0, and 0 came out 9e-316."""
+    tiny = torch.finfo(torch.float64).tiny
+    x = torch.tensor([[tiny] * 5 + [0.0], [tiny, 0.0, -0.0, tiny, 0.0, 0.0]], dtype=torch.float64)
+    y = _route(route, softtopk.topk_mag, x, torch.tensor([5, 1]), temperature=1e-3, p=4.0 / 3.0)
+    assert (y[x == 0] == 0).all(), y
+    assert ((y.abs() <= x.abs()) | (x == 0)).all(), y

@@ -122,7 +122,8 @@ def _mag_candidates(x: Tensor, k: Tensor, l: float, r: int, K: int) -> tuple[Ten
     # 1 <= kk <= K - 1 on regular rows; rows with k = 0 or k = n (edge) take any index.
     kk = torch.where(edge, 1.0, k).long().unsqueeze(-1).clamp(1, max(1, K - 1))
     u_k = singleton_gap(s.gather(-1, kk - 1), l, r)
-    lo = (s.gather(-1, kk - 1) - u_k).squeeze(-1)  # own value of the k-th entry: h >= 0 below
+    # own value of the k-th entry: h >= 0 below (and at 0: the root is >= 0, whatever the rounding)
+    lo = (s.gather(-1, kk - 1) - u_k).squeeze(-1).clamp(min=0.0)
     hi = s.gather(-1, kk.clamp(max=K - 1)).squeeze(-1)  # the (k+1)-th entry: h <= 0 above
     hard = lo >= hi  # no pooling: every tau in [hi, lo] is a root
     lo = torch.minimum(lo, hi)

@@ -208,7 +208,7 @@ def _forward_row(x, k, l, r, debias, y, buf, sv, si, st, info):  # pragma: no co
         if sv[j] > a:
             n_gt += 1
     m = kk - n_gt  # ties at a that the top set takes, lowest index first
-    lo = a - _own_gap(a, l, r)
+    lo = max(a - _own_gap(a, l, r), 0.0)  # the root is >= 0 (h(0) >= 0); rounding can say otherwise
     hi = b
     if lo >= hi:
         tau = hi
