@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -240,3 +242,18 @@ def test_rows_spanning_many_orders_of_magnitude(monkeypatch, backend, method, p,
     ref = softtopk.topk_mask(x[:, [0, 2]], 1, method=method, p=p, temperature=1e-6)
     torch.testing.assert_close(y[:, [0, 2]], ref)
     assert y[0, 1] == 1
+
+
+@pytest.mark.parametrize("route", ["torch", "cpu"])
+@pytest.mark.parametrize("method", ["sparse", "entropic"])
+def test_threshold_to_one_ulp_at_large_x_over_t(route, method, monkeypatch):
+    """At x / t = 3e13, tau is resolved to about one ulp of 3e7: y within one quantum of exact.
+
+    The CPU kernel stopped 7 ulps away (y = 0.268 for 0.25, the row summing to 0.536 for k = 0.5).
+    """
+    monkeypatch.setenv("SOFTTOPK_BACKEND", route)
+    x = torch.tensor([[3e7, 3e7], [3e7, 3e7 - 1e-6]], dtype=torch.float64)
+    y = softtopk.topk_mask(x, 0.5, temperature=1e-6, method=method)
+    quantum = math.ulp(3e7) / 1e-6  # the spacing of (x - tau) / t
+    assert (y[0] - 0.25).abs().max() <= 1.5 * quantum, y
+    assert (y.sum(-1) - 0.5).abs().max() <= 3 * quantum, y

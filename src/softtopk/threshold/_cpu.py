@@ -110,9 +110,9 @@ def _newton(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high
     """Safeguarded Newton for sum_j G((vals_j - tau)/t) + tails(tau) = kk on [lo, hi].
 
     Starts at ``tau`` (clamped into the bracket); f(lo) >= 0 >= f(hi). Stops when a step
-    is below ``tol`` (at least 4 eps (abs(tau) + t)). With ``terms`` > 0 the entries below L
-    and above H enter through their power sums P[:terms] and Q[:terms] (and n_high
-    entries above H).
+    is below ``tol`` (at least eps abs(tau) + 4 eps t: about one ulp of tau) or the
+    bracket closes. With ``terms`` > 0 the entries below L and above H enter through
+    their power sums P[:terms] and Q[:terms] (and n_high entries above H).
     """
     eps = 2.220446049250313e-16
     if not (tau > lo and tau < hi):
@@ -138,7 +138,7 @@ def _newton(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high
             lo = tau
         else:
             hi = tau
-        if f == 0.0 or hi - lo <= 2.0 * eps * (abs(lo) + abs(hi)):
+        if f == 0.0 or hi - lo <= 0.5 * eps * (abs(lo) + abs(hi)):  # lo and hi adjacent
             return tau
         delta = f / d if d > 0.0 else math.inf
         cand = tau + delta
@@ -147,7 +147,7 @@ def _newton(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high
         else:
             new = 0.5 * (lo + hi)
             delta = new - tau
-        if abs(delta) <= max(tol, 4.0 * eps * (abs(tau) + t)):
+        if abs(delta) <= max(tol, eps * abs(tau) + 4.0 * eps * t):  # about one ulp of tau
             return new
         dx_old = delta
         tau = new
