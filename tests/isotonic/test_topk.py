@@ -159,3 +159,14 @@ def test_rows_spanning_many_orders_of_magnitude(solver, dtype, recwarn):
     y = softtopk.topk_mask(x, 2, temperature=0.1, solver=solver)
     torch.testing.assert_close(y, torch.tensor([[0.5, 0.5, 1.0]], dtype=dtype))
     assert not recwarn.list
+
+
+def test_dykstra_keeps_a_tied_pair_pooled_at_large_x_over_t():
+    """Dykstra's certificate refined blocks at 'ties' within its order slack (64 ulps of 3e7):
+    the tied pair [3e7, 3e7] at t = 1e-6, k = 0.5 was split into [0.5, 0] instead of [0.25, 0.25].
+    """
+    x = torch.tensor([[3e7, 3e7], [3e7 + 1.0, 3e7 + 1.0], [3e7, 3e7 - 1e-6]], dtype=torch.float64)
+    pav = softtopk.topk_mask(x, 0.5, temperature=1e-6, solver="pav")
+    dykstra = softtopk.topk_mask(x, 0.5, temperature=1e-6, solver="dykstra")
+    torch.testing.assert_close(dykstra, pav, rtol=0, atol=1e-9)
+    torch.testing.assert_close(dykstra[:2], torch.full((2, 2), 0.25, dtype=torch.float64), rtol=0, atol=1e-9)

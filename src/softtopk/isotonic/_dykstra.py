@@ -100,8 +100,12 @@ def certify(y: Tensor, w: Tensor, start: Tensor, rel: float) -> tuple[Tensor, Te
     last[:, :-1] = start[:, 1:]
     inside_ok = ((gap <= slack) | last).all(-1)
     ok = ordered & inside_ok
-    # Refine at exact ties: a cut after position i whose prefix has the block's mean.
-    tie_cut = ~last & (gap.abs() <= slack)
+    # Refine at exact ties: a cut after position i whose prefix has the block's mean, to
+    # the rounding of that mean (a few ulps of the block's largest entry, not the order
+    # check's slack: a cut inside that slack would change the block values, and the top-k
+    # route divides them by t).
+    tie = 4.0 * torch.finfo(y.dtype).eps * block_mag.gather(-1, bid)
+    tie_cut = ~last & (gap.abs() <= tie)
     refined = start.clone()
     refined[:, 1:] |= tie_cut[:, :-1]
     bid = refined.cumsum(-1) - 1
