@@ -231,14 +231,14 @@ def ruled_batch(draw, name: str):
 @pytest.mark.parametrize("name", SHAPED)
 @given(data=st.data())
 def test_row_rules(name, data):
-    """Each rule row gets the table's value; NaN stays in its row, the others unchanged (same_rows)."""
+    """Each rule row gets the table's value; NaN stays in its row, the others bit-identical."""
     ruled, clean, k, kinds = data.draw(ruled_batch(name))
     note(f"x={ruled!r} k={k!r} kinds={kinds}")
     xr, xc = ruled.clone().requires_grad_(), clean.clone().requires_grad_()
     y, yc = call(name, xr, k), call(name, xc, k)
     nan_rows = torch.tensor([kind == "nan" for kind in kinds])
     assert torch.isnan(y[nan_rows]).all()
-    same_rows(y[~nan_rows], yc[~nan_rows])
+    same(y[~nan_rows], yc[~nan_rows])
     magnitude = OPERATORS[name].kind == "magnitude"
     for i, kind in enumerate(kinds):
         row = ruled[i]
@@ -263,7 +263,7 @@ def test_row_rules(name, data):
     g = torch.where(torch.isfinite(y), y, 0.0).detach() + 1.0
     (gx,) = torch.autograd.grad(y, xr, g)
     (gc,) = torch.autograd.grad(yc, xc, g)
-    same_rows(gx[~nan_rows], gc[~nan_rows])
+    same(gx[~nan_rows], gc[~nan_rows])
     # Rule rows other than NaN rows get no gradient.
     rule = torch.tensor([kind in ("zero", "pos", "ones") for kind in kinds])
     if not magnitude:
