@@ -127,3 +127,32 @@ def test_row_rules_and_padding():
 def test_not_differentiable_in_k():
     with pytest.raises(ValueError, match="not differentiable in k"):
         dftopk(torch.randn(3, 5), torch.tensor([1.0, 2.0, 3.0], requires_grad=True))
+
+
+def test_tied_boundary_entries_share_the_threshold_gradient():
+    """At ties the threshold's gradient is split evenly among the tied entries.
+
+    Which tied entry ``torch.kthvalue`` or ``torch.topk`` returns is arbitrary: a row's
+    gradient changed with the other rows of its batch (they decide which selection runs).
+    """
+    x = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [2.0, 1.0, 1.0]], dtype=torch.float64)
+    k_same = torch.tensor([2.0, 2.0, 1.0], dtype=torch.float64)
+    k_mixed = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)  # other ranks: the topk route
+    w = torch.tensor([[1.0, 2.0, 3.0]] * 3, dtype=torch.float64)
+    grads = []
+    for k in (k_same, k_mixed):
+        xr = x.clone().requires_grad_()
+        y = softtopk.topk_mask(xr, k, method="dftopk", temperature=0.3)
+        (g,) = torch.autograd.grad((y * w).sum(), xr)
+        grads.append(g)
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    # closed form: theta = mean of the tied entries, dy_i/dx_j = y(1 - y)/t (delta_ij - [j tied]/m)
+    y0 = torch.full((3,), 0.5, dtype=torch.float64)
+    jac = (y0 * (1 - y0) / 0.3).unsqueeze(-1) * (torch.eye(3, dtype=torch.float64) - 1.0 / 3.0)
+    torch.testing.assert_close(grads[0][0], w[0] @ jac, rtol=1e-12, atol=1e-12)
+    # row 2: x_(1) = 2 is alone, x_(2) = 1 is tied twice: theta = 1.5, half of 1/2 to each copy
+    y2 = torch.sigmoid((x[2] - 1.5) / 0.3)
+    d = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    dtheta = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+    jac2 = (y2 * (1 - y2) / 0.3).unsqueeze(-1) * (d - dtheta)
+    torch.testing.assert_close(grads[0][2], w[2] @ jac2, rtol=1e-12, atol=1e-12)

@@ -15,27 +15,39 @@ def order_statistic(v: Tensor, p: Tensor) -> Tensor:
     ``p`` (B,) lies in [1, n]. x_(floor p) and x_(floor p + 1) are found by selection:
     two ``torch.kthvalue`` calls when every row asks for the same ranks (O(n), what the
     DFTopK code does), else one ``torch.topk`` of the largest floor(max p) + 1 values
-    (no full sort). Gradients reach the (at most two) selected entries of each row.
+    (no full sort). Gradients reach the entries equal to the two selected values, split
+    evenly among tied entries (which of them a selection returns is arbitrary and would
+    make the gradient depend on the route and the batch).
     """
     n = v.shape[-1]
     j = p.floor()
     f = p - j
     jl = j.long()
-    if may_sync(v):
-        j_lo, j_hi = (int(a) for a in torch.aminmax(jl))
-        if j_lo == j_hi:
+    with torch.no_grad():
+        if may_sync(v):
+            j_lo, j_hi = (int(a) for a in torch.aminmax(jl))
+            same_ranks = j_lo == j_hi
+            K = min(n, j_hi + 1)
+        else:
+            same_ranks, K = False, n
+        if same_ranks:
             a = -torch.kthvalue(-v, j_hi, dim=-1).values
             b = -torch.kthvalue(-v, j_hi + 1, dim=-1).values if j_hi < n else a
-            b = torch.where(f > 0, b, a)
-            return a + f * (b - a)
-        K = min(n, j_hi + 1)
-    else:
-        K = n
-    vals = torch.topk(v, K, dim=-1).values
-    a = vals.gather(-1, (jl - 1).clamp(0, K - 1).unsqueeze(-1)).squeeze(-1)
-    b = vals.gather(-1, jl.clamp(0, K - 1).unsqueeze(-1)).squeeze(-1)
-    b = torch.where(f > 0, b, a)
+        else:
+            vals = torch.topk(v, K, dim=-1).values
+            a = vals.gather(-1, (jl - 1).clamp(0, K - 1).unsqueeze(-1)).squeeze(-1)
+            b = vals.gather(-1, jl.clamp(0, K - 1).unsqueeze(-1)).squeeze(-1)
+        b = torch.where(f > 0, b, a)
+    a, b = _tied_share(v, a), _tied_share(v, b)
     return a + f * (b - a)
+
+
+def _tied_share(v: Tensor, value: Tensor) -> Tensor:
+    """``value`` (B,), an entry of each row of v, differentiable: 1/m to each of its m copies."""
+    tied = v.detach() == value.unsqueeze(-1)
+    share = tied.to(v.dtype) / tied.sum(-1, keepdim=True).clamp(min=1).to(v.dtype)
+    # zero in value; the where keeps infinite entries elsewhere in the row out of it
+    return value + torch.where(tied, share * (v - v.detach()), 0.0).sum(-1)
 
 
 def dftopk_threshold(x: Tensor, k: Tensor) -> Tensor:
