@@ -37,21 +37,17 @@ def _worker(rank: int, world: int, port: int, folder: str, fn, kwargs) -> None: 
     os._exit(0)
 
 
-def _run(fn, world: int, kwargs: dict, folder: str) -> None:  # noqa: ANN001
-    mp.spawn(_worker, args=(world, _free_port(), folder, fn, kwargs), nprocs=world)
-
-
 def spawn(fn, world: int, **kwargs) -> list:  # noqa: ANN001
     """``[fn(rank, world, **kwargs) for rank in range(world)]``, each rank in its own process."""
-    for attempt in range(2):
+    for last_try in (False, True):
         with tempfile.TemporaryDirectory() as folder:
+            files = [os.path.join(folder, f"{r}.pt") for r in range(world)]
             try:
-                _run(fn, world, kwargs, folder)
+                mp.spawn(_worker, args=(world, _free_port(), folder, fn, kwargs), nprocs=world)
             except mp.ProcessExitedException as err:
-                written = all(os.path.exists(os.path.join(folder, f"{r}.pt")) for r in range(world))
-                if attempt == 1 or err.signal_name is None or not written:
+                if last_try or err.signal_name is None or not all(map(os.path.exists, files)):
                     raise
                 warnings.warn(f"gloo teardown crashed ({err}); running again", stacklevel=2)
-                continue
-            return [torch.load(os.path.join(folder, f"{r}.pt"), weights_only=False) for r in range(world)]
-    raise AssertionError("unreachable")
+            else:
+                return [torch.load(f, weights_only=False) for f in files]
+    return []  # not reached: the last try returns or raises

@@ -482,12 +482,12 @@ def soft_sort(
         return out if k is None else out.narrow(d, 0, k)
     cd = compute_dtype(x.dtype)
     rows = rows.to(cd)
-    raw = rows
     # L2: sort_t(x) = c sort_{c t}(x / c). Rows whose block sums could overflow are solved
     # divided by a power of two c (exact up to subnormals), with the temperature times c.
     scale = _overflow_scale(rows.detach()).amax() if regularization == "l2" else None
     if scale is not None and may_sync(rows):
-        scale = float(scale) if float(scale) > 1.0 else None
+        scale = float(scale)
+        scale = scale if scale > 1.0 else None
     if scale is not None:
         rows, t = rows / scale, t * scale
     if _fused(rows, solver):
@@ -496,7 +496,7 @@ def soft_sort(
         out = _sort_rows(rows, t, regularization, descending, solver)
     if scale is not None:
         out = out * scale
-    out = _nan_rows(out, raw)
+    out = _nan_rows(out, rows)  # x / c keeps x's NaN and infinities
     if k is not None:
         out = out[:, :k]
     return restore(out).to(x.dtype)
