@@ -211,3 +211,26 @@ def test_python_dash_m(tmp_path):
     )
     for sub in ("bench", "experiments", "plot"):
         assert sub in proc.stdout
+
+
+def test_experiments_resume_reads_back_finished_settings(tmp_path, capsys, monkeypatch):
+    from softtopk.experiments import _runner
+
+    out = tmp_path / "r"
+    base = ["experiments", "sampling", "--size", "toy", "--seeds", "2", "--quiet", "--out", str(out)]
+    assert main(base) == 0
+    first = json.loads((out / "results.json").read_text())["experiments"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished setting was run again")
+
+    monkeypatch.setattr(_runner, "run_method", refuse)
+    assert main([*base, "--resume"]) == 0
+    assert "read back from the earlier run" in capsys.readouterr().out
+    data = json.loads((out / "results.json").read_text())
+    assert data["experiments"] == first
+    assert "resumed" in data["environment"]
+    assert "- resumed: the settings" in (out / "report.md").read_text()
+    # another seed count would mix incomparable tables: refused, naming the option
+    assert main([*base[:-4], "3", "--quiet", "--out", str(out), "--resume"]) == 2
+    assert "--seeds 2" in capsys.readouterr().err

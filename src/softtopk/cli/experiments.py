@@ -9,6 +9,7 @@ what the data say, plots), PNG plots and ``results.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -52,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path("experiments-results"), help="folder for the report")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="read back the settings already in OUT/results.json instead of running them again "
+        "(that run must have had the same --size, --seeds, --grid, --only and protocol)",
+    )
 
 
 def environment() -> dict[str, object]:
@@ -88,6 +95,16 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     env = environment()
     env["protocol"] = PROTOCOL_VERSION
+    env["options"] = {knob: getattr(args, knob) for knob in _SAME_OPTIONS}
+    previous: dict = {}
+    if args.resume:
+        try:
+            previous = _previous_run(args, PROTOCOL_VERSION)
+        except ValueError as err:
+            print(f"--resume: {err}", file=sys.stderr)
+            return 2
+        if previous:  # a chain of resumed runs names the run that started it
+            env["resumed"] = previous["environment"].get("resumed", previous["environment"])
     start = time.perf_counter()
     results = {}
     path, minutes = None, 0.0
@@ -104,19 +121,23 @@ def main(args: argparse.Namespace) -> int:
         done = []
         for setting in settings:
             check_grids(setting)
-            total = sum(len(m.temperatures) + args.seeds - 1 for m in setting.methods)
-            t0 = time.perf_counter()
-            rows = []
-            with Progress(total, f"{name} {setting.key}", enabled=not args.quiet) as bar:
-                for method in setting.methods:
-                    rows.append(run_method(method, setting.select, args.seeds, bar.step))
-            result = SettingResult(setting, rows, args.seeds, time.perf_counter() - t0)
+            result = _read_back(previous, name, setting, args.seeds)
+            if result is not None:
+                print(f"\n{module.TITLE}: {setting.title}  (read back from the earlier run)")
+            else:
+                total = sum(len(m.temperatures) + args.seeds - 1 for m in setting.methods)
+                t0 = time.perf_counter()
+                rows = []
+                with Progress(total, f"{name} {setting.key}", enabled=not args.quiet) as bar:
+                    for method in setting.methods:
+                        rows.append(run_method(method, setting.select, args.seeds, bar.step))
+                result = SettingResult(setting, rows, args.seeds, time.perf_counter() - t0)
+                print(f"\n{module.TITLE}: {setting.title}  ({result.seconds / 60:.1f} min)")
+                print(markdown_table(result))
+                line = verdict(result)
+                if line:
+                    print(line)
             done.append(result)
-            print(f"\n{module.TITLE}: {setting.title}  ({result.seconds / 60:.1f} min)")
-            print(markdown_table(result))
-            line = verdict(result)
-            if line:
-                print(line)
             # the report is rewritten after every setting: a run stopped early keeps what it finished
             results[name] = (module.TITLE, done)
             minutes = (time.perf_counter() - start) / 60
@@ -139,5 +160,60 @@ def _header(env: dict, args: argparse.Namespace, minutes: float, protocol: str, 
             f"- command: `{env['command']}` (size {args.size}, {args.seeds} seeds, total {minutes:.1f} min)",
             f"- protocol: {protocol}",
         ]
+        + (
+            [
+                f"- resumed: the settings this command found in the run of {env['resumed']['date']} "
+                f"(`{env['resumed']['command']}`) were read back, not run again; each table gives its own "
+                "wall time"
+            ]
+            if "resumed" in env
+            else []
+        )
         + (["- **partial**: written while the run was going; later settings are missing"] if partial else [])
     )
+
+
+# the options a resumed run must share with the run it resumes
+_SAME_OPTIONS = ("size", "seeds", "grid", "only")
+
+
+def _previous_run(args: argparse.Namespace, protocol_version: str) -> dict:
+    """The results.json under ``args.out``, checked to come from a run with the same settings.
+
+    Returns ``{}`` when there is none. Raises ValueError when it was run with another
+    protocol, size, seed count, grid or operator list: its tables would not be comparable.
+    """
+    path = args.out / "results.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    env = data["environment"]
+    if env.get("protocol") != protocol_version:
+        written = env.get("protocol")
+        raise ValueError(f"{path} was written under protocol {written!r}, not {protocol_version!r}")
+    if "options" in env:
+        old = env["options"]
+    else:  # written before the options were recorded: read them off its command line
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        parsed = parser.parse_args(shlex.split(env["command"])[2:])
+        old = {knob: getattr(parsed, knob) for knob in _SAME_OPTIONS}
+    for knob in _SAME_OPTIONS:
+        mine = getattr(args, knob)
+        theirs = old[knob] if knob != "grid" or old[knob] is None else tuple(old[knob])
+        if theirs != mine:
+            raise ValueError(f"{path} was written with --{knob} {theirs!r}, this command has {mine!r}")
+    return data
+
+
+def _read_back(previous: dict, name: str, setting, seeds: int):  # noqa: ANN001, ANN202
+    """The earlier run's result of ``setting``, or None if it has none with these methods."""
+    from ..experiments._runner import Row, SettingResult
+
+    saved = previous.get("experiments", {}).get(name, {}).get(setting.key)
+    if saved is None or saved["seeds"] != seeds:
+        return None
+    rows = [Row(**r) for r in saved["rows"]]
+    if [r.method for r in rows] != [m.name for m in setting.methods]:
+        return None  # the setting's methods changed since: run it again
+    return SettingResult(setting, rows, seeds, saved["seconds"])
