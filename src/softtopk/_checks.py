@@ -38,7 +38,12 @@ def has_values(x: Tensor) -> bool:
     False under torch.compile and torch.func transforms, for meta tensors and for fake
     tensors (shapes only): value checks are skipped there, never turned into errors.
     """
-    if is_tracing() or x.device.type == "meta":
+    return not is_tracing() and is_real(x)
+
+
+def is_real(x: Tensor) -> bool:
+    """True unless ``x`` is a meta or a fake tensor (shapes without values)."""
+    if x.device.type == "meta":
         return False
     return _FAKE_TENSOR is None or not isinstance(x, _FAKE_TENSOR)
 
@@ -84,6 +89,8 @@ def check_int(value: object, name: str) -> int:
 
     Ranges differ from argument to argument, so callers check them with their own message.
     """
+    if type(value) is int:
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     return int(value)
@@ -98,11 +105,12 @@ def check_bool(value: object, name: str) -> bool:
 
 def check_positive(value: object, name: str) -> float:
     """Checks a strictly positive, finite Python number (e.g. a temperature)."""
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.requires_grad:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive number, got {type(value).__name__} {value!r}")
-    value = float(value)
+    if type(value) is not float:  # a float needs no type check (isinstance of an ABC is slow)
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.requires_grad:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a positive number, got {type(value).__name__} {value!r}")
+        value = float(value)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return value
@@ -122,9 +130,10 @@ def check_generator(value: object, name: str = "generator") -> torch.Generator |
 
 def check_p(p: object) -> float:
     """Checks the exponent of the sparse p-norm regulariser, p in (1, 2]."""
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"p must be a number in (1, 2], got {type(p).__name__} {p!r}")
-    p = float(p)
+    if type(p) is not float:
+        if isinstance(p, bool) or not isinstance(p, numbers.Real):
+            raise TypeError(f"p must be a number in (1, 2], got {type(p).__name__} {p!r}")
+        p = float(p)
     if not 1.0 < p <= 2.0:
         raise ValueError(f"p must be in (1, 2], got {p!r}")
     return p

@@ -39,7 +39,8 @@ class Rows(NamedTuple):
 
     Attributes:
         x: (B, n) rows in the compute dtype (float32, or float64 for float64 input).
-        k: (B,) budgets in the compute dtype (a floating k tensor keeps its gradient).
+        k: (B,) budgets in the compute dtype, or the dtype asked of :func:`rowwise` (a
+            floating k tensor keeps its gradient).
         dim: the non-negative dim of the input the rows run along.
         dtype: the input's dtype, which the outputs return to.
         restore: maps a (B, m) tensor back to the input's layout (batch dims and ``dim``
@@ -138,6 +139,7 @@ def rowwise(
     name: str = "x",
     integer_k: bool = False,
     k_grad: bool = True,
+    k_dtype: torch.dtype | None = None,
 ) -> Rows:
     """The one front end: checks ``x``, ``dim`` and ``k`` and returns the rows.
 
@@ -149,6 +151,8 @@ def rowwise(
         integer_k: the budgets must be whole numbers.
         k_grad: the operator is differentiable in k; otherwise a k that requires grad
             is refused (a ValueError), never silently given a zero gradient.
+        k_dtype: the dtype of the budgets (default: the compute dtype); the threshold
+            solvers take float64.
     """
     x = check_tensor(x, name)
     d = check_dim(dim, x.dim())
@@ -156,7 +160,7 @@ def rowwise(
         raise ValueError("this operator is not differentiable in k; pass a k that does not require grad")
     cd = compute_dtype(x.dtype)
     rows, restore = to_rows(x, d)
-    kvec = budgets(k, x, d, rows.shape[0], cd, integer=integer_k)
+    kvec = budgets(k, x, d, rows.shape[0], k_dtype or cd, integer=integer_k)
     dtype = x.dtype
     if cd == dtype:
         return Rows(rows, kvec, d, dtype, restore)

@@ -26,13 +26,17 @@ class Method(NamedTuple):
     uses_p: bool = False
     uses_noise: bool = False
     k_grad: bool = True
+    k_dtype: torch.dtype | None = None  # the budgets' dtype if not the compute dtype
 
 
-#: Row functions take (x (B, n), k (B,), *, temperature, [p], [pert], solver) in the compute dtype.
+#: Row functions take (x (B, n), k (B,), *, temperature, [p], [pert], solver), x in the compute
+#: dtype and k in the method's ``k_dtype`` (the threshold solvers' float64) or the compute dtype.
 METHODS: dict[str, Method] = {
-    "sparse": Method(sparse_mask, ("auto", "newton", "sort", "pav", "dykstra"), uses_p=True),
-    "entropic": Method(entropic_mask, ("auto", "newton")),
-    "lapsum": Method(lapsum_mask, ("auto", "newton", "sort")),
+    "sparse": Method(
+        sparse_mask, ("auto", "newton", "sort", "pav", "dykstra"), uses_p=True, k_dtype=torch.float64
+    ),
+    "entropic": Method(entropic_mask, ("auto", "newton"), k_dtype=torch.float64),
+    "lapsum": Method(lapsum_mask, ("auto", "newton", "sort"), k_dtype=torch.float64),
     "hard": Method(hard_mask, ("auto",), k_grad=False),
     "soft": Method(soft_mask, ("auto", "newton")),
     "dftopk": Method(dftopk_mask, ("auto",), k_grad=False),
@@ -175,7 +179,8 @@ def topk_mask(
         method's module for the details.
     """
     largest = check_bool(largest, "largest")
-    method = check_choice(method, "method", mask_methods())
+    if type(method) is not str or method not in METHODS:  # the registry is read only for other names
+        method = check_choice(method, "method", mask_methods())
     t = check_positive(temperature, "temperature")
     p = check_p(p)
     if method not in METHODS:
@@ -194,7 +199,7 @@ def topk_mask(
         "generator": generator,
         "noise_samples": noise_samples,
     }
-    if not spec.uses_noise:
+    if not spec.uses_noise and any(value is not None for value in given.values()):
         for name, value in given.items():
             if value is not None and name == "generator":
                 raise ValueError(
@@ -210,7 +215,7 @@ def topk_mask(
             x, k, dim, method=method, temperature=t, largest=largest, num_samples=num_samples,
             noise=noise, generator=generator,
         )  # fmt: skip
-    rows = rowwise(x, k, dim, k_grad=spec.k_grad)
+    rows = rowwise(x, k, dim, k_grad=spec.k_grad, k_dtype=spec.k_dtype)
     options: dict[str, object] = {"p": p} if spec.uses_p else {}
     if spec.uses_noise:
         options["pert"] = perturbation(

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import has_values, is_tracing
+from .._checks import has_values, is_real, is_tracing
 from . import _ops
 from ._links import Link
 from ._ops import reference_backward
@@ -69,10 +69,10 @@ class CompiledThresholdMask(torch.autograd.Function):
         link = ctx.link
         if torch.is_grad_enabled() or is_tracing():
             grad_x, grad_k = reference_backward(y, tau, t, grad_y.to(y.dtype), link)
-        elif not has_values(y):
-            grad_x, grad_k = torch.ops.softtopk.threshold_bwd(y, tau, t, grad_y, link.code, link.p)
-        else:
+        elif is_real(y):  # eager: the op's implementation without its dispatch cost
             grad_x, grad_k = _ops.backward_impl(y, tau, t, grad_y, link.code, link.p)
+        else:
+            grad_x, grad_k = torch.ops.softtopk.threshold_bwd(y, tau, t, grad_y, link.code, link.p)
         grad_k = grad_k.to(torch.float64) if ctx.needs_input_grad[1] else None
         return grad_x, grad_k, None, None, None
 
@@ -144,7 +144,7 @@ def threshold_mask(x: Tensor, k: Tensor, t: Tensor | float, link: Link, solver: 
         x, tt = _in_range(x, tt)
     if torch.compiler.is_compiling():
         fn = CompiledThresholdMask
-    elif is_tracing() or not has_values(x):
+    elif not has_values(x):  # torch.func transforms, fake and meta tensors
         fn = ThresholdMask
     else:
         fn = EagerThresholdMask

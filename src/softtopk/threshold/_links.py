@@ -7,6 +7,7 @@ backward needs the derivative at the solution.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -152,6 +153,7 @@ class Link:
         raise ValueError(f"link {self.name!r} has a bounded support and needs no inverse")
 
 
+@functools.lru_cache(maxsize=64)
 def sparse_link(p: float) -> Link:
     """The sparse p-norm link ``clip(max(z, 0)^(1/(p-1)), 0, 1)``, p in (1, 2]."""
     return Link("sparse", float(p))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,23 +54,16 @@ def forward_impl(x: Tensor, k: Tensor, t: Tensor, link: int, p: float, solver: i
     way = _backend.route(x)
     if way == "cpu":
         cpu = _backend.kernels("threshold._cpu")
-        y = torch.empty_like(x)
-        tau = torch.empty(B, dtype=torch.float64)
-        args = (
-            x.numpy(),
-            k.contiguous().numpy(),
-            t.contiguous().numpy(),
-            link,
-            float(p),
-            y.numpy(),
-            tau.numpy(),
-        )
+        # outputs made in NumPy and shared with torch: one allocation each, no conversion
+        y = np.empty((B, n), dtype=x.numpy().dtype)
+        tau = np.empty(B, dtype=np.float64)
+        args = (x.numpy(), k.contiguous().numpy(), t.contiguous().numpy(), link, float(p), y, tau)
         if _backend.serial(x.numel()):
             cpu.forward_serial(*args)
         else:
             with _backend.numba_threads():
                 cpu.forward(*args, _backend.chunks())
-        return y, tau
+        return torch.from_numpy(y), torch.from_numpy(tau)
     if way == "triton":
         return _backend.kernels("threshold._triton").forward(x, k, t, link, p)
     return reference_forward(x, k, t, link_of_code(link, p), solver)
@@ -120,24 +114,21 @@ def backward_impl(
     way = _backend.route(y)
     if way == "cpu":
         cpu = _backend.kernels("threshold._cpu")
-        grad_x = torch.empty_like(y)
-        grad_k = torch.empty(B, dtype=torch.float64)
-        args = (
-            y.contiguous().numpy(),
-            tau.contiguous().numpy(),
-            t.contiguous().numpy(),
-            grad_y.to(y.dtype).contiguous().numpy(),
-            link,
-            float(p),
-            grad_x.numpy(),
-            grad_k.numpy(),
-        )
+        if grad_y.dtype != y.dtype:
+            grad_y = grad_y.to(y.dtype)
+        ys = y.contiguous().numpy()
+        grad_x = np.empty((B, n), dtype=ys.dtype)
+        grad_k = np.empty(B, dtype=np.float64)
+        # grad_y is often expanded (the gradient of a sum has stride 0): NumPy copies it
+        # to a contiguous array for less than a torch copy costs
+        v = np.ascontiguousarray(grad_y.detach().numpy(), dtype=ys.dtype)
+        args = (ys, tau.contiguous().numpy(), t.contiguous().numpy(), v, link, float(p), grad_x, grad_k)
         if _backend.serial(y.numel()):
             cpu.backward_serial(*args)
         else:
             with _backend.numba_threads():
                 cpu.backward(*args)
-        return grad_x, grad_k
+        return torch.from_numpy(grad_x), torch.from_numpy(grad_k)
     if way == "triton":
         return _backend.kernels("threshold._triton").backward(y, tau, t, grad_y, link, p)
     grad_x, grad_k = reference_backward(y, tau, t, grad_y.to(y.dtype), link_of_code(link, p))
