@@ -35,7 +35,7 @@ def _oracle_rows(fn, x, k, **kw):
     return np.stack([fn(x[i], float(k[i]), **kw) for i in range(x.shape[0])])
 
 
-SIZES = [(400, 2), (400, 5), (400, 17), (300, 64), (200, 300), (60, 1000), (24, 5000)]
+SIZES = [(400, 2), (400, 5), (400, 8), (400, 16), (400, 17), (300, 64), (200, 300), (60, 1000), (24, 5000)]
 
 
 @pytest.mark.parametrize("solver", ["auto", "newton", "sort"])
@@ -58,6 +58,32 @@ def test_sparse_p2_float32_within_1e5(rng, rows, n):
         # The oracle sees exactly the float32 inputs and budgets, solved in float64.
         ref = _oracle_rows(oracles.isotonic_sparse_mask, x32.astype(np.float64), k.astype(np.float32), l=t)
         np.testing.assert_allclose(y.numpy(), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n", [8, 16, 17, 64, 1000])
+def test_router_rows_with_small_budgets_equal_isotonic_route(rng, dtype, n):
+    """Short rows and small k (the MoE shapes) take their own selection and, for p = 2,
+    read tau off the sorted candidates: against the isotonic route on rows with ties,
+    padding, whole and fractional budgets and hard rows (gaps wider than t)."""
+    for t in (1e-3, 0.1, 1.0):
+        x = random_rows(rng, 300, n)
+        k = rng.integers(1, 5, size=300).astype(np.float64)
+        k[::3] += rng.uniform(0.0, 1.0, size=k[::3].shape)
+        xt, kt = torch.from_numpy(x).to(dtype), torch.from_numpy(k).to(dtype)
+        y = softtopk.topk_mask(xt, kt, temperature=t)
+        ref = _oracle_rows(oracles.isotonic_sparse_mask, xt.double().numpy(), kt.double().numpy(), l=t)
+        np.testing.assert_allclose(y.double().numpy(), ref, atol=1e-10 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("n", [8, 16, 17, 64])
+def test_router_rows_p43_equal_float64_bisection(rng, n):
+    for t in (1e-3, 0.1, 1.0):
+        x = random_rows(rng, 200, n)
+        k = rng.integers(1, 5, size=200) + np.where(rng.random(200) < 0.3, rng.uniform(size=200), 0.0)
+        y = softtopk.topk_mask(torch.from_numpy(x), torch.from_numpy(k), p=4.0 / 3.0, temperature=t)
+        ref = _oracle_rows(oracles.bisection_mask, x, k, t=t, link="sparse", p=4.0 / 3.0)
+        np.testing.assert_allclose(y.numpy(), ref, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize(

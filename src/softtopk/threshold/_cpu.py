@@ -10,14 +10,19 @@ values; budgets, temperatures and thresholds are float64 per row. The row rules
 Forward of a row, sparse links (clip for p = 2, the power link for p < 2):
 
 1. scan the row: NaN, +inf and -inf counts;
-2. a lower bound L of tau from a strided sample: tau >= x_(floor k + 1) - t, estimated
-   by a sample order statistic with a margin (every finite entry when the row is short);
+2. a lower bound L of tau: tau >= x_(floor k + 1) - t, with x_(floor k + 1) found in one
+   pass that keeps the few largest entries (small k), by quickselect, or, on long rows,
+   estimated by an order statistic of a strided sample with a margin;
 3. one pass: write y = 0 and collect the entries above L (values and indices);
 4. a safeguarded Newton iteration on the candidates, in float64 (for p = 2 it ends on
-   the exact closed form of the final linear piece);
+   the exact closed form of the final linear piece); for p = 2 and few candidates it
+   starts from tau read off the sorted candidates and checks it in one step;
 5. check tau >= L (then no entry below L can reach the mask); if not, collect again
    above the tau found (a lower bound of the true one) and solve again;
 6. write y on the candidates.
+
+Rows of at most SHORT entries (MoE routers) sort their finite entries whole instead of
+steps 2-3.
 
 Forward of a row, dense links (logistic, Laplace): the entries far from tau enter the
 sums through power series: below L, G(z) = sum_j (-1)^(j+1) e^(jz) (logistic) or
@@ -45,6 +50,14 @@ CLIP, POWER, LOGISTIC, LAPLACE = 0, 1, 2, 3
 #: Sparse links: rows with at most this many finite entries select x_(floor k + 1) on all
 #: of them; longer rows estimate it from a strided sample.
 SMALL = 2048
+#: The clip link (p = 2) sorts at most this many candidates and reads tau off the
+#: sorted values (Newton then checks it in one step); more candidates go to Newton alone.
+SORTED = 64
+#: Rows of at most this many entries are sorted whole (insertion sort), not selected in.
+SHORT = 16
+#: x_(r) for r up to this is found in one pass that keeps the r largest entries seen;
+#: larger r by quickselect.
+FEW = 16
 #: Dense links: rows with at most this many finite entries are solved on all of them.
 TINY = 64
 #: Size of the strided sample that brackets tau on longer rows.
@@ -58,6 +71,9 @@ Z0 = 6.0
 MAX_ITER = 200
 
 _jit = numba.njit(cache=True, nogil=True, fastmath=False)
+#: Small helpers of the row loops are inlined into them: a call between compiled functions
+#: passes every array as a reference-counted struct, which costs more than a short row.
+_inline = numba.njit(cache=True, nogil=True, fastmath=False, inline="always")
 
 
 @_jit
@@ -118,14 +134,17 @@ def _newton(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high
     if not (tau > lo and tau < hi):
         tau = 0.5 * (lo + hi)
     dx_old = hi - lo
-    # Bisection halves the bracket: a bracket many orders of magnitude wider than t (one
-    # huge entry) needs log2(width / step) steps before Newton takes over.
-    iters = MAX_ITER
-    floor = max(tol, 4.0 * eps * t)
     width = hi - lo
-    if floor > 0.0 and width > floor and width < math.inf:
-        iters += int(math.ceil(math.log2(width) - math.log2(floor)))
-    for _ in range(iters):
+    it = 0
+    iters = MAX_ITER
+    while it < iters:
+        it += 1
+        if it == MAX_ITER:
+            # Bisection halves the bracket: a bracket many orders of magnitude wider than t
+            # (one huge entry) needs log2(width / step) steps before Newton takes over.
+            floor = max(tol, 4.0 * eps * t)
+            if floor > 0.0 and width > floor and width < math.inf:
+                iters += int(math.ceil(math.log2(width) - math.log2(floor)))
         f = -kk
         d = 0.0
         for j in range(c):
@@ -272,6 +291,32 @@ def _kth_largest(a, m, r):  # pragma: no cover - compiled
 
 
 @_jit
+def _rth_largest_few(x, r, buf):  # pragma: no cover - compiled
+    """The r-th largest finite entry of x (it has at least r), for a small r, in one pass.
+
+    buf[:r] keeps the r largest entries seen, sorted: an entry below the smallest of them
+    (most entries, once the pass is under way) costs one comparison.
+    """
+    m = 0
+    for i in range(x.shape[0]):
+        v = x[i]
+        if not (v > -math.inf and v < math.inf):
+            continue
+        if m < r:
+            j = m
+            m += 1
+        elif v > buf[r - 1]:
+            j = r - 1
+        else:
+            continue
+        while j > 0 and buf[j - 1] < v:
+            buf[j] = buf[j - 1]
+            j -= 1
+        buf[j] = v
+    return buf[r - 1]
+
+
+@_jit
 def _collect(x, y, lower, sv, si, zero):  # pragma: no cover - compiled
     """Finite entries above ``lower`` into (sv, si); with ``zero`` writes y = 0 on the way."""
     c = 0
@@ -286,6 +331,56 @@ def _collect(x, y, lower, sv, si, zero):  # pragma: no cover - compiled
     return c
 
 
+@_inline
+def _sort_desc(sv, si, c):  # pragma: no cover - compiled
+    """Sorts (sv, si)[:c] by value, largest first (insertion sort: c is small); ties keep their order."""
+    for i in range(1, c):
+        v = sv[i]
+        idx = si[i]
+        j = i
+        while j > 0 and sv[j - 1] < v:
+            sv[j] = sv[j - 1]
+            si[j] = si[j - 1]
+            j -= 1
+        sv[j] = v
+        si[j] = idx
+
+
+@_inline
+def _clip_root(sv, c, kk, t):  # pragma: no cover - compiled
+    """tau with sum_j clip((sv_j - tau)/t, 0, 1) = kk, for sv[:c] sorted largest first.
+
+    The sum is continuous, piecewise linear and decreasing in tau, with its breakpoints at
+    the values (an entry enters the support) and the values minus t (an entry saturates).
+    Walking them downwards with a entries saturated and b entries above tau, the first
+    breakpoint where the sum reaches kk closes the piece whose line gives tau. Sums are
+    taken relative to sv[0], so that nearby large values do not cancel.
+    """
+    r = sv[0]
+    a = 0
+    b = 0
+    S = 0.0  # sum of sv_j - r over the entries between a and b
+    i = 0
+    j = 0
+    while i < c or j < b:
+        enter = sv[i] - r if i < c else -math.inf
+        sat = sv[j] - r - t if j < b else -math.inf
+        beta = max(enter, sat)
+        if a + (S - (b - a) * beta) / t >= kk:
+            break
+        if enter >= sat:
+            b += 1
+            S += enter
+            i += 1
+        else:
+            a += 1
+            S -= sv[j] - r
+            j += 1
+    if b == a:
+        return r + beta  # the sum is flat (= kk) on this piece: its lower end
+    return r + (S - t * (kk - a)) / (b - a)
+
+
 @_jit
 def _sparse_row(x, k, t, code, a, y, sv, si):  # pragma: no cover - compiled
     n = x.shape[0]
@@ -296,12 +391,16 @@ def _sparse_row(x, k, t, code, a, y, sv, si):  # pragma: no cover - compiled
     n_fin = n - n_pos - n_neg
     kk = k - n_pos  # the budget of the finite entries; the +inf ones get 1 each
     need = int(math.floor(kk)) + 1  # tau > x_(need) - t among the finite entries
+    if n <= SHORT:
+        return _short_sparse_row(x, kk, need, t, code, a, y, sv, si)
     if n_fin > SMALL and need * 8 < n_fin:
         # x_(need) estimated from a strided sample, with a margin towards smaller values
         m = _sample(x, sv, SAMPLE)
         js = need * m / n_fin
         r = int(math.ceil(js + 3.0 * math.sqrt(js) + 3.0))
         lower = _kth_largest(sv, m, r) - t if r <= m else -math.inf
+    elif need <= FEW:
+        lower = _rth_largest_few(x, need, sv) - t
     else:
         m = _collect(x, y, -math.inf, sv, si, False)
         lower = _kth_largest(sv, m, need) - t
@@ -312,18 +411,33 @@ def _sparse_row(x, k, t, code, a, y, sv, si):  # pragma: no cover - compiled
         if c < need:
             lower = -math.inf
             c = _collect(x, y, lower, sv, si, True)
-        lo = math.inf
-        hi = -math.inf
-        for j in range(c):
-            lo = min(lo, sv[j])
-            hi = max(hi, sv[j])
-        tau = _newton(sv, c, kk, t, code, a, lo - t, hi, lower + t, 0.0, 0.0, 0.0, sv, sv, 0, 0.0)
+        start = lower + t
+        if code == CLIP and c <= SORTED:
+            _sort_desc(sv, si, c)
+            lo = sv[c - 1]
+            hi = sv[0]
+            start = _clip_root(sv, c, kk, t)
+        else:
+            lo = math.inf
+            hi = -math.inf
+            for j in range(c):
+                lo = min(lo, sv[j])
+                hi = max(hi, sv[j])
+        # Newton from the root read off the sorted candidates checks it in one step
+        tau = _newton(sv, c, kk, t, code, a, lo - t, hi, start, 0.0, 0.0, 0.0, sv, sv, 0, 0.0)
         if tau >= lower:
             break
         lower = tau  # a lower bound of the true threshold: collect again above it
     for i in range(n):
         if x[i] == math.inf:
             y[i] = 1.0
+    _write_support(x, y, si, c, tau, t, code, a)
+    return tau
+
+
+@_inline
+def _write_support(x, y, si, c, tau, t, code, a):  # pragma: no cover - compiled
+    """y = G((x - tau)/t) on the candidates si[:c] (y is already 0 elsewhere)."""
     eps = 2.220446049250313e-16
     for j in range(c):
         v = x[si[j]]
@@ -331,6 +445,27 @@ def _sparse_row(x, k, t, code, a, y, sv, si):  # pragma: no cover - compiled
         if z <= 16.0 * eps * (abs(v) + abs(tau)) / t:
             continue  # on the threshold up to rounding: outside the support
         y[si[j]] = _link(z, code, a)[0]
+
+
+@_inline
+def _short_sparse_row(x, kk, need, t, code, a, y, sv, si):  # pragma: no cover - compiled
+    """:func:`_sparse_row` on a short row (MoE routers): its finite entries sorted whole.
+
+    The candidates are then the largest entries down to x_(need) - t, in order, so that
+    for the clip link tau is read off them (:func:`_clip_root`) and Newton checks it.
+    """
+    n = x.shape[0]
+    m = _collect(x, y, -math.inf, sv, si, False)
+    _sort_desc(sv, si, m)
+    lower = sv[need - 1] - t
+    c = need
+    while c < m and sv[c] > lower:
+        c += 1
+    start = _clip_root(sv, c, kk, t) if code == CLIP else lower + t
+    tau = _newton(sv, c, kk, t, code, a, sv[c - 1] - t, sv[0], start, 0.0, 0.0, 0.0, sv, sv, 0, 0.0)
+    for i in range(n):
+        y[i] = 1.0 if x[i] == math.inf else 0.0
+    _write_support(x, y, si, c, tau, t, code, a)
     return tau
 
 
