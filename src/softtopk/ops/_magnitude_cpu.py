@@ -29,7 +29,7 @@ import math
 import numba
 import numpy as np
 
-from ..threshold._cpu import _kth_largest
+from ..threshold._cpu import FEW, _kth_largest, _rth_largest_few
 
 #: Newton iterations at most (the bracket at least halves on every rejected step).
 MAX_ITER = 200
@@ -197,12 +197,16 @@ def _forward_row(x, k, l, r, debias, y, buf, sv, si, st, info):  # pragma: no co
     if c < need:
         lower = -1.0
         c = _collect(x, lower, sv, si)
-    for j in range(c):
-        buf[j] = sv[j]
-    b = _kth_largest(buf, c, need)
-    a = buf[0]
-    for j in range(1, kk):
-        a = min(a, buf[j])
+    if need <= FEW:  # buf[:need] ends sorted, largest first
+        b = _rth_largest_few(sv[:c], need, buf)
+        a = buf[kk - 1]
+    else:  # quickselect leaves the kk largest in buf[:kk], unordered
+        for j in range(c):
+            buf[j] = sv[j]
+        b = _kth_largest(buf, c, need)
+        a = buf[0]
+        for j in range(1, kk):
+            a = min(a, buf[j])
     n_gt = 0
     for j in range(c):
         if sv[j] > a:
