@@ -579,6 +579,7 @@ def topk_route(
         total = gates.sum(-1, keepdim=True)
         gates = torch.where(total > 0, gates / torch.where(total > 0, total, 1.0), 0.0)
     assigned = gates > 0
+    routed = assigned  # what is left after the capacity
     dropped = torch.zeros((), dtype=torch.int64, device=logits.device)
     if capacity_factor is not None and routing in ("token", "relu"):
         k_mean = float(k.float().mean()) if isinstance(k, Tensor) else float(k)
@@ -586,17 +587,21 @@ def topk_route(
         keep = _capacity_keep(gates, capacity, priority)
         dropped = (assigned & ~keep).sum()
         gates = torch.where(keep, gates, 0.0)
-    active = (gates > 0).sum(-1)
-    counts = assigned.to(cd).sum(0)
+        routed = gates > 0
+    active = routed.sum(-1)
+    counts = assigned.sum(0).to(cd)  # integer counts: exact in the compute dtype below 2^24
     fraction = counts / counts.sum().clamp(min=1.0)
-    pnorm = probs / probs.sum(-1, keepdim=True).clamp(min=torch.finfo(cd).tiny)
+    if score == "softmax" and routing != "relu":
+        pnorm = probs  # softmax rows sum to 1 already
+    else:
+        pnorm = probs / probs.sum(-1, keepdim=True).clamp(min=torch.finfo(cd).tiny)
     aux_loss = E * (fraction * pnorm.mean(0)).sum()
     z_loss = torch.logsumexp(flat, -1).square().mean()
     if routing == "relu":
         l1_loss = l1_coef * gates.sum(-1).mean()
     else:
         l1_loss = torch.zeros((), dtype=cd, device=logits.device)
-    load = (gates.detach() > 0).to(cd).sum(0)
+    load = counts if routed is assigned else routed.sum(0).to(cd)
     lead = logits.shape[:-1]
     return RouterOutput(
         gates.reshape(*lead, E).to(logits.dtype),
