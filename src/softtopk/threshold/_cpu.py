@@ -159,6 +159,11 @@ def _newton(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high
             hi = tau
         if f == 0.0 or hi - lo <= 0.5 * eps * (abs(lo) + abs(hi)):  # lo and hi adjacent
             return tau
+        if abs(f) <= 4.0 * eps * (c + 2.0 * kk + 2.0):
+            # f is at the rounding level of its own sum (c terms in [0, 1] and kk): no
+            # evaluation tells tau from its neighbours, and a step rejected there would
+            # send a bisection across the bracket
+            return tau
         delta = f / d if d > 0.0 else math.inf
         cand = tau + delta
         if cand > lo and cand < hi and 2.0 * abs(delta) < abs(dx_old):
@@ -353,8 +358,9 @@ def _clip_root(sv, c, kk, t):  # pragma: no cover - compiled
     The sum is continuous, piecewise linear and decreasing in tau, with its breakpoints at
     the values (an entry enters the support) and the values minus t (an entry saturates).
     Walking them downwards with a entries saturated and b entries above tau, the first
-    breakpoint where the sum reaches kk closes the piece whose line gives tau. Sums are
-    taken relative to sv[0], so that nearby large values do not cancel.
+    breakpoint where the sum reaches kk closes the piece whose line gives tau (on a flat
+    piece, its middle). Sums are taken relative to sv[0], so that nearby large values do
+    not cancel.
     """
     r = sv[0]
     a = 0
@@ -362,12 +368,15 @@ def _clip_root(sv, c, kk, t):  # pragma: no cover - compiled
     S = 0.0  # sum of sv_j - r over the entries between a and b
     i = 0
     j = 0
+    beta = 0.0
+    above = 0.0  # the breakpoint passed last
     while i < c or j < b:
         enter = sv[i] - r if i < c else -math.inf
         sat = sv[j] - r - t if j < b else -math.inf
         beta = max(enter, sat)
         if a + (S - (b - a) * beta) / t >= kk:
             break
+        above = beta
         if enter >= sat:
             b += 1
             S += enter
@@ -377,7 +386,9 @@ def _clip_root(sv, c, kk, t):  # pragma: no cover - compiled
             S -= sv[j] - r
             j += 1
     if b == a:
-        return r + beta  # the sum is flat (= kk) on this piece: its lower end
+        # the sum is flat (= kk, a hard row) on this piece: its middle, away from the
+        # breakpoints where an entry would come out a rounding error off 0 or 1
+        return r + 0.5 * (beta + above)
     return r + (S - t * (kk - a)) / (b - a)
 
 
@@ -480,8 +491,11 @@ def _inverse(q, code):  # pragma: no cover - compiled
 
 
 @_jit
-def _solve_values(sv, m, kk, t, code, tol):  # pragma: no cover - compiled
-    """tau of a dense link on the values sv[:m] alone, to the absolute tolerance ``tol``."""
+def _solve_values(sv, m, kk, t, code, tol, start=math.nan):  # pragma: no cover - compiled
+    """tau of a dense link on the values sv[:m] alone, to the absolute tolerance ``tol``.
+
+    Newton starts at ``start``, or at the middle of the bracket when it is NaN or outside.
+    """
     lo = math.inf
     hi = -math.inf
     for j in range(m):
@@ -491,11 +505,11 @@ def _solve_values(sv, m, kk, t, code, tol):  # pragma: no cover - compiled
     shift = t * _inverse(kk / m, code)
     lo = lo - shift - t
     hi = hi - shift + t
-    return _newton(sv, m, kk, t, code, 1.0, lo, hi, 0.5 * (lo + hi), tol, 0.0, 0.0, sv, sv, 0, 0.0)
+    return _newton(sv, m, kk, t, code, 1.0, lo, hi, start, tol, 0.0, 0.0, sv, sv, 0, 0.0)
 
 
 @_jit
-def _dense_row(x, k, t, code, y, sv, si, P, Q):  # pragma: no cover - compiled
+def _dense_row(x, k, t, code, y, sv, si, P, Q, top):  # pragma: no cover - compiled
     n = x.shape[0]
     n_nan, n_pos, n_neg = _scan(x)
     ruled, tau = _rule_row(x, k, y, n_nan, n_pos, n_neg)
@@ -568,9 +582,15 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q):  # pragma: no cover - compiled
             for j in range(c):
                 y[si[j]] = _link((sv[j] - tau) / t, code, 1.0)[0]
             return tau
-    # Short rows, and bands that missed tau: Newton on every finite entry.
+    # Short rows, and bands that missed tau: Newton on every finite entry, from between
+    # x_(floor k) and x_(floor k + 1) when k is small (tau lies there as t -> 0).
     c = _collect(x, y, -math.inf, sv, si, False)
-    tau = _solve_values(sv, c, kk, t, code, 0.0)
+    start = math.nan
+    need = int(math.floor(kk)) + 1
+    if need <= FEW and need <= c:
+        below = _rth_largest_few(sv[:c], need, top)
+        start = 0.5 * (top[need - 2] + below) if need >= 2 else below
+    tau = _solve_values(sv, c, kk, t, code, 0.0, start)
     for i in range(n):
         v = x[i]
         if v == math.inf:
@@ -591,11 +611,12 @@ def _forward_rows(x, k, t, code, p, y, tau, start, stop):  # pragma: no cover - 
     si = np.empty(n, dtype=np.int64)
     P = np.empty(SERIES, dtype=np.float64)
     Q = np.empty(SERIES, dtype=np.float64)
+    top = np.empty(FEW, dtype=np.float64)
     for b in range(start, stop):
         if code == CLIP or code == POWER:
             tau[b] = _sparse_row(x[b], k[b], t[b], code, a, y[b], sv, si)
         else:
-            tau[b] = _dense_row(x[b], k[b], t[b], code, y[b], sv, si, P, Q)
+            tau[b] = _dense_row(x[b], k[b], t[b], code, y[b], sv, si, P, Q, top)
 
 
 @numba.njit(cache=True, parallel=True)
