@@ -62,6 +62,9 @@ FEW = 16
 TINY = 64
 #: Size of the strided sample that brackets tau on longer rows.
 SAMPLE = 1024
+#: The dense links' band comes from two rough solves on a strided sample of this size
+#: (each Newton step evaluates the link on all of it).
+DENSE_SAMPLE = 256
 #: Terms of the logistic tail series, and how far (in units of t) tau must be from the
 #: band's ends: the series' error per entry is at most e^(-(SERIES + 1) * Z0).
 SERIES = 6
@@ -522,7 +525,7 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top):  # pragma: no cover - compi
     if n_fin > TINY:
         # A band (L, H) around tau, from rough solves on a strided sample whose budget
         # is widened by three standard deviations either way.
-        m = _sample(x, sv, SAMPLE)
+        m = _sample(x, sv, DENSE_SAMPLE)
         ks = kk * m / n_fin
         spread = 3.0 * math.sqrt(ks) + 3.0 if m < n_fin else 0.0
         lo_s = _solve_values(sv, m, min(ks + spread, m - 0.5 * min(1.0, m - ks)), t, code, 0.05 * t)
