@@ -234,3 +234,18 @@ def test_experiments_resume_reads_back_finished_settings(tmp_path, capsys, monke
     # another seed count would mix incomparable tables: refused, naming the option
     assert main([*base[:-4], "3", "--quiet", "--out", str(out), "--resume"]) == 2
     assert "--seeds 2" in capsys.readouterr().err
+
+
+def test_bench_targets_bound_one_call_in_microseconds():
+    """(1, 8) is held to the per-call bound in µs, not to the throughput ratios."""
+    assert (1, 8, 2) in {(b, n, k) for b, n, k, _ in bench.SHAPES}
+
+    def row(ms: float, ratio: float) -> bench.Row:
+        shape = dict(batch=1, n=8, k=2, dtype="torch.float32", device="cpu")
+        return bench.Row("sparse", "operator", "fwd+bwd", **shape, ms=ms, ratio=ratio, peak_bytes=0.0,
+                         peak_ratio=0.0, repeats=3)  # fmt: skip
+
+    fast, slow = bench.format_targets([row(0.05, 9.0)]), bench.format_targets([row(0.21, 9.0)])
+    assert "| 50.00 | 60.0 µs per call | met |" in fast
+    assert "| 210.00 | 60.0 µs per call | not met |" in slow
+    assert "x torch.topk fwd" not in fast  # a call this short is not held to the ratios
