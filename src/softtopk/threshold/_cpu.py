@@ -162,10 +162,12 @@ def _newton(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high
             hi = tau
         if f == 0.0 or hi - lo <= 0.5 * eps * (abs(lo) + abs(hi)):  # lo and hi adjacent
             return tau
-        if abs(f) <= 4.0 * eps * (c + 2.0 * kk + 2.0):
-            # f is at the rounding level of its own sum (c terms in [0, 1] and kk): no
-            # evaluation tells tau from its neighbours, and a step rejected there would
-            # send a bisection across the bracket
+        if code >= LOGISTIC and abs(f) <= 4.0 * eps * (c + 2.0 * kk + 2.0):
+            # A dense link's f at the rounding level of its own sum (c terms in [0, 1] and
+            # kk): no evaluation tells tau from its neighbours, and a step rejected there
+            # for not halving would send a bisection across the bracket. (A sparse link
+            # iterates on: a tau a rounding error off its root can leave an entry just
+            # inside (0, 1), where it would take a share of a hard row's gradient.)
             return tau
         delta = f / d if d > 0.0 else math.inf
         cand = tau + delta
