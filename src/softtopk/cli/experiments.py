@@ -16,12 +16,16 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import __version__
 from ..data import DataNotFoundError
 from ._progress import Progress
+
+if TYPE_CHECKING:  # the experiments package is imported when the command runs
+    from ..experiments._runner import Setting, SettingResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -206,12 +210,15 @@ def _previous_run(args: argparse.Namespace, protocol_version: str) -> dict:
     return data
 
 
-def _read_back(previous: dict, name: str, setting, seeds: int):  # noqa: ANN001, ANN202
-    """The earlier run's result of ``setting``, or None if it has none with these methods."""
+def _read_back(previous: dict, name: str, setting: Setting, seeds: int) -> SettingResult | None:
+    """The earlier run's result of ``setting``, or None if it has none with these methods.
+
+    ``previous`` comes from :func:`_previous_run`, which checked its options (seeds included).
+    """
     from ..experiments._runner import Row, SettingResult
 
     saved = previous.get("experiments", {}).get(name, {}).get(setting.key)
-    if saved is None or saved["seeds"] != seeds:
+    if saved is None:
         return None
     rows = [Row(**r) for r in saved["rows"]]
     if [r.method for r in rows] != [m.name for m in setting.methods]:

@@ -579,7 +579,8 @@ def topk_route(
         total = gates.sum(-1, keepdim=True)
         gates = torch.where(total > 0, gates / torch.where(total > 0, total, 1.0), 0.0)
     assigned = gates > 0
-    routed = assigned  # what is left after the capacity
+    counts = assigned.sum(0).to(cd)  # integer counts: exact in the compute dtype below 2^24
+    routed, load = assigned, counts  # the assignments the capacity leaves, per expert
     dropped = torch.zeros((), dtype=torch.int64, device=logits.device)
     if capacity_factor is not None and routing in ("token", "relu"):
         k_mean = float(k.float().mean()) if isinstance(k, Tensor) else float(k)
@@ -588,8 +589,8 @@ def topk_route(
         dropped = (assigned & ~keep).sum()
         gates = torch.where(keep, gates, 0.0)
         routed = gates > 0
+        load = routed.sum(0).to(cd)
     active = routed.sum(-1)
-    counts = assigned.sum(0).to(cd)  # integer counts: exact in the compute dtype below 2^24
     fraction = counts / counts.sum().clamp(min=1.0)
     if score == "softmax" and routing != "relu":
         pnorm = probs  # softmax rows sum to 1 already
@@ -601,7 +602,6 @@ def topk_route(
         l1_loss = l1_coef * gates.sum(-1).mean()
     else:
         l1_loss = torch.zeros((), dtype=cd, device=logits.device)
-    load = counts if routed is assigned else routed.sum(0).to(cd)
     lead = logits.shape[:-1]
     return RouterOutput(
         gates.reshape(*lead, E).to(logits.dtype),

@@ -136,8 +136,8 @@ def _newton(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high
     eps = 2.220446049250313e-16
     if not (tau > lo and tau < hi):
         tau = 0.5 * (lo + hi)
-    dx_old = hi - lo
     width = hi - lo
+    dx_old = width
     it = 0
     iters = MAX_ITER
     while it < iters:

@@ -121,7 +121,7 @@ def backward_impl(
         grad_k = np.empty(B, dtype=np.float64)
         # grad_y is often expanded (the gradient of a sum has stride 0): NumPy copies it
         # to a contiguous array for less than a torch copy costs
-        v = np.ascontiguousarray(grad_y.detach().numpy(), dtype=ys.dtype)
+        v = np.ascontiguousarray(grad_y.detach().numpy())
         args = (ys, tau.contiguous().numpy(), t.contiguous().numpy(), v, link, float(p), grad_x, grad_k)
         if _backend.serial(y.numel()):
             cpu.backward_serial(*args)
