@@ -27,6 +27,7 @@ from softtopk.experiments import (
     Setting,
     classification,
     mask_operators,
+    pruning,
     run_setting,
 )
 from softtopk.experiments._runner import (
@@ -112,6 +113,19 @@ def test_operator_selection_follows_the_registry(monkeypatch):
     assert "tiny-kn" in [op.name for op in mask_operators(shape=(2, 10), k=5)[0]]
     assert "tiny-kn" in [op.name for op in mask_operators(shape=(2, 10))[0]]  # no k given: no k n check
     assert temperature_grid(registry.OPERATORS["sparse"], (0.1, 1.0, 10.0)) == [0.01, 0.1, 1.0]
+
+
+def test_pruning_leaves_out_operators_whose_k_n_memory_a_layer_exceeds():
+    # digits into a 3000-wide layer keeps k = 96000 of n = 192000 weights: k n = 1.8e10
+    cfg = pruning.Config(dataset="digits", sparsity=0.5, hidden=(3000,), train_size=None, test_size=None)
+    try:
+        setting = pruning.make_setting(cfg, only=["sparse", "subset"])
+    except DataNotFoundError as err:
+        pytest.skip(str(err))
+    assert [m.name for m in setting.methods if m.group == "operator"] == ["W * mask [sparse]"]
+    assert "subset: left out" in setting.description and "O(k n)" in setting.description
+    toy = pruning.make_setting(pruning.SIZES["toy"][0], only=["sparse", "subset"])  # k n = 1.7e6
+    assert "W * mask [subset]" in [m.name for m in toy.methods]
 
 
 def test_registry_order_of_experiments():

@@ -168,7 +168,10 @@ def make_setting(cfg: Config, *, only=None, grid=GRID, data_dir=None) -> Setting
     split = Split(data, train_size=cfg.train_size, test_size=cfg.test_size)
     sizes = [split.features, *cfg.hidden, split.classes]
     largest = max(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
-    ops, notes = mask_operators(only, shape=(1, largest), kinds=("mask", "magnitude"))
+    # One call per weight matrix: the largest keeps k = (1 - sparsity) n of its n entries,
+    # which an O(k n)-memory operator cannot hold at these sizes (k n = 5.5e9 at 90 %).
+    kept = max(1, round((1 - cfg.sparsity) * largest))
+    ops, notes = mask_operators(only, shape=(1, largest), k=kept, kinds=("mask", "magnitude"))
     dense_models: dict[tuple[float, int], tuple[PrunedMLP, list[float]]] = {}
 
     def dense(lr: float, seed: int) -> tuple[PrunedMLP, list[float]]:
