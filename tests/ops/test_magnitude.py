@@ -245,6 +245,52 @@ def test_p43_jacobian_at_a_tie_is_the_closed_form(route):
     torch.testing.assert_close(jac, expected, rtol=1e-12, atol=0)
 
 
+def _bisect_gap(s1, delta, l):
+    """g = s1 - tau of the block {s1 (top, pooled), s1 - delta (rest)}: g^3 + (g - delta)^3 = l^3 (s1 - g).
+
+    Solved for g itself, whose digits survive however large s1 is.
+    """
+    lo, hi = delta, s1
+    for _ in range(3000):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        lo, hi = (lo, mid) if mid**3 + (mid - delta) ** 3 > l**3 * (s1 - mid) else (mid, hi)
+    return 0.5 * (lo + hi)
+
+
+@pytest.mark.parametrize("route", ["cpu", "torch"])
+@pytest.mark.parametrize("s", [1e2, 1e8, 1e12, 1.68e14, 1e16, 1e20])
+@pytest.mark.parametrize("near", [0.0, 0.5])
+def test_p43_pooled_gaps_far_below_the_rounding_of_x(route, s, near):
+    """Two (near-)tied entries s, s - delta at k = 1, l = 1e-6: gaps of l (s / 2)^(1/3).
+
+    At s = 1e8 the gap is 4e-4, below the float64 rounding of s - tau for a rounded tau;
+    the solver's unknown is tau's offset below the (k+1)-th magnitude, so the gaps keep
+    their digits: the routes returned 5.0017e7 instead of 5e7 there, and [1.68e14, 2.44e14]
+    for two ties of 1.68e14.
+    """
+    l = 1e-6
+    delta = near * _bisect_gap(s, 0.0, l)
+    second = s - delta
+    if near:  # delta must be exact for the closed form: round it to what the input holds
+        delta = s - second
+    g = _bisect_gap(s, delta, l)
+    gaps = torch.tensor([g, g - delta], dtype=torch.float64)
+    expected = torch.cat([(gaps / l) ** 3 + gaps, torch.zeros(1, dtype=torch.float64)])
+    x = torch.tensor([s, second, 0.3 * s], dtype=torch.float64, requires_grad=True)
+    y = _route(route, softtopk.topk_mag, x, 1, temperature=l, p=4.0 / 3.0)
+    torch.testing.assert_close(y.detach(), expected, rtol=1e-12, atol=0)
+    # Jacobian: dy_i/dx_j = (3 z_i^2 / l + 1)(delta_ij - c_j), c_j = 3 g_j^2 / (sum 3 g^2 + l^3)
+    slope = 3 * (gaps / l) ** 2 / l + 1
+    c = 3 * gaps**2 / (3 * (gaps**2).sum() + l**3)
+    jac = torch.zeros(3, 3, dtype=torch.float64)
+    jac[:2, :2] = slope[:, None] * (torch.eye(2, dtype=torch.float64) - c[None, :])
+    f = lambda v: softtopk.topk_mag(v, 1, temperature=l, p=4.0 / 3.0)  # noqa: E731
+    got = _route(route, torch.autograd.functional.jacobian, f, x.detach())
+    torch.testing.assert_close(got, jac, rtol=1e-9, atol=0)
+
+
 @pytest.mark.parametrize("route", ["cpu", "torch"])
 def test_double_backward(route):
     x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)

@@ -76,25 +76,28 @@ def singleton_gap(s: Tensor, l: float, r: int) -> Tensor:
     return u * scale
 
 
-def _mag_evaluator(s: Tensor, top: Tensor, l: float, r: int):
-    """h(tau) and -h'(tau) of the pooled block's equation.
+def _mag_evaluator(below: Tensor, top: Tensor, b: Tensor, l: float, r: int):
+    """-h and dh/dw of the pooled block's equation at tau = b - w.
 
     h(tau) = sum_{top, pooled} ((s - tau)^r - l^r tau) + sum_{rest, s > tau} (s - tau)^r,
     a top entry being pooled when its own value (s - u) falls below tau, that is when
-    (s - tau)^r < l^r tau. h is continuous and decreasing; for r = 1 it is piecewise
-    linear and the Newton iteration ends on the exact root.
+    (s - tau)^r < l^r tau. h is continuous and decreasing in tau; for r = 1 it is
+    piecewise linear and the Newton iteration ends on the exact root. The unknown is the
+    offset w = b - tau from the (k+1)-th magnitude b, and ``below`` = s - b, so each gap
+    s - tau = below + w keeps the digits that s - tau from a rounded tau would lose.
     """
     lr = l**r
 
-    def evaluate(tau: Tensor) -> tuple[Tensor, Tensor]:
-        gap = (s - tau.unsqueeze(-1)).clamp(min=0.0)
+    def evaluate(w: Tensor) -> tuple[Tensor, Tensor]:
+        gap = (below + w.unsqueeze(-1)).clamp(min=0.0)
+        tau = (b - w).unsqueeze(-1)
         power = gap if r == 1 else gap**r
         slope = torch.ones_like(gap) if r == 1 else r * gap ** (r - 1)
-        pooled = top & (power < lr * tau.unsqueeze(-1))
+        pooled = top & (power < lr * tau)
         band = ~top & (gap > 0)
-        f = torch.where(pooled, power - lr * tau.unsqueeze(-1), 0.0) + torch.where(band, power, 0.0)
+        f = torch.where(pooled, power - lr * tau, 0.0) + torch.where(band, power, 0.0)
         d = torch.where(pooled, slope + lr, 0.0) + torch.where(band, slope, 0.0)
-        return f.sum(-1), d.sum(-1)
+        return -f.sum(-1), d.sum(-1)
 
     return evaluate
 
@@ -121,21 +124,24 @@ def _mag_candidates(x: Tensor, k: Tensor, l: float, r: int, K: int) -> tuple[Ten
     edge = (k <= 0) | (k >= n)
     # 1 <= kk <= K - 1 on regular rows; rows with k = 0 or k = n (edge) take any index.
     kk = torch.where(edge, 1.0, k).long().unsqueeze(-1).clamp(1, max(1, K - 1))
-    u_k = singleton_gap(s.gather(-1, kk - 1), l, r)
-    # own value of the k-th entry: h >= 0 below (and at 0: the root is >= 0, whatever the rounding)
-    lo = (s.gather(-1, kk - 1) - u_k).squeeze(-1).clamp(min=0.0)
-    hi = s.gather(-1, kk.clamp(max=K - 1)).squeeze(-1)  # the (k+1)-th entry: h <= 0 above
-    hard = lo >= hi  # no pooling: every tau in [hi, lo] is a root
-    lo = torch.minimum(lo, hi)
-    evaluate = _mag_evaluator(s, top, l, r)
-    # tau has the units of s and lies below hi: the step tolerance scales with hi, not with l
-    # (dimensionless for p = 2), so rows of tiny magnitudes converge as far as large ones.
-    scale = torch.where(hard | edge, 1.0, hi)
-    tau, _ = newton(evaluate, k, lo, hi, 0.5 * (lo + hi), hard | edge, t=scale, m=K, value_dtype=f64)
-    tau = torch.where(hard, hi, tau)
-    tau = torch.where(k >= n, -1.0, torch.where(k <= 0, big.squeeze(-1), tau)).unsqueeze(-1)
+    a = s.gather(-1, kk - 1).squeeze(-1)
+    b = s.gather(-1, kk.clamp(max=K - 1)).squeeze(-1)  # the (k+1)-th entry: h <= 0 above
+    # tau lies in [b - span, b]: the k-th entry's own value a - u(a) is b - ((b - a) + u(a)),
+    # and the root is >= 0 (h(0) >= 0, whatever the rounding)
+    span = torch.minimum((b - a) + singleton_gap(a, l, r), b)
+    hard = span <= 0  # no pooling: every tau in [b, a - u(a)] is a root
+    skip = hard | edge
+    span = torch.where(skip, 0.0, span)
+    evaluate = _mag_evaluator(s - b.unsqueeze(-1), top, b, l, r)
+    # the step tolerance scales with the bracket, which has the units of s
+    scale = torch.where(skip, 1.0, span)
+    zero = torch.zeros_like(span)
+    w, _ = newton(evaluate, k, zero, span, 0.5 * span, skip, t=scale, m=K, value_dtype=f64)
+    w = torch.where(skip, 0.0, w).unsqueeze(-1)
+    b = torch.where(k >= n, -1.0, torch.where(k <= 0, big.squeeze(-1), b)).unsqueeze(-1)
+    tau = b - w
     lr = l**r
-    gap = (s - tau).clamp(min=0.0)
+    gap = ((s - b) + w).clamp(min=0.0)
     power = gap**r
     pooled = top & (power < lr * tau) & (gap > 0)
     block = pooled | (~top & (gap > 0))
@@ -238,8 +244,9 @@ class _TopKMag(torch.autograd.Function):
 class _TopKMagCPU(torch.autograd.Function):
     """The numba route of :class:`_TopKMag` for eager CPU calls.
 
-    It saves x and three numbers per row (tau, the k-th magnitude, its ties in the top
-    set); the backward rebuilds the Jacobian from them in two passes over the row.
+    It saves x and four numbers per row (tau = b - w as b and w, the k-th magnitude, its
+    ties in the top set); the backward rebuilds the Jacobian from them in two passes over
+    the row.
     """
 
     @staticmethod
@@ -247,7 +254,7 @@ class _TopKMagCPU(torch.autograd.Function):
         cpu = _backend.kernels("ops._magnitude_cpu")
         xc = x.detach().contiguous()
         y = torch.empty_like(xc)
-        info = torch.empty(xc.shape[0], 3, dtype=torch.float64)
+        info = torch.empty(xc.shape[0], 4, dtype=torch.float64)
         args = (
             xc.numpy(),
             k.detach().contiguous().numpy(),
@@ -321,11 +328,12 @@ def _mag_backward_tensors(x: Tensor, info: Tensor, grad_y: Tensor, l: float, deb
     """
     f64 = torch.float64
     s = x.abs().to(f64)
-    tau, a, m = (info[:, j : j + 1] for j in range(3))
+    b, w, a, m = (info[:, j : j + 1] for j in range(4))
+    tau = b - w
     finite = torch.isfinite(s)
     ties = (s == a) & finite
     top = finite & ((s > a) | (ties & (ties.cumsum(-1) <= m)))
-    gap = s - tau
+    gap = (s - b) + w
     pooled = top & (gap > 0) & (gap < l * tau)
     block = (gap > 0) & finite & (pooled | ~top)
     kept = top & (gap > 0) & ~pooled
@@ -337,7 +345,7 @@ def _mag_backward_tensors(x: Tensor, info: Tensor, grad_y: Tensor, l: float, deb
     v = sign * grad_y.to(f64)
     c = (d * right * v).sum(-1, keepdim=True) / torch.where(weight > 0, weight, 1.0)
     grad_x = torch.where(finite, sign * (d * v - right * c), grad_y.to(f64))
-    return torch.where(torch.isnan(tau), math.nan, grad_x).to(x.dtype)
+    return torch.where(torch.isnan(b), math.nan, grad_x).to(x.dtype)
 
 
 def topk_mag(

@@ -17,9 +17,14 @@ Forward of a row:
    (h is decreasing; for r = 1 it is piecewise linear and Newton ends on the exact root);
 5. write y = sign(x) psi(s).
 
-A row's threshold tau (NaN for a NaN row, +inf when nothing is kept, -inf when every
-finite entry is kept), a and the number of ties at a in the top set are all the backward
-needs besides x: it rebuilds the Jacobian diag(d) - left right^T / W in two passes.
+The unknown is the offset w = b - tau in [0, (b - a) + u(a)], not tau itself, and each
+gap is s - tau = (s - b) + w: for p = 4/3 the gaps of tied entries at a small l are
+far below the rounding of s (two ties at s = 1e8 with l = 1e-6 have gaps of 4e-4), and
+s - tau computed from a rounded tau loses them.
+
+A row's (b, w), a and the number of ties at a in the top set are all the backward needs
+besides x: it rebuilds the Jacobian diag(d) - left right^T / W in two passes. b is NaN
+for a NaN row, +inf when nothing is kept and -inf when every finite entry is kept (w = 0).
 """
 
 from __future__ import annotations
@@ -64,13 +69,17 @@ def _own_gap(s, l, r):  # pragma: no cover - compiled
 
 
 @_jit
-def _evaluate(sv, st, c, tau, lr, r):  # pragma: no cover - compiled
-    """h(tau), -h'(tau) and the sum of the magnitudes of h's terms on the c candidates."""
+def _evaluate(sv, st, c, b, w, lr, r):  # pragma: no cover - compiled
+    """h, -h' at tau = b - w and the sum of the magnitudes of h's terms on the c candidates.
+
+    sv holds the candidates' s - b.
+    """
     f = 0.0
     d = 0.0
     size = 0.0
+    tau = b - w
     for j in range(c):
-        gap = sv[j] - tau
+        gap = sv[j] + w
         if gap <= 0.0:
             continue
         if r == 1:
@@ -92,24 +101,29 @@ def _evaluate(sv, st, c, tau, lr, r):  # pragma: no cover - compiled
 
 
 @_jit
-def _solve(sv, st, c, lo, hi, lr, r):  # pragma: no cover - compiled
-    """The root of h in [lo, hi] (h(lo) >= 0 >= h(hi)) by safeguarded Newton."""
-    tau = 0.5 * (lo + hi)
+def _solve(sv, st, c, b, top, lr, r):  # pragma: no cover - compiled
+    """The offset w in [0, top] of the root tau = b - w of h by safeguarded Newton.
+
+    h(b) <= 0 <= h(b - top); h increases with w, with slope -h'.
+    """
+    lo = 0.0
+    hi = top
+    w = 0.5 * top
     for _ in range(MAX_ITER):
-        f, d, size = _evaluate(sv, st, c, tau, lr, r)
+        f, d, size = _evaluate(sv, st, c, b, w, lr, r)
         if abs(f) <= 4.0 * EPS * size:  # a root up to the rounding of h's sum
-            return tau
+            return w
         if f > 0.0:
-            lo = tau
+            hi = w
         else:
-            hi = tau
-        new = tau + f / d if d > 0.0 else 0.5 * (lo + hi)
+            lo = w
+        new = w - f / d if d > 0.0 else 0.5 * (lo + hi)
         if not (lo < new < hi):
             new = 0.5 * (lo + hi)
-        if new == tau or hi - lo <= 1e-15 * abs(hi):
+        if new == w or hi - lo <= 1e-15 * abs(hi):
             return new
-        tau = new
-    return tau
+        w = new
+    return w
 
 
 @_jit
@@ -137,7 +151,7 @@ def _collect(x, lower, sv, si):  # pragma: no cover - compiled
 
 @_jit
 def _forward_row(x, k, l, r, debias, y, buf, sv, si, st, info):  # pragma: no cover - compiled
-    """One row: writes y and info = (tau, a, ties of a in the top set)."""
+    """One row: writes y and info = (b, w, a, ties of a in the top set); tau = b - w."""
     n = x.shape[0]
     lr = l**r
     lower = -1.0  # collect every finite magnitude, unless a sample gives a bound
@@ -177,8 +191,9 @@ def _forward_row(x, k, l, r, debias, y, buf, sv, si, st, info):  # pragma: no co
         for i in range(n):
             y[i] = math.nan
         info[0] = math.nan
-        info[1] = math.nan
-        info[2] = 0.0
+        info[1] = 0.0
+        info[2] = math.nan
+        info[3] = 0.0
         return
     kk = int(k) - n_inf
     if kk == 0 or kk >= nf:
@@ -190,8 +205,9 @@ def _forward_row(x, k, l, r, debias, y, buf, sv, si, st, info):  # pragma: no co
                 if s < math.inf:
                     y[i] = v + 0.0 if debias else math.copysign(s - _own_gap(s, l, r), v) + 0.0
         info[0] = -math.inf if kk > 0 else math.inf
-        info[1] = -math.inf
-        info[2] = 0.0
+        info[1] = 0.0
+        info[2] = -math.inf
+        info[3] = 0.0
         return
     need = kk + 1
     if c < need:
@@ -212,11 +228,12 @@ def _forward_row(x, k, l, r, debias, y, buf, sv, si, st, info):  # pragma: no co
         if sv[j] > a:
             n_gt += 1
     m = kk - n_gt  # ties at a that the top set takes, lowest index first
-    lo = max(a - _own_gap(a, l, r), 0.0)  # the root is >= 0 (h(0) >= 0); rounding can say otherwise
-    hi = b
-    if lo >= hi:
-        tau = hi
-    else:
+    # tau lies in [b - span, b]: the k-th entry's own value a - u(a) is b - ((b - a) + u(a)),
+    # and the root is >= 0 (h(0) >= 0)
+    span = min((b - a) + _own_gap(a, l, r), b)
+    w = 0.0
+    if span > 0.0:
+        lo = (b - span) * (1.0 - 4.0 * EPS)  # no entry above the bracket is left out by rounding
         if lo < lower:  # the support may reach below the candidates: collect down to lo
             c = _collect(x, lo, sv, si)
         else:
@@ -231,12 +248,15 @@ def _forward_row(x, k, l, r, debias, y, buf, sv, si, st, info):  # pragma: no co
         for j in range(c):
             top, seen = _is_top(sv[j], a, m, seen)
             st[j] = top
-        tau = _solve(sv, st, c, lo, hi, lr, r)
+            sv[j] -= b  # exact for the entries near b, where the gaps are small
+        w = _solve(sv, st, c, b, span, lr, r)
+    tau = b - w
     seen = 0
     for j in range(c):
-        s = sv[j]
+        i = si[j]
+        s = abs(x[i])
         top, seen = _is_top(s, a, m, seen)
-        gap = s - tau
+        gap = (s - b) + w
         if not gap > 0.0:
             continue
         power = gap if r == 1 else gap * gap * gap
@@ -247,11 +267,11 @@ def _forward_row(x, k, l, r, debias, y, buf, sv, si, st, info):  # pragma: no co
             out = z if r == 1 else z * z * z
             if debias:
                 out += gap
-        i = si[j]
         y[i] = math.copysign(out, x[i]) + 0.0
-    info[0] = tau
-    info[1] = a
-    info[2] = m
+    info[0] = b
+    info[1] = w
+    info[2] = a
+    info[3] = m
 
 
 @_jit
@@ -267,7 +287,7 @@ def _forward_rows(x, k, l, r, debias, y, info, start, stop):  # pragma: no cover
 
 @numba.njit(cache=True, parallel=True)
 def forward(x, k, l, r, debias, y, info, chunks):  # pragma: no cover - compiled
-    """Writes y (B, n) and info (B, 3) = (tau, a, ties) of rows x (B, n), rows in parallel."""
+    """Writes y (B, n) and info (B, 4) = (b, w, a, ties) of rows x (B, n), rows in parallel."""
     B = x.shape[0]
     chunks = max(1, min(B, chunks))
     per = (B + chunks - 1) // chunks
@@ -282,9 +302,10 @@ def forward_serial(x, k, l, r, debias, y, info):  # pragma: no cover - compiled
 
 
 @_jit
-def _entry(s, tau, top, l, lr, r, debias):  # pragma: no cover - compiled
-    """(d, right, in_block, pooled) of one finite entry: its Jacobian terms in s."""
-    gap = s - tau
+def _entry(s, b, w, top, l, lr, r, debias):  # pragma: no cover - compiled
+    """(d, right, in_block, pooled) of one finite entry: its Jacobian terms in s (tau = b - w)."""
+    gap = (s - b) + w
+    tau = b - w
     if not gap > 0.0:
         return 0.0, 0.0, False, False
     power = gap if r == 1 else gap * gap * gap
@@ -304,7 +325,7 @@ def _entry(s, tau, top, l, lr, r, debias):  # pragma: no cover - compiled
 
 
 @_jit
-def _coupling(x, a, m, tau, l, lr, r, debias, gy, scale):  # pragma: no cover - compiled
+def _coupling(x, a, m, b, w, l, lr, r, debias, gy, scale):  # pragma: no cover - compiled
     """W and sum over the block of d_i sign_i gy_i scale (entries above tau only)."""
     weight = 0.0
     coupled = 0.0
@@ -312,10 +333,10 @@ def _coupling(x, a, m, tau, l, lr, r, debias, gy, scale):  # pragma: no cover - 
     for i in range(x.shape[0]):
         v = x[i]
         s = abs(v)
-        if not (s > tau and s < math.inf):
+        if not ((s - b) + w > 0.0 and s < math.inf):
             continue  # entries at or below tau have no ties at a in the top set to count
         top, seen = _is_top(s, a, m, seen)
-        d, right, block, pooled = _entry(s, tau, top, l, lr, r, debias)
+        d, right, block, pooled = _entry(s, b, w, top, l, lr, r, debias)
         if block:
             weight += right
             if pooled:
@@ -328,20 +349,21 @@ def _coupling(x, a, m, tau, l, lr, r, debias, gy, scale):  # pragma: no cover - 
 @_jit
 def _backward_row(x, info, l, r, debias, gy, gx):  # pragma: no cover - compiled
     n = x.shape[0]
-    tau = info[0]
-    if tau != tau:
+    b = info[0]
+    if b != b:
         for i in range(n):
             gx[i] = math.nan
         return
-    a = info[1]
-    m = int(info[2])
+    w = info[1]
+    a = info[2]
+    m = int(info[3])
     lr = l**r
     scale = 1.0
-    weight, coupled = _coupling(x, a, m, tau, l, lr, r, debias, gy, scale)
+    weight, coupled = _coupling(x, a, m, b, w, l, lr, r, debias, gy, scale)
     if not abs(coupled) < math.inf:
         # a cotangent near the float64 limit: the sum is formed on it scaled by 2^-1000
         scale = 2.0**-1000
-        weight, coupled = _coupling(x, a, m, tau, l, lr, r, debias, gy, scale)
+        weight, coupled = _coupling(x, a, m, b, w, l, lr, r, debias, gy, scale)
     c = coupled / weight if weight > 0.0 else 0.0
     seen = 0
     for i in range(n):
@@ -350,11 +372,11 @@ def _backward_row(x, info, l, r, debias, gy, gx):  # pragma: no cover - compiled
         if s == math.inf:
             gx[i] = gy[i]
             continue
-        if not s > tau or v == 0.0:
+        if not (s - b) + w > 0.0 or v == 0.0:
             gx[i] = 0.0
             continue
         top, seen = _is_top(s, a, m, seen)
-        d, right, block, pooled = _entry(s, tau, top, l, lr, r, debias)
+        d, right, block, pooled = _entry(s, b, w, top, l, lr, r, debias)
         if scale == 1.0:
             gx[i] = d * gy[i] - (right * c if v > 0.0 else -right * c)
         else:
@@ -364,7 +386,7 @@ def _backward_row(x, info, l, r, debias, gy, gx):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, parallel=True)
 def backward(x, info, l, r, debias, gy, gx):  # pragma: no cover - compiled
-    """grad_x of rows x (B, n) given the forward's info (B, 3) and grad_y (B, n)."""
+    """grad_x of rows x (B, n) given the forward's info (B, 4) and grad_y (B, n)."""
     for b in numba.prange(x.shape[0]):
         _backward_row(x[b], info[b], l, r, debias, gy[b], gx[b])
 
