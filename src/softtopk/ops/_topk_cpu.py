@@ -10,6 +10,8 @@ number). Ties between equal keys go to the lowest index.
 
 Selection of a row of n entries, k of them kept:
 
+* k <= 2 on rows of at most ``PACKED_ROW`` entries (keys of at most 32 bits): one pass of
+  a min and a max on integers packing the key and the index, without branches;
 * k <= ``SMALL_K``: one pass that keeps the k best so far in order (insertion; an entry
   is compared with the current k-th best only);
 * otherwise a lower bound of the k-th key from a strided sample (its r-th largest key,
@@ -30,6 +32,9 @@ import numpy as np
 
 #: Rows keeping at most this many entries use the one-pass insertion.
 SMALL_K = 16
+#: Rows at most this long keep k <= 2 entries by min and max on packed (key, index)
+#: integers, for keys of at most 32 bits (float32, float16, bfloat16).
+PACKED_ROW = 128
 #: Rows at most this long skip the sample: every entry is a candidate.
 SHORT = 4096
 #: Size of the strided sample.
@@ -186,6 +191,39 @@ def _small_k_rows(
 
 
 @_jit
+def _packed_rows(xb, k, sorted_, magmask, infbits, sign, vals, idx, start, stop):  # pragma: no cover
+    """k <= 2 on short rows with keys of at most 32 bits, by min and max, without branches.
+
+    The key and the index of an entry travel packed in one integer, (key << 16) | (65535
+    - index), whose order is (key descending, index ascending). On a short row whether an
+    entry enters the k best is as likely as not, and a mispredicted branch costs more
+    than the min and the max.
+    """
+    n = xb.shape[1]
+    below = np.int64(-(1 << 62))
+    for b in range(start, stop):
+        first = below
+        second = below
+        for i in range(n):
+            key = (_key(xb[b, i], magmask, infbits, sign) << 16) | (65535 - i)
+            second = max(min(key, first), second)
+            first = max(key, first)
+        i0 = 65535 - (first & 65535)
+        if k == 1:
+            idx[b, 0] = i0
+        else:
+            i1 = 65535 - (second & 65535)
+            if sorted_ or i0 < i1:
+                idx[b, 0] = i0
+                idx[b, 1] = i1
+            else:
+                idx[b, 0] = i1
+                idx[b, 1] = i0
+        for j in range(k):
+            vals[b, j] = xb[b, idx[b, j]]
+
+
+@_jit
 def _collect_keys(xb, lower, magmask, infbits, sign, ck, ci):  # pragma: no cover - compiled
     """Entries with key >= lower, in index order, into ck/ci (their count)."""
     m = 0
@@ -279,10 +317,12 @@ def _large_k_row(x, xb, k, sorted_, floats, magmask, infbits, sign, vals, idx, c
 def _rows(x, xb, k, sorted_, floats, magmask, infbits, sign, vals, idx, start, stop):  # pragma: no cover
     if k == 0 or start >= stop:
         return
-    if k <= SMALL_K:
+    n = xb.shape[1]
+    if k <= 2 and magmask <= 0x7FFFFFFF and n <= PACKED_ROW:
+        _packed_rows(xb, k, sorted_, magmask, infbits, sign, vals, idx, start, stop)
+    elif k <= SMALL_K:
         _small_k_rows(x, xb, k, sorted_, floats, magmask, infbits, sign, vals, idx, start, stop)
     else:
-        n = xb.shape[1]
         ck = np.empty(n, dtype=np.int64)
         ci = np.empty(n, dtype=np.int64)
         for b in range(start, stop):
