@@ -269,3 +269,35 @@ def test_hard_mask_takes_ties_by_lowest_index():
     assert torch.equal(y, torch.tensor([[0.0, 1, 1, 0, 0], [1, 1, 0, 0, 0]]))
     y = softtopk.topk_mask(x, 2.5, method="hard")
     assert torch.equal(y, torch.tensor([[0.0, 1, 1, 0.5, 0], [1, 1, 0.5, 0, 0]]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 150), rows=st.integers(1, 6), data=st.data())
+def test_hard_mask_kernel_against_a_stable_sort(n, rows, data):
+    # weight clip(k - j, 0, 1) on the j-th largest (ties by index), 0 on -inf, NaN rows NaN
+    from softtopk.ops._hard import hard_mask
+
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    choices = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -1.0, 2.0])
+    x = choices[torch.randint(0, len(choices), (rows, n), generator=g)]
+    if data.draw(st.booleans()):
+        x = torch.where(torch.isnan(x), 0.5, x)
+    x = x.to(dtype)
+    k = torch.tensor(data.draw(st.lists(st.floats(0.0, n), min_size=rows, max_size=rows)), dtype=dtype)
+    order = torch.sort(x, dim=-1, descending=True, stable=True).indices  # NaN sorts first
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n).expand(rows, n))
+    want = (k[:, None] - rank.to(dtype)).clamp(0.0, 1.0)
+    want = torch.where(x == -math.inf, 0.0, want)
+    want = torch.where(torch.isnan(x).any(-1, keepdim=True), math.nan, want)
+    for route in ("cpu", "torch"):
+        before = os.environ.get("SOFTTOPK_BACKEND")
+        os.environ["SOFTTOPK_BACKEND"] = route
+        try:
+            got = hard_mask(x, k)
+        finally:
+            if before is None:
+                del os.environ["SOFTTOPK_BACKEND"]
+            else:
+                os.environ["SOFTTOPK_BACKEND"] = before
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=route)

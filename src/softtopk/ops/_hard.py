@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._checks import may_sync, scatter_rows
-from ._topk import lowest_index_topk, topk_rows_impl
+from ._topk import hard_mask_rows_impl, lowest_index_topk, topk_rows_impl
 
 
 def _hard_rows(x: Tensor, k: Tensor) -> Tensor:
@@ -18,7 +18,10 @@ def _hard_rows(x: Tensor, k: Tensor) -> Tensor:
     if x.numel() == 0:
         return torch.zeros_like(x)
     K = max(1, min(n, math.ceil(float(k.amax().item())))) if may_sync(k) else n
-    if may_sync(x) and _backend.route(x) == "cpu":  # the threshold selection beats torch.topk on CPU
+    cpu = may_sync(x) and _backend.route(x) == "cpu"  # the threshold selection beats torch.topk on CPU
+    if cpu and x.dtype in (torch.float32, torch.float64):
+        return hard_mask_rows_impl(x, K, k)  # selection and mask in one kernel
+    if cpu:
         vals, idx = topk_rows_impl(x, K, True, True)
     else:
         vals, idx = lowest_index_topk(x, K)

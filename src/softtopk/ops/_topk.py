@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -103,6 +104,26 @@ def topk_rows_impl(x: Tensor, k: int, largest: bool, sorted: bool) -> tuple[Tens
         with _backend.numba_threads():
             cpu.topk(*args, _backend.chunks())
     return values, indices
+
+
+def hard_mask_rows_impl(x: Tensor, K: int, k: Tensor) -> Tensor:
+    """The hard mask of float32/float64 CPU rows (B, n) by the numba kernel, K = ceil(max k) >= 1.
+
+    Row b gets clip(k_b - j, 0, 1) on its j-th largest entry (ties to the lowest index),
+    0 on -inf entries and NaN throughout when it holds a NaN.
+    """
+    cpu = _backend.kernels("ops._topk_cpu")
+    view, magmask, infbits = _BITS[x.dtype]
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    kv = np.ascontiguousarray(k.detach().numpy(), dtype=np.float64)
+    args = (x.numpy(), x.view(view).numpy(), K, kv, magmask, infbits, y.numpy())
+    if _backend.serial(x.numel()):
+        cpu.mask_serial(*args)
+    else:
+        with _backend.numba_threads():
+            cpu.mask(*args, _backend.chunks())
+    return y
 
 
 @torch.library.custom_op("softtopk::topk", mutates_args=())

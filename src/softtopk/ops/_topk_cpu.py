@@ -349,3 +349,50 @@ def topk(x, xb, k, sorted_, floats, magmask, infbits, sign, vals, idx, chunks): 
 def topk_serial(x, xb, k, sorted_, floats, magmask, infbits, sign, vals, idx):  # pragma: no cover - compiled
     """:func:`topk` on the calling thread (small batches)."""
     _rows(x, xb, k, sorted_, floats, magmask, infbits, sign, vals, idx, 0, x.shape[0])
+
+
+@_jit
+def _fill_mask(x, K, kv, idx, y, start, stop):  # pragma: no cover - compiled
+    """y[b] = the mask of the K best of row b, sorted: clip(k_b - j, 0, 1) on the j-th."""
+    n = x.shape[1]
+    for b in range(start, stop):
+        for i in range(n):
+            y[b, i] = 0.0
+        top = x[b, idx[b, 0]]
+        if top != top:  # a row with a NaN has it first: the row is NaN
+            for i in range(n):
+                y[b, i] = math.nan
+            continue
+        for j in range(K):
+            i = idx[b, j]
+            w = min(max(kv[b] - j, 0.0), 1.0)
+            y[b, i] = 0.0 if x[b, i] == -math.inf else w  # -inf is never selected
+
+
+@numba.njit(cache=True, parallel=True)
+def mask(x, xb, K, kv, magmask, infbits, y, chunks):  # pragma: no cover - compiled
+    """The hard top-k mask of float32/float64 rows x (B, n) into y, K = ceil(max k) >= 1.
+
+    Row b keeps weight clip(k_b - j, 0, 1) on its j-th largest entry (ties to the lowest
+    index, NaN above +inf), never on -inf; a row holding a NaN is NaN.
+    """
+    B = x.shape[0]
+    vals = np.empty((B, K), dtype=xb.dtype)
+    idx = np.empty((B, K), dtype=np.int64)
+    chunks = max(1, min(B, chunks))
+    per = (B + chunks - 1) // chunks
+    for ch in numba.prange(chunks):
+        lo = ch * per
+        hi = min(B, (ch + 1) * per)
+        _rows(x, xb, K, True, True, magmask, infbits, 1, vals, idx, lo, hi)
+        _fill_mask(x, K, kv, idx, y, lo, hi)
+
+
+@_jit
+def mask_serial(x, xb, K, kv, magmask, infbits, y):  # pragma: no cover - compiled
+    """:func:`mask` on the calling thread (small batches)."""
+    B = x.shape[0]
+    vals = np.empty((B, K), dtype=xb.dtype)
+    idx = np.empty((B, K), dtype=np.int64)
+    _rows(x, xb, K, True, True, magmask, infbits, 1, vals, idx, 0, B)
+    _fill_mask(x, K, kv, idx, y, 0, B)
