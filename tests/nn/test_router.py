@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 
 import pytest
 import torch
@@ -92,6 +93,80 @@ def test_aux_and_z_losses_against_loops():
     assert balanced.aux_loss.item() == pytest.approx(1.0) or balanced.aux_loss.item() >= 1.0
     eye = topk_route(torch.eye(4).repeat(2, 1) * 5, 1, method="hard")
     assert eye.aux_loss.item() == pytest.approx(1.0)
+
+
+def _on_route(route, fn, *args, **kwargs):
+    before = os.environ.get("SOFTTOPK_BACKEND")
+    os.environ["SOFTTOPK_BACKEND"] = route
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if before is None:
+            del os.environ["SOFTTOPK_BACKEND"]
+        else:
+            os.environ["SOFTTOPK_BACKEND"] = before
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("method", ["hard", "sparse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bookkeeping_kernel_equals_the_tensor_ops(score, method, dtype):
+    """The CPU route's one-pass z-loss, aux loss, load and active against the torch route."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(300, 6, generator=g, dtype=dtype) * 3
+    logits[5] = -math.inf  # a token with no finite logit
+    logits[7, 2] = math.inf
+    logits[9, 1] = math.nan
+    outs = [
+        _on_route(r, topk_route, logits, 2, method=method, temperature=0.5, score=score)
+        for r in ("cpu", "torch")
+    ]
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for name in ("aux_loss", "z_loss", "load", "active", "dropped"):
+        torch.testing.assert_close(getattr(outs[0], name), getattr(outs[1], name), equal_nan=True, **tol)
+    finite = logits[10:]
+    outs = [
+        _on_route(r, topk_route, finite, 2, method=method, temperature=0.5, score=score)
+        for r in ("cpu", "torch")
+    ]
+    assert torch.isfinite(outs[0].z_loss) and torch.isfinite(outs[0].aux_loss)
+    for name in ("aux_loss", "z_loss"):
+        torch.testing.assert_close(getattr(outs[0], name), getattr(outs[1], name), **tol)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a batch this large runs in parallel chunks
+    try:
+        big = torch.randn(6000, 8, generator=g, dtype=dtype)
+        outs = [
+            _on_route(r, topk_route, big, 2, method=method, temperature=0.5, score=score)
+            for r in ("cpu", "torch")
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("aux_loss", "z_loss", "load", "active"):
+        torch.testing.assert_close(getattr(outs[0], name), getattr(outs[1], name), **tol)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_bookkeeping_kernel_derivatives(score):
+    """Gradients (first and second order) and forward mode of the losses on the CPU route."""
+    from torch.autograd.forward_ad import dual_level, make_dual, unpack_dual
+
+    x = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+
+    def losses(v):
+        out = topk_route(v, 2, method="sparse", temperature=0.7, score=score)
+        return out.z_loss + 0.3 * out.aux_loss
+
+    assert _on_route("cpu", torch.autograd.gradcheck, losses, (x,))
+    assert _on_route("cpu", torch.autograd.gradgradcheck, losses, (x,))
+    grads = [_on_route(r, lambda: torch.autograd.grad(losses(x), x)[0]) for r in ("cpu", "torch")]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+    tangent = torch.randn_like(x)
+    for route in ("cpu", "torch"):
+        with dual_level():
+            dual = _on_route(route, losses, make_dual(x.detach(), tangent))
+            jvp = unpack_dual(dual).tangent
+        torch.testing.assert_close(jvp, (grads[1] * tangent).sum(), rtol=1e-12, atol=1e-12)
 
 
 def test_dispatch_runs_only_experts_with_nonzero_gates():

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import _backend
 from .._checks import (
     check_bool,
     check_choice,
@@ -34,6 +35,7 @@ from .._checks import (
     check_positive,
     check_tensor,
     compute_dtype,
+    may_sync,
 )
 from ..registry import OPERATORS, Operator, resolve
 from ..threshold import LAPLACE, LOGISTIC, Link, ThresholdMask, sparse_link
@@ -76,6 +78,97 @@ class RouterOutput(NamedTuple):
     dropped: Tensor
     load: Tensor
     l1_loss: Tensor
+
+
+class _RouterStats(torch.autograd.Function):
+    r"""z-loss, load-balancing loss, load and active of a router, by one numba pass (eager CPU).
+
+    .. math::
+
+        z = \tfrac1T \sum_t \big(\log\textstyle\sum_e e^{l_{te}}\big)^2,\qquad
+        \text{aux} = E \sum_e f_e \tfrac1T \sum_t s_{te},\qquad f_e = c_e / \textstyle\sum_{e'} c_{e'}
+
+    with c_e the tokens whose gate for e is non-zero (no gradient). dz/dl = 2 lse
+    softmax(l) / T and daux/ds = E f / T; the backward is made of differentiable tensor
+    ops (the log-sum-exp recomputed), so second derivatives are exact, and forward mode
+    is the same linear map.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, scores: Tensor, gates: Tensor, softmax: bool) -> tuple[Tensor, ...]:  # type: ignore[override]
+        T, E = logits.shape
+        cpu = _backend.kernels("nn._router_cpu")
+        if softmax:  # read off the scores by the kernel
+            lse = torch.empty(T, dtype=torch.float64)
+        else:  # exp is vectorised in torch, not in numba
+            lse = torch.logsumexp(logits.detach(), -1).to(torch.float64)
+        active = torch.empty(T, dtype=torch.int64)
+        score_sum = torch.zeros(E, dtype=torch.float64)
+        counts = torch.zeros(E, dtype=torch.float64)
+        args = (
+            logits.detach().contiguous().numpy(),
+            scores.detach().contiguous().numpy(),
+            gates.detach().contiguous().numpy(),
+            softmax,
+            lse.numpy(),
+            active.numpy(),
+            score_sum.numpy(),
+            counts.numpy(),
+        )
+        if _backend.serial(logits.numel()):
+            cpu.stats_serial(*args)
+        else:
+            with _backend.numba_threads():
+                cpu.stats(*args, _backend.chunks())
+        cd = logits.dtype
+        fraction = counts / counts.sum().clamp(min=1.0)
+        aux = E * (fraction * score_sum).sum() / T
+        z = lse.square().mean()
+        load = counts.to(cd)
+        ctx.mark_non_differentiable(load, active)
+        ctx.set_materialize_grads(False)
+        saved = (logits, lse.to(cd), fraction.to(cd))
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+        return z.to(cd), aux.to(cd), load, active
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_z: Tensor | None, grad_aux: Tensor | None, *unused: Any
+    ) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        logits, lse, fraction = ctx.saved_tensors
+        T, E = logits.shape
+        grad_logits = grad_scores = None
+        if grad_z is not None and ctx.needs_input_grad[0]:
+            if torch.is_grad_enabled():  # double backward: lse depends on the logits too
+                lse = torch.logsumexp(logits, -1)
+            grad_logits = (2.0 / T) * grad_z * lse.unsqueeze(-1) * torch.softmax(logits, -1)
+        if grad_aux is not None and ctx.needs_input_grad[1]:
+            grad_scores = ((E / T) * grad_aux * fraction).expand(T, E)
+        return grad_logits, grad_scores, None, None
+
+    @staticmethod
+    def jvp(
+        ctx: Any, d_logits: Tensor | None, d_scores: Tensor | None, *unused: Any
+    ) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        logits, lse, fraction = ctx.saved_tensors
+        T, E = logits.shape
+        dz = daux = torch.zeros((), dtype=logits.dtype)
+        if d_logits is not None:
+            dz = (2.0 / T) * (lse * (torch.softmax(logits, -1) * d_logits).sum(-1)).sum()
+        if d_scores is not None:
+            daux = (E / T) * (fraction * d_scores.sum(0)).sum()
+        return dz, daux, None, None
+
+
+def _stats_kernel(flat: Tensor) -> bool:
+    """Whether :class:`_RouterStats` takes the router's bookkeeping for these (T, E) logits."""
+    return (
+        flat.dtype in (torch.float32, torch.float64)
+        and flat.numel() > 0
+        and may_sync(flat)
+        and _backend.route(flat) == "cpu"
+    )
 
 
 def expert_capacity(tokens: int, num_experts: int, k: float, capacity_factor: float) -> int:
@@ -578,26 +671,30 @@ def topk_route(
     if renormalize:
         total = gates.sum(-1, keepdim=True)
         gates = torch.where(total > 0, gates / torch.where(total > 0, total, 1.0), 0.0)
-    assigned = gates > 0
-    counts = assigned.sum(0).to(cd)  # integer counts: exact in the compute dtype below 2^24
-    routed, load = assigned, counts  # the assignments the capacity leaves, per expert
-    dropped = torch.zeros((), dtype=torch.int64, device=logits.device)
-    if capacity_factor is not None and routing in ("token", "relu"):
-        k_mean = float(k.float().mean()) if isinstance(k, Tensor) else float(k)
-        capacity = expert_capacity(T, E, k_mean, cf)
-        keep = _capacity_keep(gates, capacity, priority)
-        dropped = (assigned & ~keep).sum()
-        gates = torch.where(keep, gates, 0.0)
-        routed = gates > 0
-        load = routed.sum(0).to(cd)
-    active = routed.sum(-1)
-    fraction = counts / counts.sum().clamp(min=1.0)
     if score == "softmax" and routing != "relu":
         pnorm = probs  # softmax rows sum to 1 already
     else:
         pnorm = probs / probs.sum(-1, keepdim=True).clamp(min=torch.finfo(cd).tiny)
-    aux_loss = E * (fraction * pnorm.mean(0)).sum()
-    z_loss = torch.logsumexp(flat, -1).square().mean()
+    dropped = torch.zeros((), dtype=torch.int64, device=logits.device)
+    capacity = capacity_factor is not None and routing in ("token", "relu")
+    if not capacity and _stats_kernel(flat):
+        softmax = pnorm is probs and score == "softmax"
+        z_loss, aux_loss, load, active = _RouterStats.apply(flat, pnorm, gates.detach(), softmax)
+    else:
+        assigned = gates > 0
+        counts = assigned.sum(0).to(cd)  # integer counts: exact in the compute dtype below 2^24
+        routed, load = assigned, counts  # the assignments the capacity leaves, per expert
+        if capacity:
+            k_mean = float(k.float().mean()) if isinstance(k, Tensor) else float(k)
+            keep = _capacity_keep(gates, expert_capacity(T, E, k_mean, cf), priority)
+            dropped = (assigned & ~keep).sum()
+            gates = torch.where(keep, gates, 0.0)
+            routed = gates > 0
+            load = routed.sum(0).to(cd)
+        active = routed.sum(-1)
+        fraction = counts / counts.sum().clamp(min=1.0)
+        aux_loss = E * (fraction * pnorm.mean(0)).sum()
+        z_loss = torch.logsumexp(flat, -1).square().mean()
     if routing == "relu":
         l1_loss = l1_coef * gates.sum(-1).mean()
     else:
