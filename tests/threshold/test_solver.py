@@ -283,3 +283,23 @@ def test_threshold_to_one_ulp_at_large_x_over_t(route, method, monkeypatch):
     quantum = math.ulp(3e7) / 1e-6  # the spacing of (x - tau) / t
     assert (y[0] - 0.25).abs().max() <= 1.5 * quantum, y
     assert (y.sum(-1) - 0.5).abs().max() <= 3 * quantum, y
+
+
+@pytest.mark.parametrize("method,p", [("sparse", 2.0), ("sparse", 4.0 / 3.0), ("entropic", 2.0)])
+def test_cpu_route_in_parallel_chunks_equals_the_torch_route(method, p, monkeypatch):
+    """A batch above the serial size on two threads: rows split in chunks, each with its scratch."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 1024, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(64, 1024, generator=g, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for route in ("cpu", "torch"):
+            monkeypatch.setenv("SOFTTOPK_BACKEND", route)
+            y = softtopk.topk_mask(x, 10, method=method, p=p, temperature=0.3)
+            results.append((y.detach(), torch.autograd.grad((y * w).sum(), x)[0]))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-8, atol=1e-10)

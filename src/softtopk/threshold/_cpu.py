@@ -209,17 +209,15 @@ def _add_tails(f, d, tau, t, code, L, H, P, Q, terms, n_high):  # pragma: no cov
 @_jit
 def _scan(x):  # pragma: no cover - compiled
     """Counts of NaN, +inf and -inf entries of a row."""
+    # branch-free sums of comparisons, which vectorise
     n_nan = 0
     n_pos = 0
     n_neg = 0
     for i in range(x.shape[0]):
         v = x[i]
-        if v != v:
-            n_nan += 1
-        elif v == math.inf:
-            n_pos += 1
-        elif v == -math.inf:
-            n_neg += 1
+        n_nan += v != v
+        n_pos += v == math.inf
+        n_neg += v == -math.inf
     return n_nan, n_pos, n_neg
 
 
@@ -444,9 +442,10 @@ def _sparse_row(x, k, t, code, a, y, sv, si):  # pragma: no cover - compiled
         if tau >= lower:
             break
         lower = tau  # a lower bound of the true threshold: collect again above it
-    for i in range(n):
-        if x[i] == math.inf:
-            y[i] = 1.0
+    if n_pos > 0:
+        for i in range(n):
+            if x[i] == math.inf:
+                y[i] = 1.0
     _write_support(x, y, si, c, tau, t, code, a)
     return tau
 
@@ -645,8 +644,8 @@ def forward_serial(x, k, t, code, p, y, tau):  # pragma: no cover - compiled
 
 
 @_jit
-def _backward_row(y, tb, tt, v, code, a, p, grad_x):  # pragma: no cover - compiled
-    """One row of :func:`backward`; returns grad_k."""
+def _backward_row(y, tb, tt, v, code, a, p, grad_x, si):  # pragma: no cover - compiled
+    """One row of :func:`backward`; returns grad_k. si: scratch for a row's indices."""
     n = y.shape[0]
     if tb != tb:
         for i in range(n):
@@ -656,6 +655,29 @@ def _backward_row(y, tb, tt, v, code, a, p, grad_x):  # pragma: no cover - compi
         for i in range(n):
             grad_x[i] = 0.0
         return 0.0
+    scale = 1.0 / tt
+    if code == CLIP or code == POWER:
+        # sparse: one pass over y collects the support (0 < y < 1, where h > 0), and the
+        # gradient is zero elsewhere
+        m = 0
+        for i in range(n):
+            if y[i] > 0.0 and y[i] < 1.0:
+                si[m] = i
+                m += 1
+        sh = 0.0
+        shv = 0.0
+        for j in range(m):
+            i = si[j]
+            h = _slope_of_value(y[i], code, a, p)
+            sh += h
+            shv += h * v[i]
+        c = shv / sh if sh > 0.0 else 0.0
+        for i in range(n):
+            grad_x[i] = 0.0
+        for j in range(m):
+            i = si[j]
+            grad_x[i] = _slope_of_value(y[i], code, a, p) * scale * (v[i] - c)
+        return c
     sh = 0.0
     shv = 0.0
     for i in range(n):
@@ -664,7 +686,6 @@ def _backward_row(y, tb, tt, v, code, a, p, grad_x):  # pragma: no cover - compi
             sh += h
             shv += h * v[i]
     c = shv / sh if sh > 0.0 else 0.0
-    scale = 1.0 / tt
     for i in range(n):
         h = _slope_of_value(y[i], code, a, p)
         grad_x[i] = h * scale * (v[i] - c) if h != 0.0 else 0.0
@@ -672,16 +693,25 @@ def _backward_row(y, tb, tt, v, code, a, p, grad_x):  # pragma: no cover - compi
 
 
 @numba.njit(cache=True, parallel=True)
-def backward(y, tau, t, v, code, p, grad_x, grad_k):  # pragma: no cover - compiled
+def backward(y, tau, t, v, code, p, grad_x, grad_k, chunks):  # pragma: no cover - compiled
     """grad_x = h/t (v - c) and grad_k = c, c = <h, v>/sum h, with h = G'(G^{-1}(y))."""
-    a = 1.0 / (p - 1.0) if code == POWER else 1.0
-    for b in numba.prange(y.shape[0]):
-        grad_k[b] = _backward_row(y[b], tau[b], t[b], v[b], code, a, p, grad_x[b])
+    B = y.shape[0]
+    chunks = max(1, min(B, chunks))
+    per = (B + chunks - 1) // chunks
+    for ch in numba.prange(chunks):
+        _backward_rows(y, tau, t, v, code, p, grad_x, grad_k, ch * per, min(B, (ch + 1) * per))
 
 
 @_jit
 def backward_serial(y, tau, t, v, code, p, grad_x, grad_k):  # pragma: no cover - compiled
     """:func:`backward` on the calling thread."""
+    _backward_rows(y, tau, t, v, code, p, grad_x, grad_k, 0, y.shape[0])
+
+
+@_jit
+def _backward_rows(y, tau, t, v, code, p, grad_x, grad_k, start, stop):  # pragma: no cover - compiled
+    """Rows start..stop-1 of :func:`backward`, with their own scratch."""
     a = 1.0 / (p - 1.0) if code == POWER else 1.0
-    for b in range(y.shape[0]):
-        grad_k[b] = _backward_row(y[b], tau[b], t[b], v[b], code, a, p, grad_x[b])
+    si = np.empty(y.shape[1], dtype=np.int64)
+    for b in range(start, stop):
+        grad_k[b] = _backward_row(y[b], tau[b], t[b], v[b], code, a, p, grad_x[b], si)

@@ -127,7 +127,7 @@ def backward_impl(
             cpu.backward_serial(*args)
         else:
             with _backend.numba_threads():
-                cpu.backward(*args)
+                cpu.backward(*args, _backend.chunks())
         return torch.from_numpy(grad_x), torch.from_numpy(grad_k)
     if way == "triton":
         return _backend.kernels("threshold._triton").backward(y, tau, t, grad_y, link, p)
