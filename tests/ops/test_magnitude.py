@@ -394,3 +394,23 @@ def test_p43_zero_entries_stay_zero_beside_tiny_ones(route):
     y = _route(route, softtopk.topk_mag, x, torch.tensor([5, 1]), temperature=1e-3, p=4.0 / 3.0)
     assert (y[x == 0] == 0).all(), y
     assert ((y.abs() <= x.abs()) | (x == 0)).all(), y
+
+
+@pytest.mark.parametrize("p", [2.0, 4.0 / 3.0])
+def test_cpu_kernel_in_parallel_chunks_equals_the_tensor_route(p):
+    """A batch above the serial size on two threads, ties and infinite entries included."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(40, 2000, generator=g, dtype=torch.float64)
+    x[:, ::7] = torch.round(x[:, ::7] * 2) / 2  # ties in magnitude
+    x[3, 5] = math.inf
+    w = torch.randn(40, 2000, generator=g, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kwargs = {"k": 30, "temperature": 0.2, "p": p}
+        y_cpu, g_cpu = _route("cpu", _value_and_grad, x, w, **kwargs)
+        y_ref, g_ref = _route("torch", _value_and_grad, x, w, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(y_cpu, y_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_cpu, g_ref, rtol=1e-8, atol=1e-10)

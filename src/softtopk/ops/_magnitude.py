@@ -288,7 +288,7 @@ class _TopKMagCPU(torch.autograd.Function):
             cpu.backward_serial(*args)
         else:
             with _backend.numba_threads():
-                cpu.backward(*args)
+                cpu.backward(*args, _backend.chunks())
         if torch.is_grad_enabled():
             grad_x = _NoDoubleBackward.apply(grad_x, x, grad_y)
         return grad_x, None, None, None, None

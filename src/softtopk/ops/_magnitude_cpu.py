@@ -325,16 +325,17 @@ def _entry(s, b, w, top, l, lr, r, debias):  # pragma: no cover - compiled
 
 
 @_jit
-def _coupling(x, a, m, b, w, l, lr, r, debias, gy, scale):  # pragma: no cover - compiled
-    """W and sum over the block of d_i sign_i gy_i scale (entries above tau only)."""
+def _coupling(x, si, c, a, m, b, w, l, lr, r, debias, gy, scale):  # pragma: no cover - compiled
+    """W and sum over the block of d_i sign_i gy_i scale, over the entries si[:c] above tau."""
     weight = 0.0
     coupled = 0.0
     seen = 0
-    for i in range(x.shape[0]):
+    for j in range(c):
+        i = si[j]
         v = x[i]
         s = abs(v)
-        if not ((s - b) + w > 0.0 and s < math.inf):
-            continue  # entries at or below tau have no ties at a in the top set to count
+        if s == math.inf:
+            continue
         top, seen = _is_top(s, a, m, seen)
         d, right, block, pooled = _entry(s, b, w, top, l, lr, r, debias)
         if block:
@@ -347,7 +348,8 @@ def _coupling(x, a, m, b, w, l, lr, r, debias, gy, scale):  # pragma: no cover -
 
 
 @_jit
-def _backward_row(x, info, l, r, debias, gy, gx):  # pragma: no cover - compiled
+def _backward_row(x, info, l, r, debias, gy, gx, si):  # pragma: no cover - compiled
+    """One row's gradient; si: scratch for the indices of the entries above tau."""
     n = x.shape[0]
     b = info[0]
     if b != b:
@@ -358,41 +360,57 @@ def _backward_row(x, info, l, r, debias, gy, gx):  # pragma: no cover - compiled
     a = info[2]
     m = int(info[3])
     lr = l**r
+    # the entries above tau (and the infinite ones) in one pass; the gradient is 0 elsewhere
+    c = 0
+    for i in range(n):
+        s = abs(x[i])
+        if (s - b) + w > 0.0 or s == math.inf:
+            si[c] = i
+            c += 1
     scale = 1.0
-    weight, coupled = _coupling(x, a, m, b, w, l, lr, r, debias, gy, scale)
+    weight, coupled = _coupling(x, si, c, a, m, b, w, l, lr, r, debias, gy, scale)
     if not abs(coupled) < math.inf:
         # a cotangent near the float64 limit: the sum is formed on it scaled by 2^-1000
         scale = 2.0**-1000
-        weight, coupled = _coupling(x, a, m, b, w, l, lr, r, debias, gy, scale)
-    c = coupled / weight if weight > 0.0 else 0.0
-    seen = 0
+        weight, coupled = _coupling(x, si, c, a, m, b, w, l, lr, r, debias, gy, scale)
+    cw = coupled / weight if weight > 0.0 else 0.0
     for i in range(n):
+        gx[i] = 0.0
+    seen = 0
+    for j in range(c):
+        i = si[j]
         v = x[i]
         s = abs(v)
         if s == math.inf:
             gx[i] = gy[i]
             continue
-        if not (s - b) + w > 0.0 or v == 0.0:
-            gx[i] = 0.0
-            continue
         top, seen = _is_top(s, a, m, seen)
         d, right, block, pooled = _entry(s, b, w, top, l, lr, r, debias)
         if scale == 1.0:
-            gx[i] = d * gy[i] - (right * c if v > 0.0 else -right * c)
+            gx[i] = d * gy[i] - (right * cw if v > 0.0 else -right * cw)
         else:
-            g = d * (gy[i] * scale) - (right * c if v > 0.0 else -right * c)
+            g = d * (gy[i] * scale) - (right * cw if v > 0.0 else -right * cw)
             gx[i] = g / scale
 
 
+@_jit
+def _backward_rows(x, info, l, r, debias, gy, gx, start, stop):  # pragma: no cover - compiled
+    si = np.empty(x.shape[1], dtype=np.int64)
+    for b in range(start, stop):
+        _backward_row(x[b], info[b], l, r, debias, gy[b], gx[b], si)
+
+
 @numba.njit(cache=True, parallel=True)
-def backward(x, info, l, r, debias, gy, gx):  # pragma: no cover - compiled
+def backward(x, info, l, r, debias, gy, gx, chunks):  # pragma: no cover - compiled
     """grad_x of rows x (B, n) given the forward's info (B, 4) and grad_y (B, n)."""
-    for b in numba.prange(x.shape[0]):
-        _backward_row(x[b], info[b], l, r, debias, gy[b], gx[b])
+    B = x.shape[0]
+    chunks = max(1, min(B, chunks))
+    per = (B + chunks - 1) // chunks
+    for ch in numba.prange(chunks):
+        _backward_rows(x, info, l, r, debias, gy, gx, ch * per, min(B, (ch + 1) * per))
 
 
 @_jit
 def backward_serial(x, info, l, r, debias, gy, gx):  # pragma: no cover - compiled
     """:func:`backward` on the calling thread."""
-    for b in range(x.shape[0]):
-        _backward_row(x[b], info[b], l, r, debias, gy[b], gx[b])
+    _backward_rows(x, info, l, r, debias, gy, gx, 0, x.shape[0])
