@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -252,26 +253,20 @@ class _TopKMagCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, k: Tensor, l: float, r: int, debias: bool) -> Tensor:  # type: ignore[override]
         cpu = _backend.kernels("ops._magnitude_cpu")
-        xc = x.detach().contiguous()
-        y = torch.empty_like(xc)
-        info = torch.empty(xc.shape[0], 4, dtype=torch.float64)
-        args = (
-            xc.numpy(),
-            k.detach().contiguous().numpy(),
-            float(l),
-            int(r),
-            bool(debias),
-            y.numpy(),
-            info.numpy(),
-        )
-        if _backend.serial(xc.numel()):
+        xc = x.detach().contiguous().numpy()
+        # outputs made in NumPy and shared with torch: a fresh torch allocation of a large
+        # output pays its page faults on every call, NumPy's heap reuses freed blocks
+        y = np.empty(xc.shape, dtype=xc.dtype)
+        info = np.empty((xc.shape[0], 4), dtype=np.float64)
+        args = (xc, k.detach().contiguous().numpy(), float(l), int(r), bool(debias), y, info)
+        if _backend.serial(xc.size):
             cpu.forward_serial(*args)
         else:
             with _backend.numba_threads():
                 cpu.forward(*args, _backend.chunks())
-        ctx.save_for_backward(x, info)
+        ctx.save_for_backward(x, torch.from_numpy(info))
         ctx.options = (float(l), int(r), bool(debias))
-        return y
+        return torch.from_numpy(y)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -280,15 +275,16 @@ class _TopKMagCPU(torch.autograd.Function):
         if torch.is_grad_enabled() and r == 1:
             return _mag_backward_tensors(x.detach(), info, grad_y, l, debias), None, None, None, None
         cpu = _backend.kernels("ops._magnitude_cpu")
-        xc = x.detach().contiguous()
-        gy = grad_y.detach().to(xc.dtype).contiguous()
-        grad_x = torch.empty_like(xc)
-        args = (xc.numpy(), info.numpy(), l, r, debias, gy.numpy(), grad_x.numpy())
-        if _backend.serial(xc.numel()):
+        xc = x.detach().contiguous().numpy()
+        gy = np.ascontiguousarray(grad_y.detach().to(x.dtype).numpy())
+        grad = np.empty(xc.shape, dtype=xc.dtype)  # in NumPy: see forward
+        args = (xc, info.numpy(), l, r, debias, gy, grad)
+        if _backend.serial(xc.size):
             cpu.backward_serial(*args)
         else:
             with _backend.numba_threads():
                 cpu.backward(*args, _backend.chunks())
+        grad_x = torch.from_numpy(grad)
         if torch.is_grad_enabled():
             grad_x = _NoDoubleBackward.apply(grad_x, x, grad_y)
         return grad_x, None, None, None, None

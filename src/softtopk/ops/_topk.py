@@ -115,15 +115,15 @@ def hard_mask_rows_impl(x: Tensor, K: int, k: Tensor) -> Tensor:
     cpu = _backend.kernels("ops._topk_cpu")
     view, magmask, infbits = _BITS[x.dtype]
     x = x.contiguous()
-    y = torch.empty_like(x)
+    y = np.empty(tuple(x.shape), dtype=x.numpy().dtype)  # NumPy's heap reuses freed blocks
     kv = np.ascontiguousarray(k.detach().numpy(), dtype=np.float64)
-    args = (x.numpy(), x.view(view).numpy(), K, kv, magmask, infbits, y.numpy())
+    args = (x.numpy(), x.view(view).numpy(), K, kv, magmask, infbits, y)
     if _backend.serial(x.numel()):
         cpu.mask_serial(*args)
     else:
         with _backend.numba_threads():
             cpu.mask(*args, _backend.chunks())
-    return y
+    return torch.from_numpy(y)
 
 
 @torch.library.custom_op("softtopk::topk", mutates_args=())
