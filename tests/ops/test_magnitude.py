@@ -414,3 +414,17 @@ def test_cpu_kernel_in_parallel_chunks_equals_the_tensor_route(p):
         torch.set_num_threads(threads)
     torch.testing.assert_close(y_cpu, y_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(g_cpu, g_ref, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("p", [2.0, 4.0 / 3.0])
+@pytest.mark.parametrize("route", ["torch", "cpu"])
+def test_zero_entries_of_a_row_keeping_everything_get_zero_gradient(route, p):
+    """k = n: every entry is kept (tau = -inf); abs has no slope at 0, so zeros get gradient 0.
+
+    The CPU backward once passed the cotangent through at 0 there (found by the long
+    property run, test_backends_agree[magnitude]).
+    """
+    x = torch.tensor([[0.0, 0.0, 0.0], [0.0, 2.0, -1.0]], requires_grad=True)
+    y = _route(route, softtopk.topk_mag, x, 3, temperature=0.1, p=p)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g, torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 1.0]])), g

@@ -384,6 +384,8 @@ def _backward_row(x, info, l, r, debias, gy, gx, si):  # pragma: no cover - comp
         if s == math.inf:
             gx[i] = gy[i]
             continue
+        if v == 0.0:
+            continue  # abs has no slope at 0: gradient 0 (a row keeping every entry has tau = -inf)
         top, seen = _is_top(s, a, m, seen)
         d, right, block, pooled = _entry(s, b, w, top, l, lr, r, debias)
         if scale == 1.0:
