@@ -15,6 +15,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import softtopk
 from tests.conftest import random_rows
@@ -303,3 +305,27 @@ def test_cpu_route_in_parallel_chunks_equals_the_torch_route(method, p, monkeypa
         torch.set_num_threads(threads)
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-8, atol=1e-10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    row=st.lists(
+        st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, math.inf, -math.inf, math.nan]) | st.floats(-3, 3),
+        min_size=1,
+        max_size=16,
+    )
+)
+def test_short_rows_are_sorted_as_a_stable_sort_of_their_finite_entries(row):
+    """The short-row path ranks the finite entries (ties in index order) without branches:
+    the same order as a stable descending sort, NaN and infinities left out."""
+    from softtopk.threshold import _cpu
+
+    x = np.asarray(row, dtype=np.float64)
+    sv = np.full(x.size, np.nan)
+    si = np.full(x.size, -1, dtype=np.int64)
+    m = _cpu._rank_sort(x, sv, si)
+    finite = np.flatnonzero(np.isfinite(x))
+    order = finite[np.argsort(-x[finite], kind="stable")]
+    assert m == finite.size
+    np.testing.assert_array_equal(si[:m], order)
+    np.testing.assert_array_equal(sv[:m], x[order])

@@ -355,6 +355,30 @@ def _sort_desc(sv, si, c):  # pragma: no cover - compiled
 
 
 @_inline
+def _rank_sort(x, sv, si):  # pragma: no cover - compiled
+    """The finite entries of a short row into (sv, si), largest first; returns their count.
+
+    Each entry goes to its rank, the number of finite entries above it plus the equal ones
+    before it: the order of a stable sort (ties keep their order), without the insertion
+    sort's unpredictable branches (O(n^2) comparisons, which vectorise, for n <= SHORT).
+    """
+    n = x.shape[0]
+    m = 0
+    for i in range(n):
+        v = x[i]
+        if not (v > -math.inf and v < math.inf):
+            continue
+        r = 0
+        for j in range(n):
+            w = x[j]
+            r += ((w > v) & (w < math.inf)) | ((w == v) & (j < i))
+        sv[r] = v
+        si[r] = i
+        m += 1
+    return m
+
+
+@_inline
 def _clip_root(sv, c, kk, t):  # pragma: no cover - compiled
     """tau with sum_j clip((sv_j - tau)/t, 0, 1) = kk, for sv[:c] sorted largest first.
 
@@ -470,8 +494,7 @@ def _short_sparse_row(x, kk, need, t, code, a, y, sv, si):  # pragma: no cover -
     for the clip link tau is read off them (:func:`_clip_root`) and Newton checks it.
     """
     n = x.shape[0]
-    m = _collect(x, y, -math.inf, sv, si, False)
-    _sort_desc(sv, si, m)
+    m = _rank_sort(x, sv, si)
     lower = sv[need - 1] - t
     c = need
     while c < m and sv[c] > lower:
