@@ -53,7 +53,7 @@ SMALL = 2048
 #: The clip link (p = 2) sorts at most this many candidates and reads tau off the
 #: sorted values (Newton then checks it in one step); more candidates go to Newton alone.
 SORTED = 64
-#: Rows of at most this many entries are sorted whole (insertion sort), not selected in.
+#: Rows of at most this many entries are sorted whole (each entry placed at its rank), not selected in.
 SHORT = 16
 #: x_(r) for r up to this is found in one pass that keeps the r largest entries seen;
 #: larger r by quickselect.
@@ -359,8 +359,8 @@ def _rank_sort(x, sv, si):  # pragma: no cover - compiled
     """The finite entries of a short row into (sv, si), largest first; returns their count.
 
     Each entry goes to its rank, the number of finite entries above it plus the equal ones
-    before it: the order of a stable sort (ties keep their order), without the insertion
-    sort's unpredictable branches (O(n^2) comparisons, which vectorise, for n <= SHORT).
+    before it: the order of a stable sort (ties keep their order), found by O(n^2)
+    comparisons that vectorise (n <= SHORT) instead of an insertion's unpredictable branches.
     """
     n = x.shape[0]
     m = 0
