@@ -110,7 +110,7 @@ def _link(z, code, a):  # pragma: no cover - compiled
     return 1.0 - e, e
 
 
-@_jit
+@_inline
 def _slope_of_value(y, code, a, p):  # pragma: no cover - compiled
     """G'(G^{-1}(y)) (0 at y = 0 and y = 1)."""
     if not (y > 0.0 and y < 1.0):
@@ -124,8 +124,8 @@ def _slope_of_value(y, code, a, p):  # pragma: no cover - compiled
     return min(y, 1.0 - y)
 
 
-@_jit
-def _newton(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high):  # pragma: no cover
+@_inline
+def _newton_inline(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high):  # pragma: no cover
     """Safeguarded Newton for sum_j G((vals_j - tau)/t) + tails(tau) = kk on [lo, hi].
 
     Starts at ``tau`` (clamped into the bracket); f(lo) >= 0 >= f(hi). Stops when a step
@@ -184,6 +184,12 @@ def _newton(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high
 
 
 @_jit
+def _newton(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high):  # pragma: no cover
+    """:func:`_newton_inline` as a call, for the paths of long rows (one copy of its code)."""
+    return _newton_inline(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high)
+
+
+@_jit
 def _add_tails(f, d, tau, t, code, L, H, P, Q, terms, n_high):  # pragma: no cover - compiled
     """Adds the series of the entries below L and above H to f and to d = -t f'."""
     if terms == 0:
@@ -206,7 +212,7 @@ def _add_tails(f, d, tau, t, code, L, H, P, Q, terms, n_high):  # pragma: no cov
     return f, d
 
 
-@_jit
+@_inline
 def _scan(x):  # pragma: no cover - compiled
     """Counts of NaN, +inf and -inf entries of a row."""
     # branch-free sums of comparisons, which vectorise
@@ -221,7 +227,7 @@ def _scan(x):  # pragma: no cover - compiled
     return n_nan, n_pos, n_neg
 
 
-@_jit
+@_inline
 def _rule_row(x, k, y, n_nan, n_pos, n_neg):  # pragma: no cover - compiled
     """Applies the row rules; returns (ruled, tau) with tau the rule's sentinel."""
     n = x.shape[0]
@@ -429,8 +435,6 @@ def _sparse_row(x, k, t, code, a, y, sv, si):  # pragma: no cover - compiled
     n_fin = n - n_pos - n_neg
     kk = k - n_pos  # the budget of the finite entries; the +inf ones get 1 each
     need = int(math.floor(kk)) + 1  # tau > x_(need) - t among the finite entries
-    if n <= SHORT:
-        return _short_sparse_row(x, kk, need, t, code, a, y, sv, si)
     if n_fin > SMALL and need * 8 < n_fin:
         # x_(need) estimated from a strided sample, with a margin towards smaller values
         m = _sample(x, sv, SAMPLE)
@@ -487,20 +491,28 @@ def _write_support(x, y, si, c, tau, t, code, a):  # pragma: no cover - compiled
 
 
 @_inline
-def _short_sparse_row(x, kk, need, t, code, a, y, sv, si):  # pragma: no cover - compiled
+def _short_sparse_row(x, k, t, code, a, y, sv, si):  # pragma: no cover - compiled
     """:func:`_sparse_row` on a short row (MoE routers): its finite entries sorted whole.
 
     The candidates are then the largest entries down to x_(need) - t, in order, so that
     for the clip link tau is read off them (:func:`_clip_root`) and Newton checks it.
+    Everything it calls is inlined, so that a short row pays no call between compiled
+    functions.
     """
     n = x.shape[0]
+    n_nan, n_pos, n_neg = _scan(x)
+    ruled, tau = _rule_row(x, k, y, n_nan, n_pos, n_neg)
+    if ruled:
+        return tau
+    kk = k - n_pos  # the budget of the finite entries; the +inf ones get 1 each
+    need = int(math.floor(kk)) + 1  # tau > x_(need) - t among the finite entries
     m = _rank_sort(x, sv, si)
     lower = sv[need - 1] - t
     c = need
     while c < m and sv[c] > lower:
         c += 1
     start = _clip_root(sv, c, kk, t) if code == CLIP else lower + t
-    tau = _newton(sv, c, kk, t, code, a, sv[c - 1] - t, sv[0], start, 0.0, 0.0, 0.0, sv, sv, 0, 0.0)
+    tau = _newton_inline(sv, c, kk, t, code, a, sv[c - 1] - t, sv[0], start, 0.0, 0.0, 0.0, sv, sv, 0, 0.0)
     for i in range(n):
         y[i] = 1.0 if x[i] == math.inf else 0.0
     _write_support(x, y, si, c, tau, t, code, a)
@@ -639,8 +651,13 @@ def _forward_rows(x, k, t, code, p, y, tau, start, stop):  # pragma: no cover - 
     P = np.empty(SERIES, dtype=np.float64)
     Q = np.empty(SERIES, dtype=np.float64)
     top = np.empty(FEW, dtype=np.float64)
+    sparse = code == CLIP or code == POWER
+    if sparse and n <= SHORT:
+        for b in range(start, stop):
+            tau[b] = _short_sparse_row(x[b], k[b], t[b], code, a, y[b], sv, si)
+        return
     for b in range(start, stop):
-        if code == CLIP or code == POWER:
+        if sparse:
             tau[b] = _sparse_row(x[b], k[b], t[b], code, a, y[b], sv, si)
         else:
             tau[b] = _dense_row(x[b], k[b], t[b], code, y[b], sv, si, P, Q, top)
@@ -666,7 +683,7 @@ def forward_serial(x, k, t, code, p, y, tau):  # pragma: no cover - compiled
     _forward_rows(x, k, t, code, p, y, tau, 0, x.shape[0])
 
 
-@_jit
+@_inline
 def _backward_row(y, tb, tt, v, code, a, p, grad_x, si):  # pragma: no cover - compiled
     """One row of :func:`backward`; returns grad_k. si: scratch for a row's indices."""
     n = y.shape[0]
