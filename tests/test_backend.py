@@ -97,6 +97,19 @@ def test_import_leaves_numba_unloaded_and_a_read_only_package_caches_kernels_in_
     assert lines[3] == "''"  # numba's own setting is put back: other packages' caches stay where they were
 
 
+def test_import_leaves_dynamo_unloaded_until_an_eager_only_op_is_compiled():
+    """torch._dynamo costs over a second to import; only compiling brings it in."""
+    code = """
+        import sys
+        import torch
+        import softtopk, softtopk.nn, softtopk.losses, softtopk.metrics, softtopk.registry
+        x = torch.randn(2, 6)
+        softtopk.topk_mask(x, 2, method="perturbed", generator=torch.Generator().manual_seed(0))
+        print("torch._dynamo" in sys.modules)
+    """
+    assert run_python(code).split() == ["False"]
+
+
 @pytest.mark.slow
 def test_read_only_package_compiles_once_then_loads_from_the_user_cache(tmp_path):
     code = read_only_package(

@@ -7,6 +7,7 @@ each naming the argument and the value received. Nothing here uses ``assert``.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -167,9 +168,27 @@ def eager_only(fn: Callable[..., Any], reason: str) -> Callable[..., Any]:
     """``fn`` run outside torch.compile: a graph break (an error naming ``reason`` with fullgraph).
 
     For code that draws from a ``torch.Generator``, whose draws a compiled graph would not
-    reproduce.
+    reproduce. Eager calls run ``fn`` itself; the disabled wrapper is made on the first
+    compiled call, because ``torch.compiler.disable`` imports torch._dynamo (over a second
+    at ``import softtopk``).
     """
-    try:
-        return torch.compiler.disable(fn, reason=reason)
-    except TypeError:  # a torch without the reason argument
-        return torch.compiler.disable(fn)
+    disabled: list[Callable[..., Any]] = []
+
+    def wrapper() -> Callable[..., Any]:
+        if not disabled:
+            try:
+                disabled.append(torch.compiler.disable(fn, reason=reason))
+            except TypeError:  # a torch without the reason argument
+                disabled.append(torch.compiler.disable(fn))
+        return disabled[0]
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            # dynamo is loaded while it compiles; it refuses to trace the making of the
+            # disabled wrapper, so the graph breaks here, with the reason, first
+            torch._dynamo.graph_break(msg=reason)
+            return wrapper()(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call
