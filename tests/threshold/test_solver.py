@@ -329,3 +329,37 @@ def test_short_rows_are_sorted_as_a_stable_sort_of_their_finite_entries(row):
     assert m == finite.size
     np.testing.assert_array_equal(si[:m], order)
     np.testing.assert_array_equal(sv[:m], x[order])
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(2, 48),
+    k_frac=st.floats(0.0, 1.0),
+    gap=st.floats(1.5, 50.0),
+    plus_inf=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_hard_rows_threshold_in_the_middle_of_the_flat_piece(n, k_frac, gap, plus_inf, seed):
+    """A hard row of the clip link (x_(k) - x_(k+1) > t) has every tau in [x_(k+1), x_(k) - t]
+    as a root; the kernel returns the middle, away from the ends where an entry would sit a
+    rounding error off 0 or 1 (a +inf entry takes one unit of k first)."""
+    from softtopk.threshold import _cpu
+
+    rng = np.random.default_rng(seed)
+    k = 1 + int(k_frac * (n - 2)) if n > 2 else 1
+    t = 0.01 + 0.5 * rng.random()
+    top = rng.uniform(0.0, 1.0, size=k) + gap * t  # the k largest, all above the rest by gap * t
+    rest = rng.uniform(-1.0, 0.0, size=n - k)
+    x = rng.permutation(np.concatenate([top, rest]))
+    if plus_inf:
+        x[int(rng.integers(n))] = math.inf  # replaces one entry: k budgets the rest
+    finite = np.sort(x[np.isfinite(x)])[::-1]
+    kk = k - int(plus_inf) if plus_inf and np.isinf(x).any() else k
+    if kk <= 0 or kk >= finite.size or finite[kk - 1] - finite[kk] <= t:
+        return
+    y = np.empty((1, n))
+    tau = np.empty(1)
+    _cpu.forward_serial(x[None], np.array([float(k)]), np.array([t]), _cpu.CLIP, 2.0, y, tau)
+    middle = 0.5 * (finite[kk] + finite[kk - 1] - t)
+    assert abs(tau[0] - middle) <= 1e-12 * (1.0 + abs(middle))
+    np.testing.assert_array_equal(np.sort(y[0])[::-1], np.r_[np.ones(k), np.zeros(n - k)])

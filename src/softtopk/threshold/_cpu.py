@@ -171,6 +171,11 @@ def _newton_inline(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms,
             return tau
         delta = f / d if d > 0.0 else math.inf
         cand = tau + delta
+        if abs(delta) <= max(tol, eps * abs(tau) + 4.0 * eps * t):
+            # A step below one ulp of tau: tau is the root up to rounding. The step may
+            # round back onto tau, the end of the bracket just moved there, so it is not
+            # tested against the bracket (a bisection from there would take ~50 steps).
+            return cand if cand >= lo and cand <= hi else tau
         if cand > lo and cand < hi and 2.0 * abs(delta) < abs(dx_old):
             new = cand
         else:
@@ -395,6 +400,7 @@ def _clip_root(sv, c, kk, t):  # pragma: no cover - compiled
     piece, its middle). Sums are taken relative to sv[0], so that nearby large values do
     not cancel.
     """
+    eps = 2.220446049250313e-16
     r = sv[0]
     a = 0
     b = 0
@@ -407,7 +413,14 @@ def _clip_root(sv, c, kk, t):  # pragma: no cover - compiled
         enter = sv[i] - r if i < c else -math.inf
         sat = sv[j] - r - t if j < b else -math.inf
         beta = max(enter, sat)
-        if a + (S - (b - a) * beta) / t >= kk:
+        value = a + (S - (b - a) * beta) / t
+        if value >= kk:
+            rounding = 8.0 * eps * (kk + (abs(S) - (b - a) * beta) / t)
+            if sat > enter and a + 1 == b and i < c and value - kk <= rounding:
+                # The sum reaches kk (up to rounding) where the last entry of the support
+                # saturates, and stays flat below down to the next entry's value: a hard
+                # row, whose threshold is taken in the middle of that flat piece.
+                return r + 0.5 * (beta + enter)
             break
         above = beta
         if enter >= sat:
@@ -418,6 +431,8 @@ def _clip_root(sv, c, kk, t):  # pragma: no cover - compiled
             a += 1
             S -= sv[j] - r
             j += 1
+            if a == b:
+                S = 0.0  # no entry in between: exactly, without the rounding left by the updates
     if b == a:
         # the sum is flat (= kk, a hard row) on this piece: its middle, away from the
         # breakpoints where an entry would come out a rounding error off 0 or 1
