@@ -363,3 +363,31 @@ def test_hard_rows_threshold_in_the_middle_of_the_flat_piece(n, k_frac, gap, plu
     middle = 0.5 * (finite[kk] + finite[kk - 1] - t)
     assert abs(tau[0] - middle) <= 1e-12 * (1.0 + abs(middle))
     np.testing.assert_array_equal(np.sort(y[0])[::-1], np.r_[np.ones(k), np.zeros(n - k)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.sampled_from([5, 64, 65, 700, 3000]),
+    spread=st.floats(1e-2, 1e4),
+    k_frac=st.floats(0.0, 1.0),
+    method=st.sampled_from(["entropic", "lapsum"]),
+    seed=st.integers(0, 2**16),
+)
+def test_dense_links_on_rows_spanning_many_temperatures_equal_the_torch_route(
+    n, spread, k_frac, method, seed
+):
+    """The dense links' Newton reads e^((x - tau)/t) off an anchor within a few dozen t of
+    tau and moves the anchor with tau: rows spread over up to 1e4 t (bisection steps far
+    from the anchor) give the tensor-op route's mask, which takes one exponential per entry."""
+    g = torch.Generator().manual_seed(seed)
+    x = spread * torch.randn(3, n, generator=g, dtype=torch.float64)
+    k = k_frac * n
+    results = []
+    for route in ("cpu", "torch"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("SOFTTOPK_BACKEND", route)
+            results.append(softtopk.topk_mask(x, k, method=method, temperature=1.0))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        results[0].sum(-1), torch.full((3,), k, dtype=torch.float64), rtol=0, atol=1e-9
+    )

@@ -32,7 +32,9 @@ likewise with e^((H - x)/t). Newton then iterates on the entries of the band (L,
 only, and the output pass turns each stored u into G without another exponential. The
 band comes from a strided sample with margins; tau must end at least Z0 t inside it
 (so the series' error is below e^(-(M+1) Z0), under float64 rounding), or the row is
-solved again on every entry.
+solved again on every entry. Newton's steps take no exponential per entry: each entry's
+e^((x - anchor)/t) is stored once, for an anchor near tau, and divided by
+e^((tau - anchor)/t).
 
 Backward of a row: with h = G'(G^{-1}(y)) (the slope from the mask value),
 grad_x = h/t (v - c), c = <h, v>/sum h, grad_k = c: two passes, no exponential.
@@ -72,6 +74,9 @@ Z0 = 6.0
 #: Newton iterations at most, plus log2(bracket width / step) (the bracket at least halves
 #: on every rejected step).
 MAX_ITER = 200
+#: A dense link's Newton evaluates e^((x - tau)/t) as e^((x - anchor)/t) / e^((tau - anchor)/t)
+#: while tau stays within this many t of the anchor (the quotient's rounding grows with it).
+ANCHOR = 30.0
 
 _jit = numba.njit(cache=True, nogil=True, fastmath=False)
 #: Small helpers of the row loops are inlined into them: a call between compiled functions
@@ -125,15 +130,24 @@ def _slope_of_value(y, code, a, p):  # pragma: no cover - compiled
 
 
 @_inline
-def _newton_inline(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high):  # pragma: no cover
+def _newton_inline(
+    vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high, ev
+):  # pragma: no cover
     """Safeguarded Newton for sum_j G((vals_j - tau)/t) + tails(tau) = kk on [lo, hi].
 
     Starts at ``tau`` (clamped into the bracket); f(lo) >= 0 >= f(hi). Stops when a step
     is below ``tol`` (at least eps abs(tau) + 4 eps t: about one ulp of tau) or the
     bracket closes. With ``terms`` > 0 the entries below L and above H enter through
     their power sums P[:terms] and Q[:terms] (and n_high entries above H).
+
+    A dense link evaluates its c entries without an exponential per step: ev[:c] holds
+    e^((vals - anchor)/t) for an anchor within ANCHOR t of tau (set again when tau moves
+    further), so that e^((vals - tau)/t) = ev / u with one u = e^((tau - anchor)/t) per
+    step (:func:`_dense_link_ratio`). The sparse links ignore ``ev``.
     """
     eps = 2.220446049250313e-16
+    dense = code >= LOGISTIC
+    anchor = math.nan
     if not (tau > lo and tau < hi):
         tau = 0.5 * (lo + hi)
     width = hi - lo
@@ -150,10 +164,21 @@ def _newton_inline(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms,
                 iters += int(math.ceil(math.log2(width) - math.log2(floor)))
         f = -kk
         d = 0.0
-        for j in range(c):
-            g, gp = _link((vals[j] - tau) / t, code, a)
-            f += g
-            d += gp
+        if dense:
+            if not abs(tau - anchor) <= ANCHOR * t:
+                anchor = tau
+                for j in range(c):
+                    ev[j] = math.exp((vals[j] - anchor) / t)
+            u = math.exp((tau - anchor) / t)
+            for j in range(c):
+                g, gp = _dense_link_ratio(ev[j], u, code)
+                f += g
+                d += gp
+        else:
+            for j in range(c):
+                g, gp = _link((vals[j] - tau) / t, code, a)
+                f += g
+                d += gp
         f, d = _add_tails(f, d, tau, t, code, L, H, P, Q, terms, n_high)
         d /= t
         if f > 0.0:
@@ -189,9 +214,30 @@ def _newton_inline(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms,
 
 
 @_jit
-def _newton(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high):  # pragma: no cover
+def _newton(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high, ev):  # pragma: no cover
     """:func:`_newton_inline` as a call, for the paths of long rows (one copy of its code)."""
-    return _newton_inline(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high)
+    return _newton_inline(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high, ev)
+
+
+@_inline
+def _dense_link_ratio(e, u, code):  # pragma: no cover - compiled
+    """G(z) and G'(z) of a dense link from e / u = e^z (e in [0, inf], u > 0 finite).
+
+    (numba raises on a float division by zero, so e = 0 is its own case.)
+    """
+    if code == LOGISTIC:
+        if e == 0.0:
+            return 0.0, 0.0
+        q = u / e  # e^(-z), at most inf
+        if q == math.inf:
+            return 0.0, 0.0
+        s = 1.0 / (1.0 + q)
+        return s, q * s * s
+    if e <= u:
+        h = 0.5 * (e / u)
+        return h, h
+    h = 0.5 * (u / e)
+    return 1.0 - h, h
 
 
 @_jit
@@ -481,7 +527,7 @@ def _sparse_row(x, k, t, code, a, y, sv, si):  # pragma: no cover - compiled
                 lo = min(lo, sv[j])
                 hi = max(hi, sv[j])
         # Newton from the root read off the sorted candidates checks it in one step
-        tau = _newton(sv, c, kk, t, code, a, lo - t, hi, start, 0.0, 0.0, 0.0, sv, sv, 0, 0.0)
+        tau = _newton(sv, c, kk, t, code, a, lo - t, hi, start, 0.0, 0.0, 0.0, sv, sv, 0, 0.0, sv)
         if tau >= lower:
             break
         lower = tau  # a lower bound of the true threshold: collect again above it
@@ -527,7 +573,9 @@ def _short_sparse_row(x, k, t, code, a, y, sv, si):  # pragma: no cover - compil
     while c < m and sv[c] > lower:
         c += 1
     start = _clip_root(sv, c, kk, t) if code == CLIP else lower + t
-    tau = _newton_inline(sv, c, kk, t, code, a, sv[c - 1] - t, sv[0], start, 0.0, 0.0, 0.0, sv, sv, 0, 0.0)
+    tau = _newton_inline(
+        sv, c, kk, t, code, a, sv[c - 1] - t, sv[0], start, 0.0, 0.0, 0.0, sv, sv, 0, 0.0, sv
+    )
     for i in range(n):
         y[i] = 1.0 if x[i] == math.inf else 0.0
     _write_support(x, y, si, c, tau, t, code, a)
@@ -545,7 +593,7 @@ def _inverse(q, code):  # pragma: no cover - compiled
 
 
 @_jit
-def _solve_values(sv, m, kk, t, code, tol, start=math.nan):  # pragma: no cover - compiled
+def _solve_values(sv, m, kk, t, code, tol, ev, start=math.nan):  # pragma: no cover - compiled
     """tau of a dense link on the values sv[:m] alone, to the absolute tolerance ``tol``.
 
     Newton starts at ``start``, or at the middle of the bracket when it is NaN or outside.
@@ -559,11 +607,11 @@ def _solve_values(sv, m, kk, t, code, tol, start=math.nan):  # pragma: no cover 
     shift = t * _inverse(kk / m, code)
     lo = lo - shift - t
     hi = hi - shift + t
-    return _newton(sv, m, kk, t, code, 1.0, lo, hi, start, tol, 0.0, 0.0, sv, sv, 0, 0.0)
+    return _newton(sv, m, kk, t, code, 1.0, lo, hi, start, tol, 0.0, 0.0, sv, sv, 0, 0.0, ev)
 
 
 @_jit
-def _dense_row(x, k, t, code, y, sv, si, P, Q, top):  # pragma: no cover - compiled
+def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - compiled
     n = x.shape[0]
     n_nan, n_pos, n_neg = _scan(x)
     ruled, tau = _rule_row(x, k, y, n_nan, n_pos, n_neg)
@@ -579,8 +627,8 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top):  # pragma: no cover - compi
         m = _sample(x, sv, DENSE_SAMPLE)
         ks = kk * m / n_fin
         spread = 3.0 * math.sqrt(ks) + 3.0 if m < n_fin else 0.0
-        lo_s = _solve_values(sv, m, min(ks + spread, m - 0.5 * min(1.0, m - ks)), t, code, 0.05 * t)
-        hi_s = _solve_values(sv, m, max(ks - spread, 0.5 * min(1.0, ks)), t, code, 0.05 * t)
+        lo_s = _solve_values(sv, m, min(ks + spread, m - 0.5 * min(1.0, m - ks)), t, code, 0.05 * t, ev)
+        hi_s = _solve_values(sv, m, max(ks - spread, 0.5 * min(1.0, ks)), t, code, 0.05 * t, ev)
         L = lo_s - (Z0 + 1.0) * t
         H = hi_s + (Z0 + 1.0) * t
         for j in range(terms):
@@ -620,7 +668,7 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top):  # pragma: no cover - compi
         f_hi = _add_tails(f_hi, 0.0, hi, t, code, L, H, P, Q, terms, n_high)[0]
         if f_lo >= 0.0 and f_hi <= 0.0:
             tau = _newton(
-                sv, c, kk, t, code, 1.0, lo, hi, 0.5 * (lo_s + hi_s), 0.0, L, H, P, Q, terms, n_high
+                sv, c, kk, t, code, 1.0, lo, hi, 0.5 * (lo_s + hi_s), 0.0, L, H, P, Q, terms, n_high, ev
             )
             a_low = math.exp((L - tau) / t)
             b_high = math.exp((tau - H) / t)
@@ -644,7 +692,7 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top):  # pragma: no cover - compi
     if need <= FEW and need <= c:
         below = _rth_largest_few(sv[:c], need, top)
         start = 0.5 * (top[need - 2] + below) if need >= 2 else below
-    tau = _solve_values(sv, c, kk, t, code, 0.0, start)
+    tau = _solve_values(sv, c, kk, t, code, 0.0, ev, start)
     for i in range(n):
         v = x[i]
         if v == math.inf:
@@ -666,6 +714,7 @@ def _forward_rows(x, k, t, code, p, y, tau, start, stop):  # pragma: no cover - 
     P = np.empty(SERIES, dtype=np.float64)
     Q = np.empty(SERIES, dtype=np.float64)
     top = np.empty(FEW, dtype=np.float64)
+    ev = np.empty(n, dtype=np.float64)
     sparse = code == CLIP or code == POWER
     if sparse and n <= SHORT:
         for b in range(start, stop):
@@ -675,7 +724,7 @@ def _forward_rows(x, k, t, code, p, y, tau, start, stop):  # pragma: no cover - 
         if sparse:
             tau[b] = _sparse_row(x[b], k[b], t[b], code, a, y[b], sv, si)
         else:
-            tau[b] = _dense_row(x[b], k[b], t[b], code, y[b], sv, si, P, Q, top)
+            tau[b] = _dense_row(x[b], k[b], t[b], code, y[b], sv, si, P, Q, top, ev)
 
 
 @numba.njit(cache=True, parallel=True)
