@@ -45,6 +45,9 @@ SMALL = 64
 SAMPLE = 1024
 
 _jit = numba.njit(cache=True, nogil=True, fastmath=False)
+#: The per-row functions are inlined into the row loops: a call between compiled functions
+#: passes every array as a reference-counted struct, which costs more than a short row.
+_inline = numba.njit(cache=True, nogil=True, fastmath=False, inline="always")
 
 
 @_jit
@@ -68,7 +71,7 @@ def _own_gap(s, l, r):  # pragma: no cover - compiled
     return u * scale
 
 
-@_jit
+@_inline
 def _evaluate(sv, st, c, b, w, lr, r):  # pragma: no cover - compiled
     """h, -h' at tau = b - w and the sum of the magnitudes of h's terms on the c candidates.
 
@@ -136,7 +139,7 @@ def _is_top(s, a, m, seen):  # pragma: no cover - compiled
     return False, seen
 
 
-@_jit
+@_inline
 def _collect(x, lower, sv, si):  # pragma: no cover - compiled
     """Finite magnitudes above ``lower`` into (sv, si), in index order; returns their count."""
     c = 0
@@ -149,7 +152,7 @@ def _collect(x, lower, sv, si):  # pragma: no cover - compiled
     return c
 
 
-@_jit
+@_inline
 def _forward_row(x, k, l, r, debias, y, buf, sv, si, st, info):  # pragma: no cover - compiled
     """One row: writes y and info = (b, w, a, ties of a in the top set); tau = b - w."""
     n = x.shape[0]
@@ -324,7 +327,7 @@ def _entry(s, b, w, top, l, lr, r, debias):  # pragma: no cover - compiled
     return d, right, True, pooled
 
 
-@_jit
+@_inline
 def _coupling(x, si, c, a, m, b, w, l, lr, r, debias, gy, scale):  # pragma: no cover - compiled
     """W and sum over the block of d_i sign_i gy_i scale, over the entries si[:c] above tau."""
     weight = 0.0
@@ -347,7 +350,7 @@ def _coupling(x, si, c, a, m, b, w, l, lr, r, debias, gy, scale):  # pragma: no 
     return weight, coupled
 
 
-@_jit
+@_inline
 def _backward_row(x, info, l, r, debias, gy, gx, si):  # pragma: no cover - compiled
     """One row's gradient; si: scratch for the indices of the entries above tau."""
     n = x.shape[0]
