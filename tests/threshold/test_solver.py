@@ -391,3 +391,14 @@ def test_dense_links_on_rows_spanning_many_temperatures_equal_the_torch_route(
     torch.testing.assert_close(
         results[0].sum(-1), torch.full((3,), k, dtype=torch.float64), rtol=0, atol=1e-9
     )
+
+
+@pytest.mark.parametrize("method", ["entropic", "lapsum", "soft"])
+@pytest.mark.parametrize("k", [5e-324, 1e-310, 1e-300])
+def test_dense_links_with_a_budget_below_the_rounding_of_n(method, k):
+    """k / n underflows to 0, so the first bracket is infinite: Newton starts on it without
+    the anchored exponentials (found by the long property profile: a ZeroDivisionError)."""
+    for x in (torch.zeros(1, 2), torch.tensor([[3.0, -1.0, 0.5]], dtype=torch.float64)):
+        y = softtopk.topk_mask(x, k, method=method, temperature=0.1)
+        assert torch.isfinite(y).all() and (y >= 0).all()
+        assert float(y.sum()) <= 1e-6

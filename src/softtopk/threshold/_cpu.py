@@ -164,7 +164,7 @@ def _newton_inline(
                 iters += int(math.ceil(math.log2(width) - math.log2(floor)))
         f = -kk
         d = 0.0
-        if dense:
+        if dense and abs(tau) < math.inf:  # (a bracket can be infinite: k far below 1 ulp of n)
             if not abs(tau - anchor) <= ANCHOR * t:
                 anchor = tau
                 for j in range(c):
