@@ -337,19 +337,26 @@ def test_short_rows_are_sorted_as_a_stable_sort_of_their_finite_entries(row):
     k_frac=st.floats(0.0, 1.0),
     gap=st.floats(1.5, 50.0),
     plus_inf=st.booleans(),
+    top_ties=st.integers(1, 4),
+    rest_ties=st.integers(1, 4),
     seed=st.integers(0, 2**16),
 )
-def test_hard_rows_threshold_in_the_middle_of_the_flat_piece(n, k_frac, gap, plus_inf, seed):
+def test_hard_rows_threshold_in_the_middle_of_the_flat_piece(
+    n, k_frac, gap, plus_inf, top_ties, rest_ties, seed
+):
     """A hard row of the clip link (x_(k) - x_(k+1) > t) has every tau in [x_(k+1), x_(k) - t]
     as a root; the kernel returns the middle, away from the ends where an entry would sit a
-    rounding error off 0 or 1 (a +inf entry takes one unit of k first)."""
+    rounding error off 0 or 1 (a +inf entry takes one unit of k first), ties at x_(k) and at
+    x_(k+1) included, and the row's gradient is zero."""
     from softtopk.threshold import _cpu
 
     rng = np.random.default_rng(seed)
     k = 1 + int(k_frac * (n - 2)) if n > 2 else 1
     t = 0.01 + 0.5 * rng.random()
-    top = rng.uniform(0.0, 1.0, size=k) + gap * t  # the k largest, all above the rest by gap * t
-    rest = rng.uniform(-1.0, 0.0, size=n - k)
+    top = np.sort(rng.uniform(0.0, 1.0, size=k)) + gap * t  # the k largest, above the rest by gap * t
+    top[: min(top_ties, k)] = top[0]  # ties at x_(k)
+    rest = -np.sort(rng.uniform(0.0, 1.0, size=n - k))
+    rest[: min(rest_ties, n - k)] = rest[:1]  # ties at x_(k+1)
     x = rng.permutation(np.concatenate([top, rest]))
     if plus_inf:
         x[int(rng.integers(n))] = math.inf  # replaces one entry: k budgets the rest
@@ -363,6 +370,24 @@ def test_hard_rows_threshold_in_the_middle_of_the_flat_piece(n, k_frac, gap, plu
     middle = 0.5 * (finite[kk] + finite[kk - 1] - t)
     assert abs(tau[0] - middle) <= 1e-12 * (1.0 + abs(middle))
     np.testing.assert_array_equal(np.sort(y[0])[::-1], np.r_[np.ones(k), np.zeros(n - k)])
+    grad_x = np.empty((1, n))
+    grad_k = np.empty(1)
+    v = rng.standard_normal((1, n))
+    _cpu.backward_serial(y, tau, np.array([t]), v, _cpu.CLIP, 2.0, grad_x, grad_k)
+    np.testing.assert_array_equal(grad_x, np.zeros((1, n)))
+
+
+def test_kernel_rows_whose_spread_overflows_end():
+    """x_(1) - x_(n) overflows float64 (the closed form's breakpoints reach -inf): the walk
+    over them ends (it used to loop forever) with the hard mask. (``topk_mask`` refuses
+    such rows before the kernel; the kernel must not hang on them either.)"""
+    from softtopk.threshold import _cpu
+
+    x = np.array([[1e308, 9e307, -1e308]])
+    y = np.empty_like(x)
+    tau = np.empty(1)
+    _cpu.forward_serial(x, np.array([2.0]), np.array([1.0]), _cpu.CLIP, 2.0, y, tau)
+    np.testing.assert_array_equal(y, [[1.0, 1.0, 0.0]])
 
 
 @settings(max_examples=40, deadline=None)

@@ -33,8 +33,8 @@ only, and the output pass turns each stored u into G without another exponential
 band comes from a strided sample with margins; tau must end at least Z0 t inside it
 (so the series' error is below e^(-(M+1) Z0), under float64 rounding), or the row is
 solved again on every entry. Newton's steps take no exponential per entry: each entry's
-e^((x - anchor)/t) is stored once, for an anchor near tau, and divided by
-e^((tau - anchor)/t).
+e^((x - anchor)/t) is stored for an anchor within 30 t of tau (computed again when tau
+moves further) and divided by e^((tau - anchor)/t).
 
 Backward of a row: with h = G'(G^{-1}(y)) (the slope from the mask value),
 grad_x = h/t (v - c), c = <h, v>/sum h, grad_k = c: two passes, no exponential.
@@ -135,15 +135,18 @@ def _newton_inline(
 ):  # pragma: no cover
     """Safeguarded Newton for sum_j G((vals_j - tau)/t) + tails(tau) = kk on [lo, hi].
 
-    Starts at ``tau`` (clamped into the bracket); f(lo) >= 0 >= f(hi). Stops when a step
-    is below ``tol`` (at least eps abs(tau) + 4 eps t: about one ulp of tau) or the
-    bracket closes. With ``terms`` > 0 the entries below L and above H enter through
-    their power sums P[:terms] and Q[:terms] (and n_high entries above H).
+    Starts at ``tau`` (the bracket's middle when tau is outside it); f(lo) >= 0 >= f(hi).
+    Stops when the bracket closes, when a dense link's f is at the rounding level of its
+    sum, or when a step is below ``tol`` (at least eps abs(tau) + 4 eps t: about one ulp
+    of tau); that last step is returned without evaluating f there. With ``terms`` > 0
+    the entries below L and above H enter through their power sums P[:terms] and
+    Q[:terms] (and n_high entries above H).
 
     A dense link evaluates its c entries without an exponential per step: ev[:c] holds
-    e^((vals - anchor)/t) for an anchor within ANCHOR t of tau (set again when tau moves
-    further), so that e^((vals - tau)/t) = ev / u with one u = e^((tau - anchor)/t) per
-    step (:func:`_dense_link_ratio`). The sparse links ignore ``ev``.
+    e^((vals - anchor)/t) for an anchor within ANCHOR t of tau (recomputed, c
+    exponentials, when tau moves further), so that e^((vals - tau)/t) = ev / u with one
+    u = e^((tau - anchor)/t) per step (:func:`_dense_link_ratio`); while tau or u is not
+    finite, the link is evaluated directly. The sparse links ignore ``ev``.
     """
     eps = 2.220446049250313e-16
     dense = code >= LOGISTIC
@@ -164,12 +167,14 @@ def _newton_inline(
                 iters += int(math.ceil(math.log2(width) - math.log2(floor)))
         f = -kk
         d = 0.0
+        u = 0.0
         if dense and abs(tau) < math.inf:  # (a bracket can be infinite: k far below 1 ulp of n)
             if not abs(tau - anchor) <= ANCHOR * t:
                 anchor = tau
                 for j in range(c):
                     ev[j] = math.exp((vals[j] - anchor) / t)
             u = math.exp((tau - anchor) / t)
+        if u > 0.0 and u < math.inf:  # a dense link, anchored (not so when t overflows)
             for j in range(c):
                 g, gp = _dense_link_ratio(ev[j], u, code)
                 f += g
@@ -462,14 +467,14 @@ def _clip_root(sv, c, kk, t):  # pragma: no cover - compiled
         value = a + (S - (b - a) * beta) / t
         if value >= kk:
             rounding = 8.0 * eps * (kk + (abs(S) - (b - a) * beta) / t)
-            if sat > enter and a + 1 == b and i < c and value - kk <= rounding:
-                # The sum reaches kk (up to rounding) where the last entry of the support
-                # saturates, and stays flat below down to the next entry's value: a hard
-                # row, whose threshold is taken in the middle of that flat piece.
+            if sat > enter and sv[b - 1] - r - t == sat and i < c and value - kk <= rounding:
+                # The sum reaches kk (up to rounding) where the last entries of the support
+                # (ties included) saturate, and stays flat below down to the next entry's
+                # value: a hard row, whose threshold is taken in the middle of that piece.
                 return r + 0.5 * (beta + enter)
             break
         above = beta
-        if enter >= sat:
+        if i < c and enter >= sat:  # (both -inf when a row's spread overflows)
             b += 1
             S += enter
             i += 1
@@ -557,8 +562,8 @@ def _short_sparse_row(x, k, t, code, a, y, sv, si):  # pragma: no cover - compil
 
     The candidates are then the largest entries down to x_(need) - t, in order, so that
     for the clip link tau is read off them (:func:`_clip_root`) and Newton checks it.
-    Everything it calls is inlined, so that a short row pays no call between compiled
-    functions.
+    Its helpers (the scan, the row rules, the rank sort, the closed form, Newton) are
+    inlined: a call between compiled functions passing arrays costs more than a short row.
     """
     n = x.shape[0]
     n_nan, n_pos, n_neg = _scan(x)
