@@ -361,7 +361,7 @@ def test_hard_rows_threshold_in_the_middle_of_the_flat_piece(
     if plus_inf:
         x[int(rng.integers(n))] = math.inf  # replaces one entry: k budgets the rest
     finite = np.sort(x[np.isfinite(x)])[::-1]
-    kk = k - int(plus_inf) if plus_inf and np.isinf(x).any() else k
+    kk = k - int(plus_inf)
     if kk <= 0 or kk >= finite.size or finite[kk - 1] - finite[kk] <= t:
         return
     y = np.empty((1, n))
@@ -427,3 +427,14 @@ def test_dense_links_with_a_budget_below_the_rounding_of_n(method, k):
         y = softtopk.topk_mask(x, k, method=method, temperature=0.1)
         assert torch.isfinite(y).all() and (y >= 0).all()
         assert float(y.sum()) <= 1e-6
+
+
+@pytest.mark.parametrize("method", ["entropic", "lapsum"])
+def test_dense_links_at_a_temperature_near_the_float64_limit_return_a_mask(method):
+    """t near 1e308: the first bracket is infinite, where Newton evaluates the link directly
+    (the anchored form raised ZeroDivisionError in numba, lapsum); it also does so while
+    e^((tau - anchor)/t) is not finite."""
+    x = torch.randn(2, 100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for t in (1e308, 1.7e308):
+        y = softtopk.topk_mask(x, 3, method=method, temperature=t)
+        assert torch.isfinite(y).all() and (y >= 0).all() and (y <= 1).all()

@@ -167,14 +167,15 @@ def _newton_inline(
                 iters += int(math.ceil(math.log2(width) - math.log2(floor)))
         f = -kk
         d = 0.0
-        u = 0.0
+        anchored = False
         if dense and abs(tau) < math.inf:  # (a bracket can be infinite: k far below 1 ulp of n)
             if not abs(tau - anchor) <= ANCHOR * t:
                 anchor = tau
                 for j in range(c):
                     ev[j] = math.exp((vals[j] - anchor) / t)
             u = math.exp((tau - anchor) / t)
-        if u > 0.0 and u < math.inf:  # a dense link, anchored (not so when t overflows)
+            anchored = u > 0.0 and u < math.inf  # not so when t overflows
+        if anchored:
             for j in range(c):
                 g, gp = _dense_link_ratio(ev[j], u, code)
                 f += g
@@ -719,8 +720,8 @@ def _forward_rows(x, k, t, code, p, y, tau, start, stop):  # pragma: no cover - 
     P = np.empty(SERIES, dtype=np.float64)
     Q = np.empty(SERIES, dtype=np.float64)
     top = np.empty(FEW, dtype=np.float64)
-    ev = np.empty(n, dtype=np.float64)
     sparse = code == CLIP or code == POWER
+    ev = np.empty(0 if sparse else n, dtype=np.float64)  # the dense links' Newton only
     if sparse and n <= SHORT:
         for b in range(start, stop):
             tau[b] = _short_sparse_row(x[b], k[b], t[b], code, a, y[b], sv, si)
