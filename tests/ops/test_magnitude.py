@@ -8,6 +8,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import softtopk
 from tests.reference import oracles
@@ -428,3 +430,75 @@ def test_zero_entries_of_a_row_keeping_everything_get_zero_gradient(route, p):
     y = _route(route, softtopk.topk_mag, x, 3, temperature=0.1, p=p)
     (g,) = torch.autograd.grad(y.sum(), x)
     assert torch.equal(g, torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 1.0]])), g
+
+
+def _tied_block_gradient(s, n, k, l, v, debias):
+    """grad_s of n ties at s (k of them in the top set) for p = 4/3, in 400-digit arithmetic.
+
+    Every tie is in the pooled block with gap g = s - tau: n g^3 + k l^3 g = k l^3 s. With
+    rho = 3 g^2 (= dh/ds_j), W = n rho + k l^3 and d = rho / l^3 (+ 1 debiased), the
+    Jacobian in s is d (I - rho 11^T / W), so grad_s = d (v - rho sum(v) / W). The bracket
+    cancels to a relative n l^3 / W (1e-208 at s = 1e300, l = 1e-8): hence the digits.
+    """
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(400):
+        s, l3 = mpmath.mpf(s), mpmath.mpf(l) ** 3
+        # Newton from above the root (the cubic is convex for g > 0) descends onto it
+        g = min(mpmath.cbrt(k * l3 * s / n), s)
+        for _ in range(200):
+            step = (n * g**3 + k * l3 * g - k * l3 * s) / (3 * n * g * g + k * l3)
+            g -= step
+            if abs(step) <= g * mpmath.mpf(10) ** -390:
+                break
+        rho = 3 * g * g
+        weight = n * rho + k * l3
+        d = rho / l3 + (1 if debias else 0)
+        total = mpmath.fsum(mpmath.mpf(float(c)) for c in v)
+        return [float(d * (mpmath.mpf(float(c)) - rho * total / weight)) for c in v]
+
+
+@pytest.mark.parametrize("route", ["cpu", "torch"])
+@pytest.mark.parametrize("debias", [True, False])
+@settings(max_examples=40, deadline=None)
+@given(
+    exponent=st.floats(0.0, 300.0),
+    log_l=st.floats(-8.0, 0.0),
+    n=st.integers(2, 6),
+    data=st.data(),
+)
+def test_p43_gradient_of_a_tied_block_with_near_equal_cotangents(route, debias, exponent, log_l, n, data):
+    """n ties at s, k < n, p = 4/3: the cotangents' common part is not lost to rounding.
+
+    The gradient is d (v - rho sum(v) / W), and with d = rho / l^3 + ... the bracket is
+    the difference of two terms n l^3 / W apart in relative size: formed as written, the
+    routes returned 4000256 against 3999744 at s = 1e8, l = 1e-6 and +-5.8e48 for a
+    gradient of 1.4e37 at s = 3.4e38 (float32: +-inf). The error allowed here scales with
+    the spread of the cotangents, not their size.
+    """
+    s, l = 10.0**exponent, 10.0**log_l
+    if not math.isfinite(s * (2.0 * (1.0 + l)) ** 3):
+        s = 1e300
+    k = data.draw(st.integers(1, n - 1), label="k")
+    spread = data.draw(st.sampled_from([0.0, 1e-9, 1e-3, 1.0]), label="spread")
+    w = data.draw(st.lists(st.floats(-1.0, 1.0), min_size=n, max_size=n), label="w")
+    v = [1.0 + spread * c for c in w]
+    expected = torch.tensor(_tied_block_gradient(s, n, k, l, v, debias), dtype=torch.float64)
+    x = torch.full((n,), s, dtype=torch.float64, requires_grad=True)
+    y = _route(route, softtopk.topk_mag, x, k, temperature=l, p=4.0 / 3.0, debias=debias)
+    (got,) = torch.autograd.grad(y, x, torch.tensor(v, dtype=torch.float64))
+    g = _tied_block_gradient(s, n, k, l, [1.0] * n, debias)[0]  # the common part's gradient
+    d_spread = max(abs(a - b) for a in expected.tolist() for b in expected.tolist())
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9 * (abs(g) + d_spread))
+
+
+@pytest.mark.parametrize("route", ["cpu", "torch"])
+@pytest.mark.parametrize("s", [1e8, 1e20, 3.0e38])
+def test_p43_float32_gradient_of_a_tied_block_at_large_magnitudes(route, s):
+    """Five ties in float32, k = 1, cotangent y: finite, and the float64 value (once +-inf)."""
+    l = 1e-6 if s == 1e8 else 0.1
+    x = torch.full((5,), s, dtype=torch.float32, requires_grad=True)
+    y = _route(route, softtopk.topk_mag, x, 1, temperature=l, p=4.0 / 3.0)
+    (got,) = torch.autograd.grad(y, x, y.detach())
+    s32 = float(x[0].detach())
+    expected = _tied_block_gradient(s32, 5, 1, l, [float(c) for c in y.detach()], True)
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0)

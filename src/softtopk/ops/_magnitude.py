@@ -108,10 +108,10 @@ def _mag_candidates(x: Tensor, k: Tensor, l: float, r: int, K: int) -> tuple[Ten
 
     Returns, on the candidates (B, K): indices, the debiased and plain outputs, the
     Jacobian's diagonal in s for both, the pooled block's indicator, the coupling vector
-    right_j = dh/ds_j, the sign of x; per row (B,): the coupling weight W, a flag of rows
-    without a finite answer and a flag of rows whose candidates were not enough. In s the
-    Jacobian is diag(d) - left right^T / W: on the pooled block B, y_i depends on s_j
-    through tau.
+    right_j = dh/ds_j, the sign of x; per row (B,): the coupling weight W, the number of
+    pooled top entries, a flag of rows without a finite answer and a flag of rows whose
+    candidates were not enough. In s the Jacobian is diag(d) - left right^T / W with
+    left = d on the block: on the block, y_i depends on s_j through tau.
     """
     n = x.shape[-1]
     vals, idx = lowest_index_topk(x.abs(), K)  # ties to the lowest index (eager), as the CPU kernel
@@ -174,12 +174,38 @@ def _mag_candidates(x: Tensor, k: Tensor, l: float, r: int, K: int) -> tuple[Ten
         right,
         sign,
         weight,
+        pooled.sum(-1).to(f64),
     ]
     # The outputs in x's dtype; the Jacobian's factors stay in float64: for p = 4/3 and a
     # small l its diagonal and coupling term nearly cancel (3 z^2 / l against a sum of as
     # large terms), and rounding them to float32 turned a gradient of 1/2 into 0.
     y_deb, y_plain = (o.to(x.dtype) for o in outputs[:2])
     return (idx, y_deb, y_plain, *outputs[2:], bad, failed & ~bad)
+
+
+def _block_gradient(
+    v: Tensor, diag: Tensor, block: Tensor, right: Tensor, weight: Tensor, n_pooled: Tensor, debias: bool
+) -> Tensor:
+    """grad_s = diag v - right (sum_block diag v) / W, without losing v's common part.
+
+    On the block diag = right / l^r (+ 1 debiased) and W = sum_block right + l^r n_pooled,
+    so for tied entries with equal cotangents the two terms agree to a relative n l^r / W,
+    far below rounding at a small l or a large abs(x). The cotangents are therefore taken
+    relative to the first block entry's, v = v_ref + u, and v_ref's share is formed
+    exactly: diag_i - right_i (sum_block diag) / W = right_i n_pooled / W
+    (+ 1 - right_i n_block / W debiased). The rounding error then scales with the spread
+    of v over the block, not its size. Rows (B, K), per-row (B, 1); linear in v.
+    """
+    has = block.any(-1, keepdim=True)
+    first = block.to(torch.uint8).argmax(-1, keepdim=True)
+    v_ref = torch.where(has, v.gather(-1, first), 0.0)
+    u = torch.where(block, v - v_ref, 0.0)
+    w = torch.where(weight > 0, weight, 1.0)
+    coupling = (diag * u).sum(-1, keepdim=True) / w
+    share = right * n_pooled / w
+    if debias:
+        share = share + (1.0 - right * block.sum(-1, keepdim=True).to(share.dtype) / w)
+    return torch.where(block, diag * u - right * coupling + v_ref * share, diag * v)
 
 
 class _TopKMag(torch.autograd.Function):
@@ -202,27 +228,25 @@ class _TopKMag(torch.autograd.Function):
         out = _mag_candidates(x, k, l, r, K)
         if K < n and may_sync(x) and bool(out[-1].any()):
             out = _mag_candidates(x, k, l, r, n)  # too few candidates somewhere: whole rows
-        idx, y_deb, y_plain, d_deb, d_plain, block, right, sign, weight, bad, _ = out
+        idx, y_deb, y_plain, d_deb, d_plain, block, right, sign, weight, n_pooled, bad, _ = out
         y = scatter_rows(x, idx, y_deb if debias else y_plain)
         y = torch.where(bad.unsqueeze(-1), math.nan, y)
         diag = torch.where(bad.unsqueeze(-1), math.nan, d_deb if debias else d_plain)
-        return y, idx, sign, diag, block * diag, right, weight
+        return y, idx, sign, diag, block, right, weight, n_pooled
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        ctx.r = inputs[3]
+        ctx.r, ctx.debias = inputs[3], inputs[4]
         _, *saved = output
         ctx.mark_non_differentiable(*saved)
         ctx.save_for_backward(inputs[0], *saved)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, *unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        # In s = |x|: dy_i/ds_j = d_i delta_ij - left_i right_j / W (left = the block
-        # entries' slope, right = dh/ds_j, W = -dh/dtau), then the chain rule through |x|.
         # In float64, on the cotangent scaled by a power of two near its row maximum: the
         # coupling sum of a cotangent near its dtype's limit would overflow (inf - inf).
         x, *saved = ctx.saved_tensors
-        idx, sign, diag, left, right, weight = (
+        idx, sign, diag, block, right, weight, n_pooled = (
             t.to(torch.float64) if t.is_floating_point() else t for t in saved
         )
         v = sign * grad_y.gather(-1, idx).to(torch.float64)
@@ -232,8 +256,8 @@ class _TopKMag(torch.autograd.Function):
             ok, torch.exp2(torch.frexp(torch.where(ok, big, 1.0)).exponent.to(torch.float64) - 1.0), 1.0
         )
         v = v / scale
-        coupling = (left * v).sum(-1) / torch.where(weight > 0, weight, 1.0)
-        grad_s = (diag * v - right * coupling.unsqueeze(-1)) * scale
+        per_row = weight.unsqueeze(-1), n_pooled.unsqueeze(-1)
+        grad_s = _block_gradient(v, diag, block > 0, right, *per_row, ctx.debias) * scale
         grad_x = scatter_rows(grad_y, idx, (sign * grad_s).to(grad_y.dtype))
         nan_row = torch.isnan(diag[:, :1])  # a NaN row's gradient is NaN, as its value
         grad_x = torch.where(nan_row, math.nan, grad_x)
@@ -336,11 +360,12 @@ def _mag_backward_tensors(x: Tensor, info: Tensor, grad_y: Tensor, l: float, deb
     kept_slope = torch.where(kept, 1.0 if debias else 1.0 / (1.0 + l), torch.zeros_like(s))  # float64
     d = torch.where(block, 1.0 / l + float(debias), kept_slope)
     right = block.to(f64)
-    weight = right.sum(-1, keepdim=True) + l * pooled.sum(-1, keepdim=True).to(f64)
+    n_pooled = pooled.sum(-1, keepdim=True).to(f64)
+    weight = right.sum(-1, keepdim=True) + l * n_pooled
     sign = torch.sign(x).to(f64)
     v = sign * grad_y.to(f64)
-    c = (d * right * v).sum(-1, keepdim=True) / torch.where(weight > 0, weight, 1.0)
-    grad_x = torch.where(finite, sign * (d * v - right * c), grad_y.to(f64))
+    grad_s = _block_gradient(v, d, block, right, weight, n_pooled, debias)
+    grad_x = torch.where(finite, sign * grad_s, grad_y.to(f64))
     return torch.where(torch.isnan(b), math.nan, grad_x).to(x.dtype)
 
 

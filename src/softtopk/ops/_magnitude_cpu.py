@@ -329,9 +329,16 @@ def _entry(s, b, w, top, l, lr, r, debias):  # pragma: no cover - compiled
 
 @_inline
 def _coupling(x, si, c, a, m, b, w, l, lr, r, debias, gy, scale):  # pragma: no cover - compiled
-    """W and sum over the block of d_i sign_i gy_i scale, over the entries si[:c] above tau."""
+    """The block's sums over the entries si[:c] above tau, with v = sign gy scale.
+
+    Returns W, sum_block d (v - v_ref), the pooled and block counts and v_ref, the first
+    block entry's v: the cotangents are taken relative to it (see ``_backward_row``).
+    """
     weight = 0.0
     coupled = 0.0
+    n_pooled = 0
+    n_block = 0
+    ref = 0.0
     seen = 0
     for j in range(c):
         i = si[j]
@@ -345,9 +352,14 @@ def _coupling(x, si, c, a, m, b, w, l, lr, r, debias, gy, scale):  # pragma: no 
             weight += right
             if pooled:
                 weight += lr
+                n_pooled += 1
             g = gy[i] * scale
-            coupled += d * (g if v > 0.0 else -g)
-    return weight, coupled
+            g = g if v > 0.0 else -g
+            if n_block == 0:
+                ref = g
+            n_block += 1
+            coupled += d * (g - ref)
+    return weight, coupled, n_pooled, n_block, ref
 
 
 @_inline
@@ -370,13 +382,21 @@ def _backward_row(x, info, l, r, debias, gy, gx, si):  # pragma: no cover - comp
         if (s - b) + w > 0.0 or s == math.inf:
             si[c] = i
             c += 1
+    # grad_s = d v - right (sum_block d v) / W. On the block d = right / l^r (+ 1 debiased)
+    # and W = sum_block right + l^r n_pooled, so for ties with equal cotangents the two
+    # terms agree to a relative n l^r / W, far below rounding at a small l or a large s.
+    # With v = ref + u on the block, ref's share is formed exactly,
+    # d_i - right_i (sum_block d) / W = right_i n_pooled / W (+ 1 - right_i n_block / W),
+    # and the rounding error scales with the spread of v over the block, not its size.
     scale = 1.0
-    weight, coupled = _coupling(x, si, c, a, m, b, w, l, lr, r, debias, gy, scale)
-    if not abs(coupled) < math.inf:
-        # a cotangent near the float64 limit: the sum is formed on it scaled by 2^-1000
+    weight, coupled, n_pooled, n_block, ref = _coupling(x, si, c, a, m, b, w, l, lr, r, debias, gy, scale)
+    if not (abs(coupled) < math.inf and abs(ref) < math.inf):
+        # a cotangent near the float64 limit: the sums are formed on it scaled by 2^-1000
         scale = 2.0**-1000
-        weight, coupled = _coupling(x, si, c, a, m, b, w, l, lr, r, debias, gy, scale)
+        weight, coupled, n_pooled, n_block, ref = _coupling(x, si, c, a, m, b, w, l, lr, r, debias, gy, scale)
     cw = coupled / weight if weight > 0.0 else 0.0
+    pooled_w = n_pooled / weight if weight > 0.0 else 0.0
+    block_w = n_block / weight if weight > 0.0 else 0.0
     for i in range(n):
         gx[i] = 0.0
     seen = 0
@@ -391,11 +411,17 @@ def _backward_row(x, info, l, r, debias, gy, gx, si):  # pragma: no cover - comp
             continue  # abs has no slope at 0: gradient 0 (a row keeping every entry has tau = -inf)
         top, seen = _is_top(s, a, m, seen)
         d, right, block, pooled = _entry(s, b, w, top, l, lr, r, debias)
-        if scale == 1.0:
-            gx[i] = d * gy[i] - (right * cw if v > 0.0 else -right * cw)
+        g = gy[i] * scale
+        g = g if v > 0.0 else -g
+        if block:
+            share = right * pooled_w
+            if debias:
+                share += 1.0 - right * block_w
+            g = d * (g - ref) - right * cw + ref * share
         else:
-            g = d * (gy[i] * scale) - (right * cw if v > 0.0 else -right * cw)
-            gx[i] = g / scale
+            g = d * g
+        g = g if v > 0.0 else -g
+        gx[i] = g if scale == 1.0 else g / scale
 
 
 @_jit
