@@ -17,6 +17,7 @@ by a rule get zero gradients; NaN rows NaN.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -119,16 +120,23 @@ def _in_range(x: Tensor, tt: Tensor) -> tuple[Tensor, Tensor]:
     """Float64 rows near the float64 limit divided by a power of two c, with t / c (branch-free).
 
     The mask depends on (x - tau) / t only, so (x, t) -> (x / c, t / c) leaves it
-    unchanged (exactly, up to entries that become subnormal); the solvers form x - tau,
-    which overflows once max abs(x) nears the largest float64.
+    unchanged (exactly, up to entries that become subnormal). The solvers form x - tau,
+    which overflows once max abs(x) nears the largest float64, and a dense link's tau
+    lies up to t |G^{-1}(k / n)| (at most about 745 t) beyond the entries, which
+    overflows once t nears it: c brings both max abs(x) and _T_SPAN t within _LIMIT.
     """
     finite = torch.where(torch.isfinite(x), x, 0.0).detach().abs().amax(-1)
-    c = torch.exp2(torch.ceil(torch.log2(finite / _LIMIT)).clamp(min=0.0))  # 1 on ordinary rows
+    size = torch.maximum(torch.log2(finite), torch.log2(tt) + math.log2(_T_SPAN))  # (no overflow)
+    c = torch.exp2(torch.ceil(size - math.log2(_LIMIT)).clamp(min=0.0))  # 1 on ordinary rows
     return x / c.unsqueeze(-1), tt / c
 
 
-#: Rows whose largest finite magnitude exceeds this are rescaled (see _in_range).
+#: Rows whose largest finite magnitude, or _T_SPAN times whose temperature, exceeds this
+#: are rescaled (see _in_range).
 _LIMIT = torch.finfo(torch.float64).max / 64.0
+#: How many temperatures a dense link's tau can lie beyond the entries, with a margin:
+#: |G^{-1}(q)| <= 745 for the smallest positive float64 q.
+_T_SPAN = 1024.0
 
 
 def threshold_mask(x: Tensor, k: Tensor, t: Tensor | float, link: Link, solver: str = "auto") -> Tensor:
