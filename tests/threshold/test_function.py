@@ -163,6 +163,30 @@ def test_forward_mode_equals_the_jacobian(method, p):
     torch.testing.assert_close(jk, jac_k.sum(-1))
 
 
+@pytest.mark.parametrize("method,p", SECOND_ORDER)
+def test_eager_forward_mode_with_dual_tensors(method, p):
+    """torch.autograd.forward_ad on tensors that do not require grad: an eager call with
+    nothing to differentiate in reverse mode skips autograd, but not inside a dual level,
+    where x or k carries a tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 11, dtype=torch.float64, generator=gen)
+    u = torch.randn(3, 11, dtype=torch.float64, generator=gen)
+    k = torch.tensor([1.5, 3.0, 7.25], dtype=torch.float64)
+    f = _mask(method, p)
+    J = _block_jacobian(f, x)
+    with fwAD.dual_level():
+        y, ju = fwAD.unpack_dual(f(fwAD.make_dual(x, u)))
+        _, jk = fwAD.unpack_dual(f(x, fwAD.make_dual(k, torch.ones(3, dtype=torch.float64))))
+    assert ju is not None and jk is not None
+    torch.testing.assert_close(ju, torch.einsum("bij,bj->bi", J, u), atol=1e-10, rtol=1e-8)
+    jac_k = torch.autograd.functional.jacobian(lambda kk: f(x, kk), k)
+    torch.testing.assert_close(jk, jac_k.sum(-1))
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), y, rtol=0.0, atol=0.0)
+
+
 @pytest.mark.parametrize("method,p,link", CASES)
 def test_gradients_are_finite_at_degenerate_inputs(method, p, link):
     rows = torch.tensor(

@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from .._checks import has_values, is_real, is_tracing
@@ -68,6 +69,8 @@ class CompiledThresholdMask(torch.autograd.Function):
     def backward(ctx: Any, grad_y: Tensor, grad_tau: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         y, tau, t = ctx.saved_tensors
         link = ctx.link
+        if grad_y is None:  # (gradients are not materialised in the eager class)
+            grad_y = torch.zeros_like(y)
         if torch.is_grad_enabled() or is_tracing():
             grad_x, grad_k = reference_backward(y, tau, t, grad_y.to(y.dtype), link)
         elif is_real(y):  # eager: the op's implementation without its dispatch cost
@@ -107,6 +110,7 @@ class EagerThresholdMask(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, k: Tensor, t: Tensor, link: Link, solver: str) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         y, tau = _ops.forward_impl(x, k, t, link.code, link.p, SOLVERS[solver])
         ctx.mark_non_differentiable(tau)
+        ctx.set_materialize_grads(False)  # tau's gradient is never used: no zeros made for it
         ctx.save_for_backward(y, tau, t)
         ctx.save_for_forward(y, tau, t)
         ctx.link = link
@@ -154,6 +158,16 @@ def threshold_mask(x: Tensor, k: Tensor, t: Tensor | float, link: Link, solver: 
         fn = CompiledThresholdMask
     elif not has_values(x):  # torch.func transforms, fake and meta tensors
         fn = ThresholdMask
-    else:
+    elif _differentiated(x, k):
         fn = EagerThresholdMask
+    else:  # nothing to differentiate: the op's implementation, without autograd's cost
+        return _ops.forward_impl(x, k.to(torch.float64), tt, link.code, link.p, SOLVERS[solver])[0]
     return fn.apply(x, k.to(torch.float64), tt, link, solver)[0]
+
+
+def _differentiated(x: Tensor, k: Tensor) -> bool:
+    """Whether an eager call is recorded for reverse or forward mode (dual tensors)."""
+    if torch.is_grad_enabled() and (x.requires_grad or k.requires_grad):
+        return True
+    # inside fwAD.dual_level(), x or k may carry tangents (and need not require grad)
+    return getattr(forward_ad, "_current_level", 0) >= 0
