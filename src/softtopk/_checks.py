@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -31,6 +32,15 @@ def is_tracing() -> bool:
     functorch = getattr(torch._C, "_functorch", None)
     level = getattr(functorch, "maybe_current_level", None)
     return level is not None and level() is not None
+
+
+def in_dual_level() -> bool:
+    """True inside ``torch.autograd.forward_ad.dual_level()``.
+
+    Tensors may carry tangents there without requiring grad, so an eager call must go
+    through autograd.
+    """
+    return getattr(forward_ad, "_current_level", 0) >= 0  # (private: assume a level if it is gone)
 
 
 def has_values(x: Tensor) -> bool:

@@ -216,6 +216,55 @@ def test_gradient_is_scattered_to_the_indices():
     torch.autograd.gradcheck(lambda v: softtopk.topk(v, 2, dim=0, largest=False, sorted=False).values, (xt,))
 
 
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_forward_mode_takes_the_tangent_at_the_selected_entries(dim):
+    """torch.func.jvp, jacfwd and eager dual tensors (which need not require grad) give
+    the input's tangent at the selected entries, as torch.topk's forward mode does; the
+    eager dual case returned no tangent at all before."""
+    import torch.autograd.forward_ad as fwAD
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 9, dtype=torch.float64, generator=gen)
+    u = torch.randn(5, 9, dtype=torch.float64, generator=gen)
+
+    def f(a):
+        return softtopk.topk(a, 3, dim=dim).values
+
+    expected = u.gather(dim, softtopk.topk(x, 3, dim=dim).indices)
+    torch.testing.assert_close(torch.func.jvp(f, (x,), (u,))[1], expected, rtol=0.0, atol=0.0)
+    torch.testing.assert_close(torch.func.jacfwd(f)(x), torch.func.jacrev(f)(x))
+    with fwAD.dual_level():
+        out = softtopk.topk(fwAD.make_dual(x, u), 3, dim=dim)
+        reference = torch.topk(fwAD.make_dual(x, u), 3, dim=dim)
+        tangent = fwAD.unpack_dual(out.values).tangent
+        torch_tangent = fwAD.unpack_dual(reference.values).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, expected, rtol=0.0, atol=0.0)
+    torch.testing.assert_close(tangent, torch_tangent, rtol=0.0, atol=0.0)
+
+
+def test_hard_mask_forward_mode_is_zero():
+    """The hard mask's derivative in x is zero almost everywhere, in forward mode too (it
+    raised NotImplementedError before); a tangent in k is refused, as a k that requires
+    grad is."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(4, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    k = torch.full((4,), 2.5, dtype=torch.float64)
+
+    def f(a, kk=2):
+        return softtopk.topk_mask(a, kk, method="hard")
+
+    _, ju = torch.func.jvp(f, (x,), (torch.ones_like(x),))
+    assert ju.shape == x.shape and not ju.any()
+    assert not torch.func.jacfwd(f)(x).any()
+    with pytest.raises(ValueError, match="not differentiable in k"):  # as in reverse mode
+        torch.func.jvp(lambda kk: f(x, kk), (k,), (torch.ones_like(k),))
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(f(fwAD.make_dual(x, torch.ones_like(x)))).tangent
+    assert tangent is not None and tangent.shape == x.shape and not tangent.any()
+
+
 def test_meta_vmap_and_compile():
     m = torch.empty(2, 50, 100, device="meta")
     v, i = softtopk.topk(m, 7, dim=1)

@@ -36,8 +36,12 @@ def _hard_rows(x: Tensor, k: Tensor) -> Tensor:
     return torch.where(nan, math.nan, y)
 
 
-class _HardMask(torch.autograd.Function):
-    """Hard mask whose derivative is the true one almost everywhere: zero."""
+class _CompiledHardMask(torch.autograd.Function):
+    """Hard mask whose derivative is the true one almost everywhere: zero (reverse mode).
+
+    This is the class torch.compile traces (Dynamo does not trace a custom ``jvp``);
+    :class:`_HardMask` adds forward mode.
+    """
 
     generate_vmap_rule = True
 
@@ -52,6 +56,31 @@ class _HardMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         return torch.zeros_like(grad_y), None
+
+
+class _HardMask(_CompiledHardMask):
+    """:class:`_CompiledHardMask` with forward mode: a zero tangent in x, none in k."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.like = (output.shape, output.dtype, output.device)
+        ctx.set_materialize_grads(False)  # so that k's tangent is None unless k has one
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor | None) -> tuple[Tensor, None]:  # type: ignore[override]
+        if grad_y is not None:
+            return torch.zeros_like(grad_y), None
+        shape, dtype, device = ctx.like
+        return torch.zeros(shape, dtype=dtype, device=device), None
+
+    @staticmethod
+    def jvp(ctx: Any, dx: Tensor | None, dk: Tensor | None) -> Tensor:  # type: ignore[override]
+        if dk is not None:  # as in reverse mode (the fractional entry's value is k - floor(k))
+            raise ValueError("this operator is not differentiable in k; pass a k without a tangent")
+        if dx is not None:
+            return torch.zeros_like(dx)
+        shape, dtype, device = ctx.like
+        return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def hard_mask(x: Tensor, k: Tensor, **unused: Any) -> Tensor:
@@ -69,4 +98,5 @@ def hard_mask(x: Tensor, k: Tensor, **unused: Any) -> Tensor:
     Entries equal to -inf are never selected. The gradient is zero (the derivative of a
     piecewise-constant map almost everywhere).
     """
-    return _HardMask.apply(x, k)
+    fn = _CompiledHardMask if torch.compiler.is_compiling() else _HardMask
+    return fn.apply(x, k)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES, check_bool, check_dim, check_int, has_values, is_tracing
+from .._checks import FLOAT_DTYPES, check_bool, check_dim, check_int, has_values, in_dual_level, is_tracing
 
 #: Bit layout per dtype: (integer view, magnitude mask, bits of +inf).
 _BITS = {
@@ -155,7 +155,14 @@ def _scatter_grad(grad_values: Tensor, indices: Tensor, n: int) -> Tensor:
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
     ctx.save_for_backward(output[1])
+    ctx.save_for_forward(output[1])
     ctx.n = inputs[0].shape[-1]
+
+
+def _jvp(ctx: Any, dx: Tensor | None, *unused: Any) -> tuple[Tensor | None, None]:
+    """Forward mode: the values' tangent is the input's tangent at the selected entries."""
+    (indices,) = ctx.saved_tensors
+    return (None if dx is None else dx.gather(-1, indices)), None
 
 
 def _backward(ctx: Any, grad_values: Tensor, grad_indices: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -173,13 +180,14 @@ class _EagerTopK(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, k: int, largest: bool, sorted: bool) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         values, indices = topk_rows_impl(x, k, largest, sorted)
         ctx.mark_non_differentiable(indices)
-        ctx.save_for_backward(indices)
-        ctx.n = x.shape[-1]
+        _setup_context(ctx, (x,), (values, indices))
         return values, indices
 
     @staticmethod
     def backward(ctx: Any, grad_values: Tensor, grad_indices: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         return _backward(ctx, grad_values, grad_indices)
+
+    jvp = staticmethod(_jvp)
 
 
 class _TopK(torch.autograd.Function):
@@ -199,11 +207,19 @@ class _TopK(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
+class _TopKWithJvp(_TopK):
+    """:class:`_TopK` with forward mode (Dynamo does not trace a custom ``jvp``)."""
+
+    jvp = staticmethod(_jvp)
+
+
 def _rows_topk(x: Tensor, k: int, largest: bool, sorted: bool) -> tuple[Tensor, Tensor]:
     """Top-k of validated rows (B, n) through the op (or its eager twin)."""
-    if is_tracing() or not has_values(x):
+    if torch.compiler.is_compiling():
         return _TopK.apply(x, k, largest, sorted)
-    if x.requires_grad and torch.is_grad_enabled():
+    if is_tracing() or not has_values(x):
+        return _TopKWithJvp.apply(x, k, largest, sorted)
+    if (x.requires_grad and torch.is_grad_enabled()) or in_dual_level():
         return _EagerTopK.apply(x, k, largest, sorted)
     return topk_rows_impl(x, k, largest, sorted)
 

@@ -21,10 +21,9 @@ import math
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-from .._checks import has_values, is_real, is_tracing
+from .._checks import has_values, in_dual_level, is_real, is_tracing
 from . import _ops
 from ._links import Link
 from ._ops import reference_backward
@@ -169,5 +168,4 @@ def _differentiated(x: Tensor, k: Tensor) -> bool:
     """Whether an eager call is recorded for reverse or forward mode (dual tensors)."""
     if torch.is_grad_enabled() and (x.requires_grad or k.requires_grad):
         return True
-    # inside fwAD.dual_level(), x or k may carry tangents (and need not require grad)
-    return getattr(forward_ad, "_current_level", 0) >= 0
+    return in_dual_level()
