@@ -9,7 +9,9 @@ permutahedron_projection, under
   operators with their noise passed in; noise drawn from a generator runs eagerly, and
   ``fullgraph=True`` refuses it with an error that says why);
 * ``torch.compile(dynamic=True)``: values and gradients equal eager on two shapes;
-* the meta device: the right shape and dtype (forward and backward), nothing computed.
+* the meta device: the right shape and dtype (forward and backward), nothing computed;
+* forward mode (``torch.func.jvp`` and eager dual tensors): J u with J from reverse
+  mode, or NotImplementedError for the operators listed in ``NO_FORWARD``.
 
 Stochastic operators run under vmap with ``randomness="same"`` (one draw shared by the
 vmapped entries: equal to the loop with the same seed) and ``"different"`` (independent
@@ -138,6 +140,46 @@ def test_meta(name, dtype):
     assert y.device.type == "meta" and y.shape == expected.shape and y.dtype == dtype
     (g,) = torch.autograd.grad(loss(y), x)
     assert g.device.type == "meta" and g.shape == x.shape and g.dtype == dtype
+
+
+# ----------------------------------------------------------------------- forward mode
+
+#: Operators without forward mode: their autograd.Function has no jvp, and both
+#: torch.func.jvp and eager dual tensors raise NotImplementedError (never a missing or
+#: wrong tangent). perturbed's estimator is a reverse-mode score function.
+NO_FORWARD = {"perturbed", "magnitude", "magnitude-p4/3", "soft-sinkhorn", "indicators"}
+FORWARD = [name for name in NAMES if name not in NO_FORWARD]
+
+
+@pytest.mark.parametrize("name", FORWARD)
+def test_forward_mode_equals_the_reverse_mode_jacobian(name):
+    """torch.func.jvp and eager dual tensors (torch.autograd.forward_ad, inputs that do
+    not require grad) give J u with J from reverse mode (dftopk's tangent counted its
+    boundary entries twice before; soft_rank's eager dual call raised)."""
+    import torch.autograd.forward_ad as fwAD
+
+    f = OPS[name]  # (the stochastic ones seeded: the same draws on every call)
+    x, u = rows(2, 9), rows(2, 9, seed=1)
+    jac = torch.func.jacrev(f)(x)  # (2, m, 2, 9)
+    expected = torch.einsum("bmij,ij->bm", jac, u)
+    _, ju = torch.func.jvp(f, (x,), (u,))
+    torch.testing.assert_close(ju, expected, atol=1e-8, rtol=1e-6)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(f(fwAD.make_dual(x, u))).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent, expected, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(NO_FORWARD))
+def test_operators_without_forward_mode_raise(name):
+    import torch.autograd.forward_ad as fwAD
+
+    f = OPS[name]
+    x, u = rows(2, 9), rows(2, 9, seed=1)
+    with pytest.raises(NotImplementedError, match="jvp"):
+        torch.func.jvp(f, (x,), (u,))
+    with pytest.raises(NotImplementedError, match="jvp"), fwAD.dual_level():
+        f(fwAD.make_dual(x, u))
 
 
 # ---------------------------------------------------------------------------- compile

@@ -29,6 +29,7 @@ from .._checks import (
     check_positive,
     check_tensor,
     compute_dtype,
+    in_dual_level,
     is_tracing,
     may_sync,
 )
@@ -68,12 +69,14 @@ def _project_sorted(
 def _fused(x: Tensor, solver: str) -> bool:
     """The fused numba route: eager CPU tensors with values, exact PAV asked for.
 
-    Under torch.compile, torch.func transforms and on the meta device the same result
-    comes from the tensor-op route (a sort, the isotonic custom op, an unsort).
+    Under torch.compile, torch.func transforms, forward-mode AD (a dual level) and on
+    the meta device the same result comes from the tensor-op route (a sort, the isotonic
+    custom op, an unsort), which has forward mode.
     """
     return (
         solver in ("auto", "pav")
         and not is_tracing()
+        and not in_dual_level()
         and may_sync(x)
         and _backend.route(x) == "cpu"
         and x.dtype in (torch.float32, torch.float64)

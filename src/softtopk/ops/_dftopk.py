@@ -38,7 +38,9 @@ def order_statistic(v: Tensor, p: Tensor) -> Tensor:
             a = vals.gather(-1, (jl - 1).clamp(0, K - 1).unsqueeze(-1)).squeeze(-1)
             b = vals.gather(-1, jl.clamp(0, K - 1).unsqueeze(-1)).squeeze(-1)
         b = torch.where(f > 0, b, a)
-    a, b = _tied_share(v, a), _tied_share(v, b)
+    # no_grad stops reverse mode only: detached, the selected values carry no forward-mode
+    # tangent either, which _tied_share adds once
+    a, b = _tied_share(v, a.detach()), _tied_share(v, b.detach())
     return a + f * (b - a)
 
 
