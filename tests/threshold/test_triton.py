@@ -22,6 +22,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+import triton.language as triton_language  # noqa: E402
+
 import softtopk  # noqa: E402
 from softtopk.threshold import _ops, link_of_code  # noqa: E402
 from softtopk.threshold import _triton as tri  # noqa: E402
@@ -138,11 +140,30 @@ def test_forward_and_backward_equal_cpu_and_torch(rng, monkeypatch, method, p, c
             _close(gk[rows], gk_ref[rows], atol * scale)
 
 
+def _split(monkeypatch, tile):
+    """Sends rows longer than ``tile`` through the split route, ``tile`` entries a program."""
+    monkeypatch.setattr(tri, "ONCHIP_MAX", tile)
+    monkeypatch.setattr(tri, "SPLIT_BLOCK", tile)
+    monkeypatch.setattr(tri, "CHUNK", tile)
+
+
+def _split_phases(x, k, t, code, p):
+    """The phase of every row after the split route's steps (tri.DONE where they solved it)."""
+    a_hi, a_lo = tri._exponent(code, p)
+    y, tau = torch.empty_like(x), torch.empty(x.shape[0], dtype=torch.float64)
+    low = triton_language.float64 if x.dtype == torch.float64 else triton_language.float32
+    return tri._split_forward(x, k.double(), t.double(), y, tau, code, a_hi, a_lo, low)
+
+
 @interpreter
+@pytest.mark.parametrize("route", ["one program", "split"])
 @pytest.mark.parametrize("method,p,code", LINKS, ids=LINK_IDS)
-def test_row_rules_equal_cpu_route(monkeypatch, method, p, code):
+def test_row_rules_equal_cpu_route(monkeypatch, method, p, code, route):
     monkeypatch.setenv("SOFTTOPK_BACKEND", "triton")
     x, k, t = _rule_rows(torch.float32)
+    if route == "split":
+        _split(monkeypatch, 4)
+        assert (_split_phases(x, k, t, code, p) == tri.DONE.value).all()
     y, tau = _ops.forward_impl(x, k, t, code, p, 0)
     y_ref, tau_ref = _forward(monkeypatch, "cpu", x, k, t, code, p)
     _close(y, y_ref, 1e-6)
@@ -194,10 +215,14 @@ def test_half_precision_rows(rng, monkeypatch, dtype):
 
 
 @interpreter
+@pytest.mark.parametrize("onchip_max", [16, 64])
 @pytest.mark.parametrize("method,p,code", LINKS, ids=LINK_IDS)
-def test_rows_longer_than_the_chip_are_read_in_chunks(rng, monkeypatch, method, p, code):
-    monkeypatch.setattr(tri, "ONCHIP_MAX", 16)
+def test_rows_longer_than_the_chip_are_read_in_chunks(rng, monkeypatch, method, p, code, onchip_max):
+    """One program reads its row in chunks: the forward where the split route leaves a row
+    (here every regular row, after its single step), the backward of rows up to ONCHIP_MAX."""
+    monkeypatch.setattr(tri, "ONCHIP_MAX", onchip_max)
     monkeypatch.setattr(tri, "CHUNK", 16)
+    monkeypatch.setattr(tri, "SPLIT_STEPS", 1)
     monkeypatch.setenv("SOFTTOPK_BACKEND", "triton")
     x, k, t = _batch(rng, 3, 50, torch.float32)
     x[0, 7] = math.inf
@@ -210,6 +235,45 @@ def test_rows_longer_than_the_chip_are_read_in_chunks(rng, monkeypatch, method, 
     _check_tau(tau, tau_ref, y_ref, code <= 1, 1e-6)
     _close(gx, gx_ref, 1e-6)
     _close(gk, gk_ref, 1e-6)
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method,p,code", LINKS, ids=LINK_IDS)
+def test_split_route_equals_cpu_route(rng, monkeypatch, method, p, code, dtype):
+    """Rows split over 3 programs each, solved by the split steps alone (every row done)."""
+    _split(monkeypatch, 16)
+    monkeypatch.setenv("SOFTTOPK_BACKEND", "triton")
+    x, k, t = _batch(rng, 4, 40, dtype)
+    x[0, 7] = math.inf
+    assert (_split_phases(x, k, t, code, p) == tri.DONE.value).all()
+    y, tau = _ops.forward_impl(x, k, t, code, p, 0)
+    v = torch.from_numpy(rng.normal(size=x.shape)).to(x.dtype)
+    gx, gk = _ops.backward_impl(y, tau, t, v, code, p)
+    y_ref, tau_ref = _forward(monkeypatch, "cpu", x, k, t, code, p)
+    gx_ref, gk_ref = _backward(monkeypatch, "cpu", y_ref, tau_ref, t, v, code, p)
+    atol = 1e-6 if dtype == torch.float32 else 1e-9
+    _close(y, y_ref, atol)
+    _check_tau(tau, tau_ref, y_ref, code <= 1, atol)
+    _close(gx, gx_ref, atol)
+    _close(gk, gk_ref, atol)
+
+
+@interpreter
+@pytest.mark.parametrize("method,p,code", LINKS, ids=LINK_IDS)
+def test_split_route_leaves_unsolved_rows_to_one_program(rng, monkeypatch, method, p, code):
+    """With too few split steps, the rows still being solved are finished one program per row."""
+    _split(monkeypatch, 16)
+    monkeypatch.setattr(tri, "SPLIT_STEPS", 3)
+    monkeypatch.setenv("SOFTTOPK_BACKEND", "triton")
+    x, k, t = _batch(rng, 4, 40, torch.float32)
+    k[2] = 0.0  # a ruled row, done at the first step
+    phases = _split_phases(x, k, t, code, p)
+    assert phases[2] == tri.DONE.value and (phases != tri.DONE.value).any()
+    y, tau = _ops.forward_impl(x, k, t, code, p, 0)
+    y_ref, tau_ref = _forward(monkeypatch, "cpu", x, k, t, code, p)
+    _close(y, y_ref, 1e-6)
+    _check_tau(tau, tau_ref, y_ref, code <= 1, 1e-6)
 
 
 @interpreter
@@ -262,9 +326,12 @@ class _SyncCounter:
 
 
 @interpreter
+@pytest.mark.parametrize("route", ["one program", "split"])
 @pytest.mark.parametrize("method,p,code", LINKS, ids=LINK_IDS)
-def test_no_host_sync_in_forward_and_backward(rng, monkeypatch, method, p, code):
+def test_no_host_sync_in_forward_and_backward(rng, monkeypatch, method, p, code, route):
     monkeypatch.setenv("SOFTTOPK_BACKEND", "triton")
+    if route == "split":
+        _split(monkeypatch, 8)
     x, k, t = _batch(rng, 3, 20, torch.float32)
     v = torch.from_numpy(rng.normal(size=x.shape)).to(x.dtype)
     counter = _SyncCounter(monkeypatch)
@@ -295,9 +362,12 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         ("lapsum", 2.0, "laplace"),
     ],
 )
-def test_float64_oracles(rng, monkeypatch, method, p, link):
+@pytest.mark.parametrize("route", ["one program", "split"])
+def test_float64_oracles(rng, monkeypatch, method, p, link, route):
     """Independent float64 oracles: bisection for every link, the isotonic route for p = 2."""
     monkeypatch.setenv("SOFTTOPK_BACKEND", "triton")
+    if route == "split":
+        _split(monkeypatch, 16)  # rows of 20 and 64 entries over 2 and 4 programs
     for n in (3, 20, 64):
         x, k, t = _batch(rng, 8, n, torch.float64)
         for temperature in (0.05, 1.0):

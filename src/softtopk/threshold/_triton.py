@@ -1,4 +1,4 @@
-"""The threshold family in Triton: one program per row, no host synchronisation.
+"""The threshold family in Triton: a program per row or per tile of a long row, no host sync.
 
 This module is imported on first use of the Triton route (triton is loaded then, not at
 ``import softtopk``). On CPU tensors the kernels run under the Triton interpreter, which
@@ -31,14 +31,27 @@ from device tensors):
 
 No step reads a value on the host: k, t and every decision stay on the device.
 
-Rows of at most :data:`ONCHIP_MAX` entries are held in registers for the whole solve;
-longer rows are read from memory in chunks of :data:`CHUNK` at every step (still one
-program per row).
+Rows of at most :data:`ONCHIP_MAX` entries are held in registers for the whole solve, one
+program per row (:func:`_forward_kernel`). Longer rows take the split route, a program per
+tile of :data:`SPLIT_BLOCK` entries, so that a few long rows still fill the GPU:
+
+- a launch counts and bounds each tile (:func:`_split_scan_kernel`);
+- :data:`SPLIT_STEPS` launches take one step of the solve each
+  (:func:`_split_step_kernel`): every program of a row reduces the tiles' sums of the
+  launch before, all to the same value, takes the step, and sums its tile at the next
+  points. A step evaluates :data:`SPLIT_POINTS` points, the Newton iterate and a grid of
+  the bracket, so the bracket shrinks at least that many times per launch;
+- a launch writes y and tau of the rows solved (:func:`_split_write_kernel`); a row
+  still unsolved then is solved from the start by :func:`_forward_kernel`, one program
+  reading it in chunks of :data:`CHUNK` at every step.
+
+The number of launches does not depend on the data, so the host never waits on a value.
 
 Backward of a row: with h = G'(G^{-1}(y)) (the slope from the mask value),
 grad_x = h/t (v - c), c = <h, v>/sum h, grad_k = c, in float64 whatever the row's dtype
 (in float32 the products h v of a nearly hard row fall into the subnormal range, where
-c = <h, v>/sum h loses its digits).
+c = <h, v>/sum h loses its digits). A long row's backward is two launches over its tiles:
+the tiles' sums, then c and grad_x.
 """
 
 from __future__ import annotations
@@ -52,12 +65,23 @@ import triton.language as tl
 from torch import Tensor
 
 CLIP, POWER, LOGISTIC, LAPLACE = 0, 1, 2, 3
+#: Phase of a row of the split route once it is solved (0 rough Newton, 1 float64 Newton,
+#: 2 and 3 the power link's breakpoint check).
+DONE = tl.constexpr(4)
 
 #: Rows with at most this many entries are held on chip (registers) for the whole solve;
 #: float64 rows at most half as many.
 ONCHIP_MAX = 32768
 #: Chunk of a longer row read per step, and of the backward's passes.
 CHUNK = 4096
+#: Rows longer than ONCHIP_MAX take the split route: a tile of SPLIT_BLOCK entries per
+#: program, SPLIT_STEPS launches of one solver step each (rows not solved by then are
+#: finished one program per row).
+SPLIT_BLOCK = 4096
+SPLIT_STEPS = 16
+#: Points at which a step of the split route evaluates a row's sums (one read of the tile; a
+#: power of two, for tl.arange).
+SPLIT_POINTS = 8
 #: Steps of the float32 phase and of the float64 phase at most (each stops early once
 #: converged; a rejected Newton step halves the bracket).
 ITER_LOW = 64
@@ -200,30 +224,47 @@ def _solve(
     it = 0
     while (it < ITER) & (done == 0):
         f, d = _row_sums(xrow, n, xt, center, scale, s, a, LINK, DT, BLOCK, ONCHIP)
-        f = f - kk
-        above = f > 0.0
-        lo = tl.where(above, s, lo)
-        hi = tl.where(above, hi, s)
-        stop = (f == 0.0) | (hi - lo <= 2.0 * EPS * (tl.abs(lo) + tl.abs(hi)))
-        if FSTOP:
-            # f within the rounding of the sum: where the row is nearly hard (sum G' tiny)
-            # the iterates would otherwise wander in the noise
-            stop = stop | (tl.abs(f) <= 4.0 * EPS * (kk + 1.0))
-        has_d = d > 0.0
-        delta = tl.where(has_d, f / tl.where(has_d, d, 1.0), float("inf"))
-        cand = s + delta
-        tol = 4.0 * EPS * (tl.abs(s) + 1.0)
-        # a Newton step below the precision ends the iteration (s + delta may round to s)
-        tiny = tl.abs(delta) <= tol
-        ok = tiny | ((cand > lo) & (cand < hi) & (2.0 * tl.abs(delta) < tl.abs(dx_old)))
-        new = tl.where(ok, cand, 0.5 * (lo + hi))
-        delta = new - s
-        small = tl.abs(delta) <= tol
-        s = tl.where(stop, s, new)
-        done = stop | small
-        dx_old = delta
+        lo, hi, s, dx_old, done = _newton_update(f, d, kk, lo, hi, s, dx_old, EPS, FSTOP)
         it += 1
     return s
+
+
+@triton.jit
+def _newton_update(f, d, kk, lo, hi, s, dx_old, EPS: tl.constexpr, FSTOP: tl.constexpr):
+    """One step of the safeguarded Newton iteration from s, where the sums are f and d.
+
+    Returns the new (lo, hi, s, dx_old, done); the stops are :func:`_newton_step`'s.
+    """
+    f = f - kk
+    above = f > 0.0
+    lo = tl.where(above, s, lo)
+    hi = tl.where(above, hi, s)
+    stop, delta, tol = _newton_step(s, f, d, kk, lo, hi, EPS, FSTOP)
+    cand = s + delta
+    # a Newton step below the precision ends the iteration (s + delta may round to s)
+    tiny = tl.abs(delta) <= tol
+    ok = tiny | ((cand > lo) & (cand < hi) & (2.0 * tl.abs(delta) < tl.abs(dx_old)))
+    new = tl.where(ok, cand, 0.5 * (lo + hi))
+    delta = new - s
+    small = tl.abs(delta) <= tol
+    s = tl.where(stop, s, new)
+    return lo, hi, s, delta, stop | small
+
+
+@triton.jit
+def _newton_step(s, f, d, kk, lo, hi, EPS: tl.constexpr, FSTOP: tl.constexpr):
+    """At s, where f = sum G - kk and d = sum G': (stop, Newton step, step tolerance).
+
+    Stop when f = 0 or the bracket [lo, hi] is below the precision EPS, with FSTOP also
+    when |f| is within the rounding of the sum: where the row is nearly hard (sum G'
+    tiny) the iterates would otherwise wander in the noise.
+    """
+    stop = (f == 0.0) | (hi - lo <= 2.0 * EPS * (tl.abs(lo) + tl.abs(hi)))
+    if FSTOP:
+        stop = stop | (tl.abs(f) <= 4.0 * EPS * (kk + 1.0))
+    has_d = d > 0.0
+    delta = tl.where(has_d, f / tl.where(has_d, d, 1.0), float("inf"))
+    return stop, delta, 4.0 * EPS * (tl.abs(s) + 1.0)
 
 
 @triton.jit
@@ -261,14 +302,49 @@ def _write(
     tl.store(yrow + idx, y.to(yrow.dtype.element_ty), mask=idx < n)
 
 
-@triton.jit(do_not_specialize=["n"])
+@triton.jit
+def _rules_and_bracket(n_nan, posf, finf, vmin, vmax, k, n, inv_t, LINK: tl.constexpr):
+    """A row's rule, finite budget kk, centre m and first bracket [lo, hi] in s = (tau - m)/t.
+
+    From its counts (NaN, +inf, finite; float64 but for n_nan) and finite extremes in
+    float64. Rules: 0 regular, 1 NaN (a NaN entry, or k outside [0, n]), 2 k = 0, 3 the
+    +inf entries share k, 4 every entry gets 1. The bracket: [u_min - 1, 0] with
+    u = (x - m)/t for the sparse links, [u_min - G^{-1}(q) - 1, 1 - G^{-1}(q)] with
+    q = kk / finite count for the dense ones, each widened a little against rounding.
+    """
+    k_ok = (k >= 0.0) & (k <= n.to(tl.float64))
+    rule = tl.where(
+        (n_nan > 0) | (k_ok == 0),
+        1,
+        tl.where(k <= 0.0, 2, tl.where(posf >= k, 3, tl.where(finf + posf <= k, 4, 0))),
+    )
+    regular = rule == 0
+    kk = k - posf  # the budget of the finite entries; each +inf entry takes 1
+    m = tl.where(regular, vmax, 0.0)
+    umin = tl.where(regular, (vmin - m) * inv_t, 0.0)
+    if LINK <= 1:
+        lo = umin - 1.5
+        hi = umin * 0.0 + 0.5
+    else:
+        q = tl.where(regular, kk / tl.maximum(finf, 1.0), 0.5)
+        if LINK == 2:
+            ginv = tl.log(q) - tl.log(1.0 - q)
+        else:
+            ginv = tl.where(q <= 0.5, tl.log(2.0 * q), -tl.log(2.0 * (1.0 - q)))
+        lo = umin - ginv - 1.0
+        hi = 1.0 - ginv
+    return rule, kk, m, lo, hi
+
+
+@triton.jit(do_not_specialize=["n_row"])
 def _forward_kernel(
     x_ptr,
     k_ptr,
     t_ptr,
     y_ptr,
     tau_ptr,
-    n,
+    phase_ptr,
+    n_row,
     a_hi,
     a_lo,
     LINK: tl.constexpr,
@@ -278,10 +354,18 @@ def _forward_kernel(
     ITER_F64: tl.constexpr,
     BLOCK: tl.constexpr,
     ONCHIP: tl.constexpr,
+    FINISH: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    xrow = x_ptr + row * n
-    yrow = y_ptr + row * n
+    xrow = x_ptr + row * n_row
+    yrow = y_ptr + row * n_row
+    if FINISH:
+        # finishing the split route: a row it solved already is read as empty and left alone
+        live = tl.load(phase_ptr + row) != DONE
+        n = tl.where(live, n_row, 0)
+    else:
+        live = True
+        n = n_row
     k = tl.load(k_ptr + row).to(tl.float64)
     t = tl.load(t_ptr + row).to(tl.float64)
     a = tl.cast(a_hi, tl.float64) + tl.cast(a_lo, tl.float64)
@@ -317,31 +401,12 @@ def _forward_kernel(
         vmax = tl.max(t_max, axis=0)
         vmin = tl.min(t_min, axis=0)
     # 2. the row rules: 0 regular, 1 NaN, 2 k = 0, 3 +inf entries share k, 4 all ones
-    nf = n.to(tl.float64)
     posf = n_pos.to(tl.float64)
-    finf = n_fin.to(tl.float64)
-    k_ok = (k >= 0.0) & (k <= nf)
-    rule = tl.where(
-        (n_nan > 0) | (k_ok == 0),
-        1,
-        tl.where(k <= 0.0, 2, tl.where(posf >= k, 3, tl.where(finf + posf <= k, 4, 0))),
+    inv_t = 1.0 / t
+    rule, kk, m, lo, hi = _rules_and_bracket(
+        n_nan, posf, n_fin.to(tl.float64), vmin.to(tl.float64), vmax.to(tl.float64), k, n, inv_t, LINK
     )
     regular = rule == 0
-    kk = k - posf  # the budget of the finite entries; each +inf entry takes 1
-    m = tl.where(regular, vmax.to(tl.float64), 0.0)
-    inv_t = 1.0 / t
-    umin = tl.where(regular, (vmin.to(tl.float64) - m) * inv_t, 0.0)
-    if LINK <= 1:
-        lo = umin - 1.5
-        hi = umin * 0.0 + 0.5
-    else:
-        q = tl.where(regular, kk / tl.maximum(finf, 1.0), 0.5)
-        if LINK == 2:
-            ginv = tl.log(q) - tl.log(1.0 - q)
-        else:
-            ginv = tl.where(q <= 0.5, tl.log(2.0 * q), -tl.log(2.0 * (1.0 - q)))
-        lo = umin - ginv - 1.0
-        hi = 1.0 - ginv
     # 3. a float32 phase (on the row held on chip), 4. the float64 phase from there
     s_low = _solve(
         xrow,
@@ -412,7 +477,24 @@ def _forward_kernel(
             _write(xc, idx, n, yrow, c, inv_t, s, tau, a, k, posf, rule, LINK, SNAP, NARROW)
     tau = tl.where(rule == 4, float("-inf"), tl.where((rule == 2) | (rule == 3), float("inf"), tau))
     tau = tl.where(rule == 1, float("nan"), tau)
-    tl.store(tau_ptr + row, tau)
+    tl.store(tau_ptr + row, tau, mask=live)
+
+
+@triton.jit
+def _backward_tile(yrow, vrow, idx, n, a, LINK: tl.constexpr, DT: tl.constexpr):
+    """A tile's y, v and slope h = G'(G^{-1}(y)) in DT (0 past the row's end)."""
+    mask = idx < n
+    yc = tl.load(yrow + idx, mask=mask, other=0.0).to(DT)
+    vc = tl.load(vrow + idx, mask=mask, other=0.0).to(DT)
+    return vc, _slope(yc, LINK, a)
+
+
+@triton.jit
+def _backward_write(gxrow, idx, n, h, vc, scale, c, nan_row, ruled):
+    """grad_x = h/t (v - c) on a tile (NaN on a NaN row, 0 on a row set by a rule)."""
+    gx = tl.where(h != 0.0, h * scale * (vc - c), 0.0)
+    gx = tl.where(nan_row, float("nan"), tl.where(ruled, 0.0, gx))
+    tl.store(gxrow + idx, gx.to(gxrow.dtype.element_ty), mask=idx < n)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -440,21 +522,14 @@ def _backward_kernel(
     a = (tl.cast(a_hi, tl.float64) + tl.cast(a_lo, tl.float64)).to(DT)
     offs = tl.arange(0, BLOCK)
     if ONCHIP:
-        mask = offs < n
-        yt = tl.load(yrow + offs, mask=mask, other=0.0).to(DT)
-        vt = tl.load(vrow + offs, mask=mask, other=0.0).to(DT)
-        h = _slope(yt, LINK, a)
+        vt, h = _backward_tile(yrow, vrow, offs, n, a, LINK, DT)
         sh = tl.sum(h, axis=0)
         shv = tl.sum(tl.where(h != 0.0, h * vt, 0.0), axis=0)
     else:
         acc_h = tl.zeros([BLOCK], DT)
         acc_hv = tl.zeros([BLOCK], DT)
         for start in range(0, n, BLOCK):
-            idx = start + offs
-            mask = idx < n
-            yc = tl.load(yrow + idx, mask=mask, other=0.0).to(DT)
-            vc = tl.load(vrow + idx, mask=mask, other=0.0).to(DT)
-            hc = _slope(yc, LINK, a)
+            vc, hc = _backward_tile(yrow, vrow, start + offs, n, a, LINK, DT)
             acc_h += hc
             acc_hv += tl.where(hc != 0.0, hc * vc, 0.0)
         sh = tl.sum(acc_h, axis=0)
@@ -464,21 +539,348 @@ def _backward_kernel(
     ruled = (tau == float("inf")) | (tau == float("-inf"))
     scale = (1.0 / t).to(DT)
     if ONCHIP:
-        gx = tl.where(h != 0.0, h * scale * (vt - c), 0.0)
-        gx = tl.where(nan_row, float("nan"), tl.where(ruled, 0.0, gx))
-        tl.store(gxrow + offs, gx.to(gxrow.dtype.element_ty), mask=offs < n)
+        _backward_write(gxrow, offs, n, h, vt, scale, c, nan_row, ruled)
     else:
         for start in range(0, n, BLOCK):
-            idx = start + offs
-            mask = idx < n
-            yc = tl.load(yrow + idx, mask=mask, other=0.0).to(DT)
-            vc = tl.load(vrow + idx, mask=mask, other=0.0).to(DT)
-            hc = _slope(yc, LINK, a)
-            gx = tl.where(hc != 0.0, hc * scale * (vc - c), 0.0)
-            gx = tl.where(nan_row, float("nan"), tl.where(ruled, 0.0, gx))
-            tl.store(gxrow + idx, gx.to(gxrow.dtype.element_ty), mask=mask)
+            vc, hc = _backward_tile(yrow, vrow, start + offs, n, a, LINK, DT)
+            _backward_write(gxrow, start + offs, n, hc, vc, scale, c, nan_row, ruled)
     gk = tl.where(nan_row, float("nan"), tl.where(ruled, 0.0, c.to(tl.float64)))
     tl.store(gk_ptr + row, gk)
+
+
+@triton.jit(do_not_specialize=["n", "nb"])
+def _split_scan_kernel(x_ptr, scan_ptr, n, nb, LOW: tl.constexpr, BLOCK: tl.constexpr):
+    """Split route, first pass: a tile's NaN, +inf and finite counts, finite min and max."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64)
+    idx = j * BLOCK + tl.arange(0, BLOCK)
+    xc = tl.load(x_ptr + row * n + idx, mask=idx < n, other=float("-inf")).to(LOW)
+    fin = (xc > float("-inf")) & (xc < float("inf"))
+    out = scan_ptr + (row * nb + j) * 5
+    tl.store(out, tl.sum((xc != xc).to(tl.int32), axis=0).to(tl.float64))
+    tl.store(out + 1, tl.sum((xc == float("inf")).to(tl.int32), axis=0).to(tl.float64))
+    tl.store(out + 2, tl.sum(fin.to(tl.int32), axis=0).to(tl.float64))
+    tl.store(out + 3, tl.min(tl.where(fin, xc, float("inf")), axis=0).to(tl.float64))
+    tl.store(out + 4, tl.max(tl.where(fin, xc, float("-inf")), axis=0).to(tl.float64))
+
+
+@triton.jit
+def _split_total(ptr, nb, stride, RBLOCK: tl.constexpr):
+    """The sum over a row's tiles of one field of the split route's partials, in tile order."""
+    offs = tl.arange(0, RBLOCK)
+    acc = tl.zeros([RBLOCK], tl.float64)
+    for start in range(0, nb, RBLOCK):
+        i = start + offs
+        acc += tl.load(ptr + i * stride, mask=i < nb, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _split_extreme(ptr, nb, stride, RBLOCK: tl.constexpr, LARGEST: tl.constexpr):
+    """The max (LARGEST) or min over a row's tiles of one field of the split route's partials."""
+    offs = tl.arange(0, RBLOCK)
+    if LARGEST:
+        acc = tl.full([RBLOCK], float("-inf"), tl.float64)
+        for start in range(0, nb, RBLOCK):
+            i = start + offs
+            acc = tl.maximum(acc, tl.load(ptr + i * stride, mask=i < nb, other=float("-inf")))
+        out = tl.max(acc, axis=0)
+    else:
+        acc = tl.full([RBLOCK], float("inf"), tl.float64)
+        for start in range(0, nb, RBLOCK):
+            i = start + offs
+            acc = tl.minimum(acc, tl.load(ptr + i * stride, mask=i < nb, other=float("inf")))
+        out = tl.min(acc, axis=0)
+    return out
+
+
+@triton.jit
+def _split_point_totals(ptr, nb, W, RBLOCK: tl.constexpr, NPOINT: tl.constexpr):
+    """Per evaluation point, the sum over a row's tiles of the split route's partials.
+
+    ``ptr`` points at the row's first tile; a tile holds W fields, the NPOINT points'
+    values first. Sums in tile order, so every program of the row gets the same value.
+    """
+    tiles = tl.arange(0, RBLOCK)[:, None]
+    points = tl.arange(0, NPOINT)[None, :]
+    acc = tl.zeros([RBLOCK, NPOINT], tl.float64)
+    for start in range(0, nb, RBLOCK):
+        i = start + tiles
+        acc += tl.load(ptr + i * W + points, mask=(i < nb) & (points < NPOINT), other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _multipoint_update(at, f, d, kk, lo, hi, EPS: tl.constexpr, FSTOP: tl.constexpr, NPOINT: tl.constexpr):
+    """One step of the split route's solve from the sums f, d at the points ``at``.
+
+    Each point moves an end of the bracket [lo, hi] (f(lo) >= kk >= f(hi)); from the point
+    with the smallest |f - kk| a Newton step is taken when it stays in the bracket,
+    else the bracket's middle. The stops are :func:`_newton_step`'s. Returns
+    (lo, hi, s, done).
+    """
+    f = f - kk
+    lo = tl.maximum(lo, tl.max(tl.where(f > 0.0, at, float("-inf")), axis=0))
+    hi = tl.minimum(hi, tl.min(tl.where(f > 0.0, float("inf"), at), axis=0))
+    err = tl.where(f == f, tl.abs(f), float("inf"))  # rows done are still stepped, with NaN sums
+    best = tl.arange(0, NPOINT) == tl.argmin(err, axis=0)
+    s = tl.sum(tl.where(best, at, 0.0), axis=0)
+    f = tl.sum(tl.where(best, f, 0.0), axis=0)
+    d = tl.sum(tl.where(best, d, 0.0), axis=0)
+    stop, delta, tol = _newton_step(s, f, d, kk, lo, hi, EPS, FSTOP)
+    cand = s + delta
+    ok = (tl.abs(delta) <= tol) | ((cand > lo) & (cand < hi))
+    new = tl.where(ok, cand, 0.5 * (lo + hi))
+    done = stop | (tl.abs(new - s) <= tol)
+    return lo, hi, tl.where(stop, s, new), done
+
+
+@triton.jit
+def _points(s, lo, hi, NPOINT: tl.constexpr):
+    """The points a split step evaluates: s, then NPOINT - 1 evenly inside [lo, hi]."""
+    i = tl.arange(0, NPOINT).to(tl.float64)
+    return tl.where(i == 0.0, s, lo + i * ((hi - lo) / NPOINT))
+
+
+@triton.jit(do_not_specialize=["n", "nb", "B", "src", "dst"])
+def _split_step_kernel(
+    x_ptr,
+    k_ptr,
+    t_ptr,
+    scan_ptr,
+    rc_ptr,
+    st_ptr,
+    part_ptr,
+    n,
+    nb,
+    B,
+    src,
+    dst,
+    a_hi,
+    a_lo,
+    LINK: tl.constexpr,
+    LOW: tl.constexpr,
+    BLOCK: tl.constexpr,
+    RBLOCK: tl.constexpr,
+    NPOINT: tl.constexpr,
+    FIRST: tl.constexpr,
+):
+    """Split route: one step of a row's solve, by every tile of the row at once.
+
+    Every program of the row reduces the tiles' sums of the previous step (in the same
+    order, so to the same value), takes the step they call for and writes its own tile's
+    sums at the new points; the row's first program writes the new state. The state and
+    the sums alternate between two slots (``src`` read, ``dst`` written), so no program
+    waits on another within a launch.
+
+    A row goes through the phases of :func:`_forward_kernel`'s solve: 0, a rough solve
+    (float32 precision) centred on the row's maximum m; 1, the float64 solve recentred on
+    c, the value of the row's dtype nearest the rough threshold; for the power link 2 and
+    3, the breakpoint check; then DONE. A step of phases 0 and 1 evaluates the sums at
+    NPOINT points (the Newton iterate and a grid of the bracket, one read of the tile).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64)
+    k = tl.load(k_ptr + row).to(tl.float64)
+    t = tl.load(t_ptr + row).to(tl.float64)
+    inv_t = 1.0 / t
+    a = tl.cast(a_hi, tl.float64) + tl.cast(a_lo, tl.float64)
+    W: tl.constexpr = 2 * NPOINT + 1
+    rcp = rc_ptr + row * 6
+    if FIRST:
+        # the row's counts and extremes, then its rules and bracket as _forward_kernel has them
+        scan = scan_ptr + row * nb * 5
+        n_nan = _split_total(scan, nb, 5, RBLOCK)
+        posf = _split_total(scan + 1, nb, 5, RBLOCK)
+        finf = _split_total(scan + 2, nb, 5, RBLOCK)
+        vmin = _split_extreme(scan + 3, nb, 5, RBLOCK, False)
+        vmax = _split_extreme(scan + 4, nb, 5, RBLOCK, True)
+        rule, kk, m, lo, hi = _rules_and_bracket(n_nan, posf, finf, vmin, vmax, k, n, inv_t, LINK)
+        regular = rule == 0
+        if j == 0:
+            tl.store(rcp, rule.to(tl.float64))
+            tl.store(rcp + 1, kk)
+            tl.store(rcp + 2, m)
+            tl.store(rcp + 3, lo)
+            tl.store(rcp + 4, hi)
+            tl.store(rcp + 5, posf)
+        phase = tl.where(regular, 0.0, DONE * 1.0)
+        s = 0.5 * (lo + hi)
+        center = m
+        f_s = 0.0 * m
+        s_b = 0.0 * m
+    else:
+        kk = tl.load(rcp + 1)
+        m = tl.load(rcp + 2)
+        old = st_ptr + (src * B + row) * 7
+        phase = tl.load(old)
+        lo = tl.load(old + 1)
+        hi = tl.load(old + 2)
+        s = tl.load(old + 3)
+        center = tl.load(old + 4)
+        f_s = tl.load(old + 5)
+        s_b = tl.load(old + 6)
+        parts = part_ptr + (src * B + row) * nb * W
+        at = _points(s, lo, hi, NPOINT)
+        f = _split_point_totals(parts, nb, W, RBLOCK, NPOINT)
+        d = _split_point_totals(parts + NPOINT, nb, W, RBLOCK, NPOINT)
+        f_first = tl.sum(tl.where(tl.arange(0, NPOINT) == 0, f, 0.0), axis=0)
+        xb = _split_extreme(parts + 2 * NPOINT, nb, W, RBLOCK, False)
+        # phases 0 and 1: a step of the rough and of the float64 solve
+        lo0, hi0, s0, done0 = _multipoint_update(at, f, d, kk, lo, hi, 1.1920928955078125e-07, True, NPOINT)
+        lo1, hi1, s1, done1 = _multipoint_update(
+            at, f, d, kk, lo, hi, 2.220446049250313e-16, LINK >= 2, NPOINT
+        )
+        # the rough solve done: recentre on c, so that x - c is exact near the threshold
+        tau_low = m + t * s0
+        c = tau_low.to(LOW).to(tl.float64)
+        c = tl.where(tl.abs(c) < float("inf"), c, m)
+        shift = (m - c) * inv_t
+        lo_c = tl.load(rcp + 3) + shift
+        hi_c = tl.load(rcp + 4) + shift
+        s_c = (tau_low - c) * inv_t
+        s_c = tl.where((s_c > lo_c) & (s_c < hi_c), s_c, 0.5 * (lo_c + hi_c))
+        in0 = phase == 0.0
+        in1 = phase == 1.0
+        moved = in0 & done0
+        lo = tl.where(moved, lo_c, tl.where(in0, lo0, tl.where(in1, lo1, lo)))
+        hi = tl.where(moved, hi_c, tl.where(in0, hi0, tl.where(in1, hi1, hi)))
+        center = tl.where(moved, c, center)
+        # phase 3: the breakpoint x_b (its sum was taken) when it solves the equation as well
+        take = (phase == 3.0) & (tl.abs(f_first - kk) <= tl.abs(f_s - kk))
+        s = tl.where(moved, s_c, tl.where(in0, s0, tl.where(in1, s1, tl.where(take, s_b, s))))
+        # phase 2 (power link): the sum at s and the next entry above s, x_b, were taken
+        in2 = phase == 2.0
+        f_s = tl.where(in2, f_first, f_s)
+        s_b = tl.where(in2, (xb - center) * inv_t, s_b)
+        if LINK == 1:
+            after1 = 2.0
+        else:
+            after1 = DONE * 1.0
+        after2 = tl.where(xb < float("inf"), 3.0, DONE * 1.0)
+        later = tl.where(in2, after2, tl.where(phase == 3.0, DONE * 1.0, phase))
+        phase = tl.where(moved, 1.0, tl.where(in1 & done1, after1, later))
+    if j == 0:
+        new = st_ptr + (dst * B + row) * 7
+        tl.store(new, phase)
+        tl.store(new + 1, lo)
+        tl.store(new + 2, hi)
+        tl.store(new + 3, s)
+        tl.store(new + 4, center)
+        tl.store(new + 5, f_s)
+        tl.store(new + 6, s_b)
+    if phase != DONE * 1.0:
+        # this tile's sums at the new points (a row that is done reads nothing more)
+        idx = j * BLOCK + tl.arange(0, BLOCK)
+        xc = tl.load(x_ptr + row * n + idx, mask=idx < n, other=float("-inf"))
+        out = part_ptr + ((dst * B + row) * nb + j) * W
+        for i in tl.static_range(NPOINT):
+            if i == 0:
+                # phase 3 evaluates the breakpoint, every other phase the iterate
+                p_i = tl.where(phase == 3.0, s_b, s)
+            else:
+                p_i = lo + i * ((hi - lo) / NPOINT)
+            g, gp = _terms(xc, center, inv_t, p_i, a, LINK, tl.float64)
+            tl.store(out + i, tl.sum(g, axis=0))
+            tl.store(out + NPOINT + i, tl.sum(gp, axis=0))
+        if LINK == 1:
+            xv = xc.to(tl.float64)
+            above = (xv < float("inf")) & ((xv - center) * inv_t - s > 0.0)
+            tl.store(out + 2 * NPOINT, tl.min(tl.where(above, xv, float("inf")), axis=0))
+        else:
+            tl.store(out + 2 * NPOINT, float("inf"))
+
+
+@triton.jit(do_not_specialize=["n", "B", "src"])
+def _split_write_kernel(
+    x_ptr,
+    k_ptr,
+    t_ptr,
+    rc_ptr,
+    st_ptr,
+    y_ptr,
+    tau_ptr,
+    n,
+    B,
+    src,
+    a_hi,
+    a_lo,
+    LINK: tl.constexpr,
+    NARROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Split route, last pass: the mask on a tile of every row the steps solved, and its tau."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64)
+    k = tl.load(k_ptr + row).to(tl.float64)
+    t = tl.load(t_ptr + row).to(tl.float64)
+    a = tl.cast(a_hi, tl.float64) + tl.cast(a_lo, tl.float64)
+    rule = tl.load(rc_ptr + row * 6).to(tl.int32)
+    posf = tl.load(rc_ptr + row * 6 + 5)
+    state = st_ptr + (src * B + row) * 7
+    live = tl.load(state) == DONE * 1.0
+    s = tl.load(state + 3)
+    c = tl.load(state + 4)
+    tau = c + t * s
+    n_live = tl.where(live, n, 0)
+    idx = j * BLOCK + tl.arange(0, BLOCK)
+    xc = tl.load(x_ptr + row * n + idx, mask=idx < n_live, other=float("-inf"))
+    SNAP: tl.constexpr = LINK <= 1
+    _write(xc, idx, n_live, y_ptr + row * n, c, 1.0 / t, s, tau, a, k, posf, rule, LINK, SNAP, NARROW)
+    tau = tl.where(rule == 4, float("-inf"), tl.where((rule == 2) | (rule == 3), float("inf"), tau))
+    tau = tl.where(rule == 1, float("nan"), tau)
+    tl.store(tau_ptr + row, tau, mask=live & (j == 0))
+
+
+@triton.jit(do_not_specialize=["n", "nb"])
+def _split_backward_sums_kernel(
+    y_ptr, v_ptr, part_ptr, n, nb, a_hi, a_lo, LINK: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Split route of the backward, first pass: a tile's sum h and sum h v."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64)
+    a = (tl.cast(a_hi, tl.float64) + tl.cast(a_lo, tl.float64)).to(DT)
+    idx = j * BLOCK + tl.arange(0, BLOCK)
+    vc, h = _backward_tile(y_ptr + row * n, v_ptr + row * n, idx, n, a, LINK, DT)
+    out = part_ptr + (row * nb + j) * 2
+    tl.store(out, tl.sum(h, axis=0).to(tl.float64))
+    tl.store(out + 1, tl.sum(tl.where(h != 0.0, h * vc, 0.0), axis=0).to(tl.float64))
+
+
+@triton.jit(do_not_specialize=["n", "nb"])
+def _split_backward_kernel(
+    y_ptr,
+    tau_ptr,
+    t_ptr,
+    v_ptr,
+    part_ptr,
+    gx_ptr,
+    gk_ptr,
+    n,
+    nb,
+    a_hi,
+    a_lo,
+    LINK: tl.constexpr,
+    DT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    RBLOCK: tl.constexpr,
+):
+    """Split route of the backward, second pass: c from the tiles' sums, then a tile's grad_x."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1).to(tl.int64)
+    tau = tl.load(tau_ptr + row).to(tl.float64)
+    t = tl.load(t_ptr + row).to(tl.float64)
+    a = (tl.cast(a_hi, tl.float64) + tl.cast(a_lo, tl.float64)).to(DT)
+    sh = _split_total(part_ptr + row * nb * 2, nb, 2, RBLOCK).to(DT)
+    shv = _split_total(part_ptr + row * nb * 2 + 1, nb, 2, RBLOCK).to(DT)
+    c = tl.where(sh > 0.0, shv / tl.where(sh > 0.0, sh, 1.0), 0.0)
+    nan_row = tau != tau
+    ruled = (tau == float("inf")) | (tau == float("-inf"))
+    idx = j * BLOCK + tl.arange(0, BLOCK)
+    vc, h = _backward_tile(y_ptr + row * n, v_ptr + row * n, idx, n, a, LINK, DT)
+    _backward_write(gx_ptr + row * n, idx, n, h, vc, (1.0 / t).to(DT), c, nan_row, ruled)
+    gk = tl.where(nan_row, float("nan"), tl.where(ruled, 0.0, c.to(tl.float64)))
+    tl.store(gk_ptr + row, gk, mask=j == 0)
 
 
 def interpreted() -> bool:
@@ -527,26 +929,95 @@ def forward(x: Tensor, k: Tensor, t: Tensor, link: int, p: float) -> tuple[Tenso
     onchip = n <= _onchip_max(x.dtype)
     block = max(16, triton.next_power_of_2(n)) if onchip else CHUNK
     a_hi, a_lo = _exponent(link, p)
+    low = tl.float64 if wide else tl.float32
     with _on_device(x):
+        phase = _split_forward(x, k, t, y, tau, link, a_hi, a_lo, low) if not onchip else tau
         _forward_kernel[(B,)](
             x,
             k,
             t,
             y,
             tau,
+            phase,
             n,
             a_hi,
             a_lo,
             LINK=link,
-            LOW=tl.float64 if wide else tl.float32,
+            LOW=low,
             NARROW=not wide,
             ITER_LOW=ITER_LOW,
             ITER_F64=ITER_F64,
             BLOCK=block,
             ONCHIP=onchip,
+            FINISH=not onchip,
             num_warps=_warps(block),
         )
     return y, tau
+
+
+def _split_forward(
+    x: Tensor, k: Tensor, t: Tensor, y: Tensor, tau: Tensor, link: int, a_hi, a_lo, low
+) -> Tensor:
+    """The split route on rows too long for the chip: SPLIT_STEPS steps, each by every tile.
+
+    Writes y and tau of the rows it solves and returns every row's phase; the rows not done
+    after SPLIT_STEPS steps are left to :func:`_forward_kernel` (``FINISH``), which solves
+    them from the start, one program per row.
+    """
+    B, n = x.shape
+    nb = triton.cdiv(n, SPLIT_BLOCK)
+    rblock = max(16, min(256, triton.next_power_of_2(nb)))
+    scan = torch.empty(B, nb, 5, dtype=torch.float64, device=x.device)
+    rows = torch.empty(B, 6, dtype=torch.float64, device=x.device)
+    state = torch.empty(2, B, 7, dtype=torch.float64, device=x.device)
+    parts = torch.empty(2, B, nb, 2 * SPLIT_POINTS + 1, dtype=torch.float64, device=x.device)
+    grid = (B, nb)
+    warps = _warps(SPLIT_BLOCK)
+    _split_scan_kernel[grid](x, scan, n, nb, LOW=low, BLOCK=SPLIT_BLOCK, num_warps=warps)
+    for step in range(SPLIT_STEPS):
+        _split_step_kernel[grid](
+            x,
+            k,
+            t,
+            scan,
+            rows,
+            state,
+            parts,
+            n,
+            nb,
+            B,
+            (step + 1) % 2,
+            step % 2,
+            a_hi,
+            a_lo,
+            LINK=link,
+            LOW=low,
+            BLOCK=SPLIT_BLOCK,
+            RBLOCK=rblock,
+            NPOINT=SPLIT_POINTS,
+            FIRST=step == 0,
+            num_warps=warps,
+        )
+    last = (SPLIT_STEPS - 1) % 2
+    _split_write_kernel[grid](
+        x,
+        k,
+        t,
+        rows,
+        state,
+        y,
+        tau,
+        n,
+        B,
+        last,
+        a_hi,
+        a_lo,
+        LINK=link,
+        NARROW=x.dtype != torch.float64,
+        BLOCK=SPLIT_BLOCK,
+        num_warps=warps,
+    )
+    return state[last, :, 0].contiguous()
 
 
 def backward(y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: float) -> tuple[Tensor, Tensor]:
@@ -564,6 +1035,17 @@ def backward(y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: fl
     onchip = n <= min(CHUNK, _onchip_max(y.dtype))
     block = max(16, triton.next_power_of_2(n)) if onchip else CHUNK
     a_hi, a_lo = _exponent(link, p)
+    if n > _onchip_max(y.dtype):
+        nb = triton.cdiv(n, SPLIT_BLOCK)
+        parts = torch.empty(B, nb, 2, dtype=torch.float64, device=y.device)
+        common = dict(LINK=link, DT=tl.float64, BLOCK=SPLIT_BLOCK, num_warps=_warps(SPLIT_BLOCK))
+        rblock = max(16, min(1024, triton.next_power_of_2(nb)))
+        with _on_device(y):
+            _split_backward_sums_kernel[(B, nb)](y, v, parts, n, nb, a_hi, a_lo, **common)
+            _split_backward_kernel[(B, nb)](
+                y, tau, t, v, parts, grad_x, grad_k, n, nb, a_hi, a_lo, RBLOCK=rblock, **common
+            )
+        return grad_x, grad_k
     with _on_device(y):
         _backward_kernel[(B,)](
             y,
