@@ -150,9 +150,10 @@ def _split(monkeypatch, tile):
 def _split_phases(x, k, t, code, p):
     """The phase of every row after the split route's steps (tri.DONE where they solved it)."""
     a_hi, a_lo = tri._exponent(code, p)
-    y, tau = torch.empty_like(x), torch.empty(x.shape[0], dtype=torch.float64)
+    y, tau = torch.empty_like(x), torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     low = triton_language.float64 if x.dtype == torch.float64 else triton_language.float32
-    return tri._split_forward(x, k.double(), t.double(), y, tau, code, a_hi, a_lo, low)
+    k, t = k.to(x.device, torch.float64), t.to(x.device, torch.float64)
+    return tri._split_forward(x, k, t, y, tau, code, a_hi, a_lo, low)
 
 
 @interpreter
@@ -393,7 +394,7 @@ def test_float64_oracles(rng, monkeypatch, method, p, link, route):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [8, 1000, 40_000])
+@pytest.mark.parametrize("n", [8, 1000, 40_000, 300_000])
 @pytest.mark.parametrize("method,p,code", LINKS, ids=LINK_IDS)
 def test_cuda_equals_cpu_route_without_sync(rng, monkeypatch, method, p, code, n, dtype):
     pytest.importorskip("numba")
@@ -403,12 +404,18 @@ def test_cuda_equals_cpu_route_without_sync(rng, monkeypatch, method, p, code, n
     monkeypatch.setenv("SOFTTOPK_BACKEND", "triton")
     torch.cuda.set_sync_debug_mode("error")
     try:
+        if n > tri._onchip_max(dtype):
+            # the split steps solve every row (the one-program fallback would hide a failure)
+            phases = _split_phases(xg, kg, tg, code, p)
         y, tau = _ops.forward_impl(xg, kg, tg, code, p, 0)
         gx, gk = _ops.backward_impl(y, tau, tg, vg, code, p)
         xs = xg.clone().requires_grad_()
         softtopk.topk_mask(xs, 3.0, method=method, p=p, temperature=0.5).backward(vg)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    if n > tri._onchip_max(dtype):
+        left = (phases.cpu() != tri.DONE.value).nonzero().flatten().tolist()
+        assert not left, f"rows {left} were left to the one-program fallback after {tri.SPLIT_STEPS} steps"
     atol = 1e-6 if dtype == torch.float32 else 1e-10
     y_ref, tau_ref = _forward(monkeypatch, "cpu", x, k, t, code, p)
     gx_ref, gk_ref = _backward(monkeypatch, "cpu", y_ref, tau_ref, t, v, code, p)
