@@ -140,10 +140,12 @@ def test_forward_and_backward_equal_cpu_and_torch(rng, monkeypatch, method, p, c
             _close(gk[rows], gk_ref[rows], atol * scale)
 
 
-def _split(monkeypatch, tile):
-    """Sends rows longer than ``tile`` through the split route, ``tile`` entries a program."""
+def _split(monkeypatch, tile, tiles=128):
+    """Sends rows longer than ``tile`` through the split route, in chunks of ``tile`` entries,
+    at most ``tiles`` programs a row (more chunks a program beyond)."""
     monkeypatch.setattr(tri, "ONCHIP_MAX", tile)
     monkeypatch.setattr(tri, "SPLIT_BLOCK", tile)
+    monkeypatch.setattr(tri, "SPLIT_TILES", tiles)
     monkeypatch.setattr(tri, "CHUNK", tile)
 
 
@@ -242,8 +244,9 @@ def test_rows_longer_than_the_chip_are_read_in_chunks(rng, monkeypatch, method, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("method,p,code", LINKS, ids=LINK_IDS)
 def test_split_route_equals_cpu_route(rng, monkeypatch, method, p, code, dtype):
-    """Rows split over 3 programs each, solved by the split steps alone (every row done)."""
-    _split(monkeypatch, 16)
+    """Rows split over 3 programs each (float32), or 2 of 2 chunks (float64), solved by the
+    split steps alone (every row done)."""
+    _split(monkeypatch, 16, tiles=3 if dtype == torch.float32 else 2)
     monkeypatch.setenv("SOFTTOPK_BACKEND", "triton")
     x, k, t = _batch(rng, 4, 40, dtype)
     x[0, 7] = math.inf
@@ -368,7 +371,7 @@ def test_float64_oracles(rng, monkeypatch, method, p, link, route):
     """Independent float64 oracles: bisection for every link, the isotonic route for p = 2."""
     monkeypatch.setenv("SOFTTOPK_BACKEND", "triton")
     if route == "split":
-        _split(monkeypatch, 16)  # rows of 20 and 64 entries over 2 and 4 programs
+        _split(monkeypatch, 16, tiles=2)  # rows of 20 and 64 entries: 2 programs of 1 and 2 chunks
     for n in (3, 20, 64):
         x, k, t = _batch(rng, 8, n, torch.float64)
         for temperature in (0.05, 1.0):

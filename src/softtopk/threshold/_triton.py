@@ -19,8 +19,8 @@ from device tensors):
 3. a safeguarded Newton iteration in float32 on the row held on chip (a Newton step
    when it stays in the bracket and halves the last step, else bisection; at most a
    fixed number of steps, ending when the step or the bracket is below the precision);
-4. the same iteration in float64 from there, recentred on c, the value of the row's
-   dtype nearest that rough threshold, so that x - c is exact near tau and
+4. the same iteration in float64 from there, recentred on c, the float32 value (float64
+   for float64 rows) nearest that rough threshold, so that x - c is exact near tau and
    z = (x - c)/t - s keeps its digits however large |x|/t is. It takes one to three
    steps: for p = 2 a Newton step is the closed form of the linear piece it starts on,
    (sum_S x - t (k - U)) / |S| over the active entries S and the U saturated ones, so
@@ -31,9 +31,10 @@ from device tensors):
 
 No step reads a value on the host: k, t and every decision stay on the device.
 
-Rows of at most :data:`ONCHIP_MAX` entries are held in registers for the whole solve, one
+Rows of at most :data:`ONCHIP_MAX` entries are held on chip for the whole solve, one
 program per row (:func:`_forward_kernel`). Longer rows take the split route, a program per
-tile of :data:`SPLIT_BLOCK` entries, so that a few long rows still fill the GPU:
+tile of :data:`SPLIT_BLOCK` entries (several such chunks once a row has more than
+:data:`SPLIT_TILES` of them), so that a few long rows still fill the GPU:
 
 - a launch counts and bounds each tile (:func:`_split_scan_kernel`);
 - :data:`SPLIT_STEPS` launches take one step of the solve each
@@ -46,6 +47,8 @@ tile of :data:`SPLIT_BLOCK` entries, so that a few long rows still fill the GPU:
   reading it in chunks of :data:`CHUNK` at every step.
 
 The number of launches does not depend on the data, so the host never waits on a value.
+Every launch passes ``enable_fp_fusion=False``: no fused multiply-add, so that compiled
+kernels round as the interpreter does (a breakpoint's z = (x - c)/t - s is then exactly 0).
 
 Backward of a row: with h = G'(G^{-1}(y)) (the slope from the mask value),
 grad_x = h/t (v - c), c = <h, v>/sum h, grad_k = c, in float64 whatever the row's dtype
@@ -69,15 +72,17 @@ CLIP, POWER, LOGISTIC, LAPLACE = 0, 1, 2, 3
 #: 2 and 3 the power link's breakpoint check).
 DONE = tl.constexpr(4)
 
-#: Rows with at most this many entries are held on chip (registers) for the whole solve;
-#: float64 rows at most half as many.
+#: Rows with at most this many entries are held on chip for the whole solve (in registers,
+#: spilled to local memory for the longest); float64 rows at most half as many.
 ONCHIP_MAX = 32768
 #: Chunk of a longer row read per step, and of the backward's passes.
 CHUNK = 4096
-#: Rows longer than ONCHIP_MAX take the split route: a tile of SPLIT_BLOCK entries per
-#: program, SPLIT_STEPS launches of one solver step each (rows not solved by then are
-#: finished one program per row).
+#: Rows longer than ONCHIP_MAX take the split route: a program per tile of SPLIT_BLOCK
+#: entries (of a whole number of SPLIT_BLOCK chunks once a row has more than SPLIT_TILES
+#: of them, since every program reduces all the row's tiles), SPLIT_STEPS launches of one
+#: solver step each (rows not solved by then are finished one program per row).
 SPLIT_BLOCK = 4096
+SPLIT_TILES = 128
 SPLIT_STEPS = 16
 #: Points at which a step of the split route evaluates a row's sums (one read of the tile; a
 #: power of two, for tl.arange).
@@ -306,7 +311,7 @@ def _write(
 def _rules_and_bracket(n_nan, posf, finf, vmin, vmax, k, n, inv_t, LINK: tl.constexpr):
     """A row's rule, finite budget kk, centre m and first bracket [lo, hi] in s = (tau - m)/t.
 
-    From its counts (NaN, +inf, finite; float64 but for n_nan) and finite extremes in
+    From its counts (NaN, +inf, finite; posf and finf in float64) and finite extremes in
     float64. Rules: 0 regular, 1 NaN (a NaN entry, or k outside [0, n]), 2 k = 0, 3 the
     +inf entries share k, 4 every entry gets 1. The bracket: [u_min - 1, 0] with
     u = (x - m)/t for the sparse links, [u_min - G^{-1}(q) - 1, 1 - G^{-1}(q)] with
@@ -548,20 +553,43 @@ def _backward_kernel(
     tl.store(gk_ptr + row, gk)
 
 
-@triton.jit(do_not_specialize=["n", "nb"])
-def _split_scan_kernel(x_ptr, scan_ptr, n, nb, LOW: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit
+def _tile_of_program(nb):
+    """(row, tile) of this program: the split route's grid is flat, B * nb programs."""
+    pid = tl.program_id(0).to(tl.int64)
+    return pid // nb, pid % nb
+
+
+@triton.jit
+def _chunk(j, c, chunks, BLOCK: tl.constexpr):
+    """The indices of chunk c of tile j (a tile is ``chunks`` chunks of BLOCK entries)."""
+    return (j * chunks + c) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit(do_not_specialize=["n", "nb", "chunks"])
+def _split_scan_kernel(x_ptr, scan_ptr, n, nb, chunks, LOW: tl.constexpr, BLOCK: tl.constexpr):
     """Split route, first pass: a tile's NaN, +inf and finite counts, finite min and max."""
-    row = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1).to(tl.int64)
-    idx = j * BLOCK + tl.arange(0, BLOCK)
-    xc = tl.load(x_ptr + row * n + idx, mask=idx < n, other=float("-inf")).to(LOW)
-    fin = (xc > float("-inf")) & (xc < float("inf"))
+    row, j = _tile_of_program(nb)
+    c_nan = tl.zeros([BLOCK], tl.int32)
+    c_pos = tl.zeros([BLOCK], tl.int32)
+    c_fin = tl.zeros([BLOCK], tl.int32)
+    t_max = tl.full([BLOCK], float("-inf"), LOW)
+    t_min = tl.full([BLOCK], float("inf"), LOW)
+    for ch in range(0, chunks):
+        idx = _chunk(j, ch, chunks, BLOCK)
+        xc = tl.load(x_ptr + row * n + idx, mask=idx < n, other=float("-inf")).to(LOW)
+        fin = (xc > float("-inf")) & (xc < float("inf"))
+        c_nan += (xc != xc).to(tl.int32)
+        c_pos += (xc == float("inf")).to(tl.int32)
+        c_fin += fin.to(tl.int32)
+        t_max = tl.maximum(t_max, tl.where(fin, xc, float("-inf")))
+        t_min = tl.minimum(t_min, tl.where(fin, xc, float("inf")))
     out = scan_ptr + (row * nb + j) * 5
-    tl.store(out, tl.sum((xc != xc).to(tl.int32), axis=0).to(tl.float64))
-    tl.store(out + 1, tl.sum((xc == float("inf")).to(tl.int32), axis=0).to(tl.float64))
-    tl.store(out + 2, tl.sum(fin.to(tl.int32), axis=0).to(tl.float64))
-    tl.store(out + 3, tl.min(tl.where(fin, xc, float("inf")), axis=0).to(tl.float64))
-    tl.store(out + 4, tl.max(tl.where(fin, xc, float("-inf")), axis=0).to(tl.float64))
+    tl.store(out, tl.sum(c_nan, axis=0).to(tl.float64))
+    tl.store(out + 1, tl.sum(c_pos, axis=0).to(tl.float64))
+    tl.store(out + 2, tl.sum(c_fin, axis=0).to(tl.float64))
+    tl.store(out + 3, tl.min(t_min, axis=0).to(tl.float64))
+    tl.store(out + 4, tl.max(t_max, axis=0).to(tl.float64))
 
 
 @triton.jit
@@ -614,24 +642,40 @@ def _split_point_totals(ptr, nb, W, RBLOCK: tl.constexpr, NPOINT: tl.constexpr):
 def _multipoint_update(at, f, d, kk, lo, hi, EPS: tl.constexpr, FSTOP: tl.constexpr, NPOINT: tl.constexpr):
     """One step of the split route's solve from the sums f, d at the points ``at``.
 
-    Each point moves an end of the bracket [lo, hi] (f(lo) >= kk >= f(hi)); from the point
-    with the smallest |f - kk| a Newton step is taken when it stays in the bracket,
-    else the bracket's middle. The stops are :func:`_newton_step`'s. Returns
-    (lo, hi, s, done).
+    Each point moves an end of the bracket [lo, hi] (f(lo) >= kk >= f(hi)). The stops are
+    :func:`_newton_step`'s at the point with the smallest |f - kk|; otherwise the Newton
+    step from the point with the smallest |f - kk| among those with a slope (d > 0) is
+    taken when it stays in the bracket, else the bracket's middle. Returns (lo, hi, s,
+    done).
     """
     f = f - kk
     lo = tl.maximum(lo, tl.max(tl.where(f > 0.0, at, float("-inf")), axis=0))
     hi = tl.minimum(hi, tl.min(tl.where(f > 0.0, float("inf"), at), axis=0))
-    err = tl.where(f == f, tl.abs(f), float("inf"))  # rows done are still stepped, with NaN sums
-    best = tl.arange(0, NPOINT) == tl.argmin(err, axis=0)
+    # (a row that is done still takes the step, on stale sums, and its state is kept)
+    err = tl.where(f == f, tl.abs(f), float("inf"))
+    ar = tl.arange(0, NPOINT)
+    best = ar == tl.argmin(err, axis=0)
     s = tl.sum(tl.where(best, at, 0.0), axis=0)
-    f = tl.sum(tl.where(best, f, 0.0), axis=0)
-    d = tl.sum(tl.where(best, d, 0.0), axis=0)
-    stop, delta, tol = _newton_step(s, f, d, kk, lo, hi, EPS, FSTOP)
-    cand = s + delta
+    stop, _, _ = _newton_step(s, tl.sum(tl.where(best, f, 0.0), axis=0), 1.0, kk, lo, hi, EPS, FSTOP)
+    # the Newton step from the best point with a slope (a saturated point has none)
+    sloped = tl.where(d > 0.0, err, float("inf"))
+    base = ar == tl.argmin(sloped, axis=0)
+    base = tl.where(tl.min(sloped, axis=0) < float("inf"), base, best)
+    sn = tl.sum(tl.where(base, at, 0.0), axis=0)
+    _, delta, tol = _newton_step(
+        sn,
+        tl.sum(tl.where(base, f, 0.0), axis=0),
+        tl.sum(tl.where(base, d, 0.0), axis=0),
+        kk,
+        lo,
+        hi,
+        EPS,
+        FSTOP,
+    )
+    cand = sn + delta
     ok = (tl.abs(delta) <= tol) | ((cand > lo) & (cand < hi))
     new = tl.where(ok, cand, 0.5 * (lo + hi))
-    done = stop | (tl.abs(new - s) <= tol)
+    done = stop | (tl.abs(new - sn) <= tol)
     return lo, hi, tl.where(stop, s, new), done
 
 
@@ -642,7 +686,7 @@ def _points(s, lo, hi, NPOINT: tl.constexpr):
     return tl.where(i == 0.0, s, lo + i * ((hi - lo) / NPOINT))
 
 
-@triton.jit(do_not_specialize=["n", "nb", "B", "src", "dst"])
+@triton.jit(do_not_specialize=["n", "nb", "chunks", "B", "src", "dst"])
 def _split_step_kernel(
     x_ptr,
     k_ptr,
@@ -653,6 +697,7 @@ def _split_step_kernel(
     part_ptr,
     n,
     nb,
+    chunks,
     B,
     src,
     dst,
@@ -675,12 +720,12 @@ def _split_step_kernel(
 
     A row goes through the phases of :func:`_forward_kernel`'s solve: 0, a rough solve
     (float32 precision) centred on the row's maximum m; 1, the float64 solve recentred on
-    c, the value of the row's dtype nearest the rough threshold; for the power link 2 and
-    3, the breakpoint check; then DONE. A step of phases 0 and 1 evaluates the sums at
-    NPOINT points (the Newton iterate and a grid of the bracket, one read of the tile).
+    c, the float32 value (float64 for float64 rows) nearest the rough threshold; for the
+    power link 2 and 3, the breakpoint check; then DONE. A step evaluates the sums at
+    NPOINT points in one read of the tile: the Newton iterate and a grid of the bracket
+    (phases 2 and 3 use the first point only).
     """
-    row = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1).to(tl.int64)
+    row, j = _tile_of_program(nb)
     k = tl.load(k_ptr + row).to(tl.float64)
     t = tl.load(t_ptr + row).to(tl.float64)
     inv_t = 1.0 / t
@@ -770,28 +815,33 @@ def _split_step_kernel(
         tl.store(new + 5, f_s)
         tl.store(new + 6, s_b)
     if phase != DONE * 1.0:
-        # this tile's sums at the new points (a row that is done reads nothing more)
-        idx = j * BLOCK + tl.arange(0, BLOCK)
-        xc = tl.load(x_ptr + row * n + idx, mask=idx < n, other=float("-inf"))
+        # this tile's sums at the new points (a row that is done reads no entry); phase 3
+        # evaluates the breakpoint in place of the iterate
+        at = _points(tl.where(phase == 3.0, s_b, s), lo, hi, NPOINT)
+        ar = tl.arange(0, NPOINT)
+        acc_f = tl.zeros([NPOINT], tl.float64)
+        acc_d = tl.zeros([NPOINT], tl.float64)
+        acc_b = tl.full([BLOCK], float("inf"), tl.float64)
+        for ch in range(0, chunks):
+            idx = _chunk(j, ch, chunks, BLOCK)
+            xc = tl.load(x_ptr + row * n + idx, mask=idx < n, other=float("-inf"))
+            for i in tl.static_range(NPOINT):
+                g, gp = _terms(
+                    xc, center, inv_t, tl.sum(tl.where(ar == i, at, 0.0), axis=0), a, LINK, tl.float64
+                )
+                acc_f += tl.where(ar == i, tl.sum(g, axis=0), 0.0)
+                acc_d += tl.where(ar == i, tl.sum(gp, axis=0), 0.0)
+            if LINK == 1:
+                xv = xc.to(tl.float64)
+                above = (xv < float("inf")) & ((xv - center) * inv_t - s > 0.0)
+                acc_b = tl.minimum(acc_b, tl.where(above, xv, float("inf")))
         out = part_ptr + ((dst * B + row) * nb + j) * W
-        for i in tl.static_range(NPOINT):
-            if i == 0:
-                # phase 3 evaluates the breakpoint, every other phase the iterate
-                p_i = tl.where(phase == 3.0, s_b, s)
-            else:
-                p_i = lo + i * ((hi - lo) / NPOINT)
-            g, gp = _terms(xc, center, inv_t, p_i, a, LINK, tl.float64)
-            tl.store(out + i, tl.sum(g, axis=0))
-            tl.store(out + NPOINT + i, tl.sum(gp, axis=0))
-        if LINK == 1:
-            xv = xc.to(tl.float64)
-            above = (xv < float("inf")) & ((xv - center) * inv_t - s > 0.0)
-            tl.store(out + 2 * NPOINT, tl.min(tl.where(above, xv, float("inf")), axis=0))
-        else:
-            tl.store(out + 2 * NPOINT, float("inf"))
+        tl.store(out + ar, acc_f)
+        tl.store(out + NPOINT + ar, acc_d)
+        tl.store(out + 2 * NPOINT, tl.min(acc_b, axis=0))
 
 
-@triton.jit(do_not_specialize=["n", "B", "src"])
+@triton.jit(do_not_specialize=["n", "nb", "chunks", "B", "src"])
 def _split_write_kernel(
     x_ptr,
     k_ptr,
@@ -801,6 +851,8 @@ def _split_write_kernel(
     y_ptr,
     tau_ptr,
     n,
+    nb,
+    chunks,
     B,
     src,
     a_hi,
@@ -810,8 +862,7 @@ def _split_write_kernel(
     BLOCK: tl.constexpr,
 ):
     """Split route, last pass: the mask on a tile of every row the steps solved, and its tau."""
-    row = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1).to(tl.int64)
+    row, j = _tile_of_program(nb)
     k = tl.load(k_ptr + row).to(tl.float64)
     t = tl.load(t_ptr + row).to(tl.float64)
     a = tl.cast(a_hi, tl.float64) + tl.cast(a_lo, tl.float64)
@@ -823,31 +874,45 @@ def _split_write_kernel(
     c = tl.load(state + 4)
     tau = c + t * s
     n_live = tl.where(live, n, 0)
-    idx = j * BLOCK + tl.arange(0, BLOCK)
-    xc = tl.load(x_ptr + row * n + idx, mask=idx < n_live, other=float("-inf"))
     SNAP: tl.constexpr = LINK <= 1
-    _write(xc, idx, n_live, y_ptr + row * n, c, 1.0 / t, s, tau, a, k, posf, rule, LINK, SNAP, NARROW)
+    for ch in range(0, chunks):
+        idx = _chunk(j, ch, chunks, BLOCK)
+        xc = tl.load(x_ptr + row * n + idx, mask=idx < n_live, other=float("-inf"))
+        _write(xc, idx, n_live, y_ptr + row * n, c, 1.0 / t, s, tau, a, k, posf, rule, LINK, SNAP, NARROW)
     tau = tl.where(rule == 4, float("-inf"), tl.where((rule == 2) | (rule == 3), float("inf"), tau))
     tau = tl.where(rule == 1, float("nan"), tau)
     tl.store(tau_ptr + row, tau, mask=live & (j == 0))
 
 
-@triton.jit(do_not_specialize=["n", "nb"])
+@triton.jit(do_not_specialize=["n", "nb", "chunks"])
 def _split_backward_sums_kernel(
-    y_ptr, v_ptr, part_ptr, n, nb, a_hi, a_lo, LINK: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr
+    y_ptr,
+    v_ptr,
+    part_ptr,
+    n,
+    nb,
+    chunks,
+    a_hi,
+    a_lo,
+    LINK: tl.constexpr,
+    DT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Split route of the backward, first pass: a tile's sum h and sum h v."""
-    row = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1).to(tl.int64)
+    row, j = _tile_of_program(nb)
     a = (tl.cast(a_hi, tl.float64) + tl.cast(a_lo, tl.float64)).to(DT)
-    idx = j * BLOCK + tl.arange(0, BLOCK)
-    vc, h = _backward_tile(y_ptr + row * n, v_ptr + row * n, idx, n, a, LINK, DT)
+    acc_h = tl.zeros([BLOCK], DT)
+    acc_hv = tl.zeros([BLOCK], DT)
+    for ch in range(0, chunks):
+        vc, h = _backward_tile(y_ptr + row * n, v_ptr + row * n, _chunk(j, ch, chunks, BLOCK), n, a, LINK, DT)
+        acc_h += h
+        acc_hv += tl.where(h != 0.0, h * vc, 0.0)
     out = part_ptr + (row * nb + j) * 2
-    tl.store(out, tl.sum(h, axis=0).to(tl.float64))
-    tl.store(out + 1, tl.sum(tl.where(h != 0.0, h * vc, 0.0), axis=0).to(tl.float64))
+    tl.store(out, tl.sum(acc_h, axis=0).to(tl.float64))
+    tl.store(out + 1, tl.sum(acc_hv, axis=0).to(tl.float64))
 
 
-@triton.jit(do_not_specialize=["n", "nb"])
+@triton.jit(do_not_specialize=["n", "nb", "chunks"])
 def _split_backward_kernel(
     y_ptr,
     tau_ptr,
@@ -858,6 +923,7 @@ def _split_backward_kernel(
     gk_ptr,
     n,
     nb,
+    chunks,
     a_hi,
     a_lo,
     LINK: tl.constexpr,
@@ -866,8 +932,7 @@ def _split_backward_kernel(
     RBLOCK: tl.constexpr,
 ):
     """Split route of the backward, second pass: c from the tiles' sums, then a tile's grad_x."""
-    row = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1).to(tl.int64)
+    row, j = _tile_of_program(nb)
     tau = tl.load(tau_ptr + row).to(tl.float64)
     t = tl.load(t_ptr + row).to(tl.float64)
     a = (tl.cast(a_hi, tl.float64) + tl.cast(a_lo, tl.float64)).to(DT)
@@ -876,9 +941,10 @@ def _split_backward_kernel(
     c = tl.where(sh > 0.0, shv / tl.where(sh > 0.0, sh, 1.0), 0.0)
     nan_row = tau != tau
     ruled = (tau == float("inf")) | (tau == float("-inf"))
-    idx = j * BLOCK + tl.arange(0, BLOCK)
-    vc, h = _backward_tile(y_ptr + row * n, v_ptr + row * n, idx, n, a, LINK, DT)
-    _backward_write(gx_ptr + row * n, idx, n, h, vc, (1.0 / t).to(DT), c, nan_row, ruled)
+    for ch in range(0, chunks):
+        idx = _chunk(j, ch, chunks, BLOCK)
+        vc, h = _backward_tile(y_ptr + row * n, v_ptr + row * n, idx, n, a, LINK, DT)
+        _backward_write(gx_ptr + row * n, idx, n, h, vc, (1.0 / t).to(DT), c, nan_row, ruled)
     gk = tl.where(nan_row, float("nan"), tl.where(ruled, 0.0, c.to(tl.float64)))
     tl.store(gk_ptr + row, gk, mask=j == 0)
 
@@ -951,12 +1017,13 @@ def forward(x: Tensor, k: Tensor, t: Tensor, link: int, p: float) -> tuple[Tenso
             ONCHIP=onchip,
             FINISH=not onchip,
             num_warps=_warps(block),
+            enable_fp_fusion=False,
         )
     return y, tau
 
 
 def _split_forward(
-    x: Tensor, k: Tensor, t: Tensor, y: Tensor, tau: Tensor, link: int, a_hi, a_lo, low
+    x: Tensor, k: Tensor, t: Tensor, y: Tensor, tau: Tensor, link: int, a_hi: float, a_lo: float, low
 ) -> Tensor:
     """The split route on rows too long for the chip: SPLIT_STEPS steps, each by every tile.
 
@@ -965,15 +1032,15 @@ def _split_forward(
     them from the start, one program per row.
     """
     B, n = x.shape
-    nb = triton.cdiv(n, SPLIT_BLOCK)
-    rblock = max(16, min(256, triton.next_power_of_2(nb)))
+    nb, chunks = _tiles(n)
     scan = torch.empty(B, nb, 5, dtype=torch.float64, device=x.device)
     rows = torch.empty(B, 6, dtype=torch.float64, device=x.device)
     state = torch.empty(2, B, 7, dtype=torch.float64, device=x.device)
-    parts = torch.empty(2, B, nb, 2 * SPLIT_POINTS + 1, dtype=torch.float64, device=x.device)
-    grid = (B, nb)
-    warps = _warps(SPLIT_BLOCK)
-    _split_scan_kernel[grid](x, scan, n, nb, LOW=low, BLOCK=SPLIT_BLOCK, num_warps=warps)
+    # zeros: a row done reads its tiles' sums at every step without using them
+    parts = torch.zeros(2, B, nb, 2 * SPLIT_POINTS + 1, dtype=torch.float64, device=x.device)
+    grid = (B * nb,)
+    opts = dict(BLOCK=SPLIT_BLOCK, num_warps=_warps(SPLIT_BLOCK), enable_fp_fusion=False)
+    _split_scan_kernel[grid](x, scan, n, nb, chunks, LOW=low, **opts)
     for step in range(SPLIT_STEPS):
         _split_step_kernel[grid](
             x,
@@ -985,6 +1052,7 @@ def _split_forward(
             parts,
             n,
             nb,
+            chunks,
             B,
             (step + 1) % 2,
             step % 2,
@@ -992,32 +1060,27 @@ def _split_forward(
             a_lo,
             LINK=link,
             LOW=low,
-            BLOCK=SPLIT_BLOCK,
-            RBLOCK=rblock,
+            RBLOCK=_rblock(nb),
             NPOINT=SPLIT_POINTS,
             FIRST=step == 0,
-            num_warps=warps,
+            **opts,
         )
     last = (SPLIT_STEPS - 1) % 2
     _split_write_kernel[grid](
-        x,
-        k,
-        t,
-        rows,
-        state,
-        y,
-        tau,
-        n,
-        B,
-        last,
-        a_hi,
-        a_lo,
-        LINK=link,
-        NARROW=x.dtype != torch.float64,
-        BLOCK=SPLIT_BLOCK,
-        num_warps=warps,
-    )
+        x, k, t, rows, state, y, tau, n, nb, chunks, B, last, a_hi, a_lo,
+        LINK=link, NARROW=x.dtype != torch.float64, **opts,
+    )  # fmt: skip
     return state[last, :, 0].contiguous()
+
+
+def _tiles(n: int) -> tuple[int, int]:
+    """(tiles per row, chunks of SPLIT_BLOCK per tile): at most SPLIT_TILES tiles a row."""
+    chunks = triton.cdiv(triton.cdiv(n, SPLIT_BLOCK), SPLIT_TILES)
+    return triton.cdiv(n, chunks * SPLIT_BLOCK), chunks
+
+
+def _rblock(nb: int) -> int:
+    return max(16, min(256, triton.next_power_of_2(nb)))
 
 
 def backward(y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: float) -> tuple[Tensor, Tensor]:
@@ -1036,14 +1099,15 @@ def backward(y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: fl
     block = max(16, triton.next_power_of_2(n)) if onchip else CHUNK
     a_hi, a_lo = _exponent(link, p)
     if n > _onchip_max(y.dtype):
-        nb = triton.cdiv(n, SPLIT_BLOCK)
+        nb, chunks = _tiles(n)
         parts = torch.empty(B, nb, 2, dtype=torch.float64, device=y.device)
-        common = dict(LINK=link, DT=tl.float64, BLOCK=SPLIT_BLOCK, num_warps=_warps(SPLIT_BLOCK))
-        rblock = max(16, min(1024, triton.next_power_of_2(nb)))
+        opts = dict(
+            LINK=link, DT=tl.float64, BLOCK=SPLIT_BLOCK, num_warps=_warps(SPLIT_BLOCK), enable_fp_fusion=False
+        )
         with _on_device(y):
-            _split_backward_sums_kernel[(B, nb)](y, v, parts, n, nb, a_hi, a_lo, **common)
-            _split_backward_kernel[(B, nb)](
-                y, tau, t, v, parts, grad_x, grad_k, n, nb, a_hi, a_lo, RBLOCK=rblock, **common
+            _split_backward_sums_kernel[(B * nb,)](y, v, parts, n, nb, chunks, a_hi, a_lo, **opts)
+            _split_backward_kernel[(B * nb,)](
+                y, tau, t, v, parts, grad_x, grad_k, n, nb, chunks, a_hi, a_lo, RBLOCK=_rblock(nb), **opts
             )
         return grad_x, grad_k
     with _on_device(y):
@@ -1062,6 +1126,7 @@ def backward(y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: fl
             BLOCK=block,
             ONCHIP=onchip,
             num_warps=_warps(block),
+            enable_fp_fusion=False,
         )
     return grad_x, grad_k
 
