@@ -397,7 +397,7 @@ def test_float64_oracles(rng, monkeypatch, method, p, link, route):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [8, 1000, 40_000, 300_000])
+@pytest.mark.parametrize("n", [8, 1000, 40_000, 600_000])
 @pytest.mark.parametrize("method,p,code", LINKS, ids=LINK_IDS)
 def test_cuda_equals_cpu_route_without_sync(rng, monkeypatch, method, p, code, n, dtype):
     pytest.importorskip("numba")
