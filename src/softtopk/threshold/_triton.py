@@ -480,9 +480,25 @@ def _forward_kernel(
             idx = start + offs
             xc = tl.load(xrow + idx, mask=idx < n, other=float("-inf"))
             _write(xc, idx, n, yrow, c, inv_t, s, tau, a, k, posf, rule, LINK, SNAP, NARROW)
-    tau = tl.where(rule == 4, float("-inf"), tl.where((rule == 2) | (rule == 3), float("inf"), tau))
-    tau = tl.where(rule == 1, float("nan"), tau)
+    tau = _ruled_tau(tau, rule)
     tl.store(tau_ptr + row, tau, mask=live)
+
+
+@triton.jit
+def _ruled_tau(tau, rule):
+    """tau of a row by its rule: tau itself (0), NaN (1), +inf (2, 3) or -inf (4).
+
+    Rules: 0 regular, 1 NaN, 2 k = 0, 3 +inf entries share k, 4 every entry gets 1.
+    """
+    tau = tl.where(rule == 4, float("-inf"), tl.where((rule == 2) | (rule == 3), float("inf"), tau))
+    return tl.where(rule == 1, float("nan"), tau)
+
+
+@triton.jit
+def _backward_coefficient(sh, shv, tau):
+    """c = sum h v / sum h (0 without a slope), and whether the row is NaN or set by a rule."""
+    c = tl.where(sh > 0.0, shv / tl.where(sh > 0.0, sh, 1.0), 0.0)
+    return c, tau != tau, (tau == float("inf")) | (tau == float("-inf"))
 
 
 @triton.jit
@@ -539,9 +555,7 @@ def _backward_kernel(
             acc_hv += tl.where(hc != 0.0, hc * vc, 0.0)
         sh = tl.sum(acc_h, axis=0)
         shv = tl.sum(acc_hv, axis=0)
-    c = tl.where(sh > 0.0, shv / tl.where(sh > 0.0, sh, 1.0), 0.0)
-    nan_row = tau != tau
-    ruled = (tau == float("inf")) | (tau == float("-inf"))
+    c, nan_row, ruled = _backward_coefficient(sh, shv, tau)
     scale = (1.0 / t).to(DT)
     if ONCHIP:
         _backward_write(gxrow, offs, n, h, vt, scale, c, nan_row, ruled)
@@ -879,8 +893,7 @@ def _split_write_kernel(
         idx = _chunk(j, ch, chunks, BLOCK)
         xc = tl.load(x_ptr + row * n + idx, mask=idx < n_live, other=float("-inf"))
         _write(xc, idx, n_live, y_ptr + row * n, c, 1.0 / t, s, tau, a, k, posf, rule, LINK, SNAP, NARROW)
-    tau = tl.where(rule == 4, float("-inf"), tl.where((rule == 2) | (rule == 3), float("inf"), tau))
-    tau = tl.where(rule == 1, float("nan"), tau)
+    tau = _ruled_tau(tau, rule)
     tl.store(tau_ptr + row, tau, mask=live & (j == 0))
 
 
@@ -938,9 +951,7 @@ def _split_backward_kernel(
     a = (tl.cast(a_hi, tl.float64) + tl.cast(a_lo, tl.float64)).to(DT)
     sh = _split_total(part_ptr + row * nb * 2, nb, 2, RBLOCK).to(DT)
     shv = _split_total(part_ptr + row * nb * 2 + 1, nb, 2, RBLOCK).to(DT)
-    c = tl.where(sh > 0.0, shv / tl.where(sh > 0.0, sh, 1.0), 0.0)
-    nan_row = tau != tau
-    ruled = (tau == float("inf")) | (tau == float("-inf"))
+    c, nan_row, ruled = _backward_coefficient(sh, shv, tau)
     for ch in range(0, chunks):
         idx = _chunk(j, ch, chunks, BLOCK)
         vc, h = _backward_tile(y_ptr + row * n, v_ptr + row * n, idx, n, a, LINK, DT)
