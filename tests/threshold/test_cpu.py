@@ -33,6 +33,7 @@ def test_vectorised_exp_within_one_ulp_of_numpy(ws):
     assert np.all(np.abs(got[sub] - want[sub]) <= 5e-324)
     assert np.array_equal(got[want == np.inf], want[want == np.inf])
 
+
 def test_vectorised_exp_at_infinities_and_nan():
     got = _exp_of(np.array([np.inf, -np.inf, np.nan, 1e308, -1e308]))
     assert got[0] == np.inf and got[1] == 0.0 and np.isnan(got[2])

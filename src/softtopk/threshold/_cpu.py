@@ -34,7 +34,10 @@ band comes from a strided sample with margins; tau must end at least Z0 t inside
 (so the series' error is below e^(-(M+1) Z0), under float64 rounding), or the row is
 solved again on every entry. Newton's steps take no exponential per entry: each entry's
 e^((x - anchor)/t) is stored for an anchor within 30 t of tau (computed again when tau
-moves further) and divided by e^((tau - anchor)/t).
+moves further) and divided by e^((tau - anchor)/t). The passes over a row's entries
+(the tails' exponentials and power sums, Newton's sums, the output, the backward) are
+leaf loops without branches or libm calls, which LLVM vectorises; e^x there is
+:func:`_exp`.
 
 Backward of a row: with h = G'(G^{-1}(y)) (the slope from the mask value),
 grad_x = h/t (v - c), c = <h, v>/sum h, grad_k = c: two passes, no exponential.
@@ -115,9 +118,9 @@ _LN2_LO = 1.9082149292705877e-10
 
 @numba.njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy", inline="always")
 def _exp(w):  # pragma: no cover - compiled
-    """e^w in float64 within 1 ulp of ``math.exp``, in straight-line code that vectorises.
+    r"""e^w in float64 within 1 ulp of ``math.exp``, in straight-line code that vectorises.
 
-    .. math:: e^w = 2^m e^r, \\quad m = \\lfloor w \\log_2 e + 1/2 \\rfloor, \\quad |r| \\le \\ln(2) / 2
+    .. math:: e^w = 2^m e^r, \quad m = \lfloor w \log_2 e + 1/2 \rfloor, \quad |r| \le \ln(2) / 2
 
     with e^r from its Taylor series to r^13 (remainder below 4e-18) and 2^m applied in
     two factors, so that results in the subnormal range round once. w is clamped to
@@ -727,8 +730,11 @@ def _tail_exps(x, L, H, t, y, ev):  # pragma: no cover - compiled
 
 @_simd
 def _tail_sums(x, L, H, ev, P, Q, terms):  # pragma: no cover - compiled
-    """P[j] = sum u^(j+1) below L, Q[j] = sum w^(j+1) above H (j < terms, 1 or SERIES) from
-    :func:`_tail_exps`' ev; returns the number of entries above H."""
+    """The tails' power sums, from :func:`_tail_exps`' ev; returns the number of entries above H.
+
+    P[j] = sum u^(j+1) over the entries below L and Q[j] = sum w^(j+1) over those above
+    H, for j < terms (1 or SERIES).
+    """
     n_high = 0.0
     p1 = p2 = p3 = p4 = p5 = p6 = 0.0
     q1 = q2 = q3 = q4 = q5 = q6 = 0.0
@@ -770,8 +776,10 @@ def _tail_sums(x, L, H, ev, P, Q, terms):  # pragma: no cover - compiled
 
 @_vec
 def _write_tails(x, L, H, a_low, b_high, logistic, y):  # pragma: no cover - compiled
-    """y of the entries outside the band from :func:`_tail_exps`' y, with
-    a_low = e^((L - tau)/t) and b_high = e^((tau - H)/t); the band's y stay as they are."""
+    """y of the entries outside the band, from :func:`_tail_exps`' y.
+
+    a_low = e^((L - tau)/t) and b_high = e^((tau - H)/t); the band's y stay as they are.
+    """
     for i in range(x.shape[0]):
         v = x[i]
         s = y[i]
@@ -949,18 +957,34 @@ def _backward_row(y, tb, tt, v, code, a, p, grad_x, si):  # pragma: no cover - c
             i = si[j]
             grad_x[i] = _slope_of_value(y[i], code, a, p) * scale * (v[i] - c)
         return c
+    sh, shv = _dense_backward_sums(y, v, code)
+    c = shv / sh if sh > 0.0 else 0.0
+    _dense_backward_write(y, v, c, scale, code, grad_x)
+    return c
+
+
+@_simd
+def _dense_backward_sums(y, v, code):  # pragma: no cover - compiled
+    """sum h and sum h v over a row of a dense link, h = G'(G^{-1}(y)) (0 where y is 0 or 1)."""
     sh = 0.0
     shv = 0.0
-    for i in range(n):
-        h = _slope_of_value(y[i], code, a, p)
-        if h != 0.0:
-            sh += h
-            shv += h * v[i]
-    c = shv / sh if sh > 0.0 else 0.0
-    for i in range(n):
-        h = _slope_of_value(y[i], code, a, p)
-        grad_x[i] = h * scale * (v[i] - c) if h != 0.0 else 0.0
-    return c
+    for i in range(y.shape[0]):
+        yi = y[i]
+        h = yi * (1.0 - yi) if code == LOGISTIC else min(yi, 1.0 - yi)
+        inside = (yi > 0.0) & (yi < 1.0)  # (h v would be NaN at h = 0, v = inf)
+        sh += h if inside else 0.0
+        shv += h * v[i] if inside else 0.0
+    return sh, shv
+
+
+@_vec
+def _dense_backward_write(y, v, c, scale, code, grad_x):  # pragma: no cover - compiled
+    """grad_x = h/t (v - c) over a row of a dense link (0 where h is 0), scale = 1/t."""
+    for i in range(y.shape[0]):
+        yi = y[i]
+        h = yi * (1.0 - yi) if code == LOGISTIC else min(yi, 1.0 - yi)
+        inside = (yi > 0.0) & (yi < 1.0)
+        grad_x[i] = h * scale * (v[i] - c) if inside else 0.0
 
 
 @numba.njit(cache=True, parallel=True)
