@@ -418,6 +418,65 @@ def test_dense_links_on_rows_spanning_many_temperatures_equal_the_torch_route(
     )
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.sampled_from([3000, 20000]),
+    k=st.floats(1e-3, 8.0),
+    t=st.sampled_from([1e-3, 0.1, 1.0, 30.0]),
+    lift=st.floats(0.0, 60.0),
+    n_top=st.integers(0, 4),
+    infinities=st.booleans(),
+    method=st.sampled_from(["entropic", "lapsum"]),
+    seed=st.integers(0, 2**16),
+)
+def test_dense_links_with_a_budget_below_one_sampled_entry_equal_the_torch_route(
+    n, k, t, lift, n_top, infinities, method, seed
+):
+    """k far below n / DENSE_SAMPLE: the strided sample holds no entry above tau on
+    average, and the few top entries (lifted by up to 60 t, off the sample's stride) are
+    not in it. The band's upper end is then also bounded from the row's largest entry."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, n, generator=g, dtype=torch.float64)
+    where = torch.randint(0, n, (2, n_top), generator=g) | 1  # odd: off an even stride
+    x.scatter_add_(1, where, torch.full((2, n_top), lift * t, dtype=torch.float64))
+    if infinities:
+        x[:, 2] = -math.inf
+        x[1, 4] = math.inf
+    results = []
+    for route in ("cpu", "torch"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("SOFTTOPK_BACKEND", route)
+            results.append(softtopk.topk_mask(x, k, method=method, temperature=t))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        results[0].sum(-1), torch.full((2,), k, dtype=torch.float64), rtol=0, atol=1e-9
+    )
+
+
+@pytest.mark.parametrize("method", ["entropic", "lapsum"])
+@pytest.mark.parametrize("n_pos", [1, 3])
+@pytest.mark.parametrize("k", [20.0, 100.0, 1500.5])
+def test_dense_links_on_long_rows_with_infinite_entries(method, n_pos, k):
+    """Rows long enough for the band path, with +inf entries (each gets 1, the rest share
+    k - n_pos) and -inf entries (0). The band's count of entries above it once included
+    the +inf entries that the budget had already taken out: the mask summed to k - n_pos."""
+    g = torch.Generator().manual_seed(int(k) + n_pos)
+    x = torch.randn(3, 3000, generator=g, dtype=torch.float64)
+    x[:, 7 : 7 + n_pos] = math.inf
+    x[:, 100:103] = -math.inf
+    results = []
+    for route in ("cpu", "torch"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("SOFTTOPK_BACKEND", route)
+            results.append(softtopk.topk_mask(x, k, method=method, temperature=0.1))
+    assert torch.equal(results[0][:, 7 : 7 + n_pos], torch.ones(3, n_pos, dtype=torch.float64))
+    assert torch.equal(results[0][:, 100:103], torch.zeros(3, 3, dtype=torch.float64))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        results[0].sum(-1), torch.full((3,), k, dtype=torch.float64), rtol=0, atol=1e-9
+    )
+
+
 @pytest.mark.parametrize("method", ["entropic", "lapsum", "soft"])
 @pytest.mark.parametrize("k", [5e-324, 1e-310, 1e-300])
 def test_dense_links_with_a_budget_below_the_rounding_of_n(method, k):

@@ -711,6 +711,16 @@ def _solve_values(sv, m, kk, t, code, tol, ev, start=math.nan):  # pragma: no co
     return _newton(sv, m, kk, t, code, 1.0, lo, hi, start, tol, 0.0, 0.0, sv, sv, 0, 0.0, ev)
 
 
+@_simd
+def _finite_max(x):  # pragma: no cover - compiled
+    """The largest finite entry of x (-inf when there is none)."""
+    top = -math.inf
+    for i in range(x.shape[0]):
+        v = x[i]
+        top = v if (v > top) & (v < math.inf) else top
+    return top
+
+
 @_vec
 def _tail_exps(x, L, H, t, y, ev):  # pragma: no cover - compiled
     """The entries outside the band (L, H): e^((x - L)/t) below, e^((H - x)/t) above.
@@ -730,10 +740,11 @@ def _tail_exps(x, L, H, t, y, ev):  # pragma: no cover - compiled
 
 @_simd
 def _tail_sums(x, L, H, ev, P, Q, terms):  # pragma: no cover - compiled
-    """The tails' power sums, from :func:`_tail_exps`' ev; returns the number of entries above H.
+    """The tails' power sums, from :func:`_tail_exps`' ev; returns the count of finite entries above H.
 
     P[j] = sum u^(j+1) over the entries below L and Q[j] = sum w^(j+1) over those above
-    H, for j < terms (1 or SERIES).
+    H, for j < terms (1 or SERIES). +inf entries are not counted: the row's budget kk
+    already excludes them.
     """
     n_high = 0.0
     p1 = p2 = p3 = p4 = p5 = p6 = 0.0
@@ -744,14 +755,14 @@ def _tail_sums(x, L, H, ev, P, Q, terms):  # pragma: no cover - compiled
             e = ev[i]
             p1 += e if v <= L else 0.0
             q1 += e if v >= H else 0.0
-            n_high += 1.0 if v >= H else 0.0
+            n_high += 1.0 if (v >= H) & (v < math.inf) else 0.0
     else:
         for i in range(x.shape[0]):
             v = x[i]
             high = v >= H
             u = ev[i] if v <= L else 0.0
             w = ev[i] if high else 0.0
-            n_high += 1.0 if high else 0.0
+            n_high += 1.0 if high & (v < math.inf) else 0.0
             u2 = u * u
             w2 = w * w
             p1 += u
@@ -826,6 +837,13 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - c
         spread = 3.0 * math.sqrt(ks) + 3.0 if m < n_fin else 0.0
         lo_s = _solve_values(sv, m, min(ks + spread, m - 0.5 * min(1.0, m - ks)), t, code, 0.05 * t, ev)
         hi_s = _solve_values(sv, m, max(ks - spread, 0.5 * min(1.0, ks)), t, code, 0.05 * t, ev)
+        if ks < 1.0:
+            # The sample holds less than one entry above tau on average, so hi_s can fall
+            # short of tau (the row's top entries are not in it). tau is at most where
+            # every finite entry, at the row's largest, would give kk / n_fin.
+            bound = _finite_max(x) - t * _inverse(kk / n_fin, code)
+            if bound < math.inf:
+                hi_s = max(hi_s, bound)
         L = lo_s - (Z0 + 1.0) * t
         H = hi_s + (Z0 + 1.0) * t
         _tail_exps(x, L, H, t, y, ev)
