@@ -13,9 +13,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import softtopk
+from softtopk.ops._soft import soft_cost_scale
 from tests.reference import oracles
+
+_SCORE = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-3.0, 3.0))
 
 
 @pytest.mark.parametrize("n,k", [(6, 3), (20, 5), (50, 10), (200, 7)])
@@ -269,3 +274,20 @@ def test_rows_near_the_float64_limit(route, monkeypatch):
     torch.testing.assert_close(
         y[3], softtopk.topk_mask(x[3:], k[3:], method="soft", temperature=0.1)[0], rtol=0, atol=0
     )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 12).flatmap(
+        lambda n: st.lists(st.lists(_SCORE, min_size=n, max_size=n), min_size=1, max_size=4)
+    ),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+)
+def test_cost_scale_equals_the_largest_cost_over_every_entry(rows, dtype):
+    """C_max / 2 from the row's extreme finite scores equals half the largest cost
+    max((x - 0)^2, (x - 1)^2) over every finite entry, in float64; 1/8 without one."""
+    x = torch.tensor(rows, dtype=torch.float64).to(dtype)
+    xd = x.to(torch.float64)
+    cost = torch.where(torch.isfinite(xd), torch.maximum(xd * xd, (xd - 1.0) ** 2), 0.0)
+    want = 0.5 * cost.amax(-1).clamp(min=0.25, max=torch.finfo(torch.float64).max)
+    assert torch.equal(soft_cost_scale(x), want)
