@@ -712,13 +712,24 @@ def _solve_values(sv, m, kk, t, code, tol, ev, start=math.nan):  # pragma: no co
 
 
 @_simd
-def _finite_max(x):  # pragma: no cover - compiled
-    """The largest finite entry of x (-inf when there is none)."""
+def _finite_range(x):  # pragma: no cover - compiled
+    """The smallest and largest finite entries of x (inf and -inf when there is none)."""
+    bottom = math.inf
     top = -math.inf
     for i in range(x.shape[0]):
         v = x[i]
-        top = v if (v > top) & (v < math.inf) else top
-    return top
+        finite = (v > -math.inf) & (v < math.inf)
+        bottom = v if finite & (v < bottom) else bottom
+        top = v if finite & (v > top) else top
+    return bottom, top
+
+
+@_vec
+def _copy_row(x, sv, si):  # pragma: no cover - compiled
+    """sv = x in float64 and si = 0, 1, ..., n - 1."""
+    for i in range(x.shape[0]):
+        sv[i] = x[i]
+        si[i] = i
 
 
 @_vec
@@ -837,24 +848,34 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - c
         spread = 3.0 * math.sqrt(ks) + 3.0 if m < n_fin else 0.0
         lo_s = _solve_values(sv, m, min(ks + spread, m - 0.5 * min(1.0, m - ks)), t, code, 0.05 * t, ev)
         hi_s = _solve_values(sv, m, max(ks - spread, 0.5 * min(1.0, ks)), t, code, 0.05 * t, ev)
+        x_min, x_max = _finite_range(x)
         if ks < 1.0:
             # The sample holds less than one entry above tau on average, so hi_s can fall
             # short of tau (the row's top entries are not in it). tau is at most where
             # every finite entry, at the row's largest, would give kk / n_fin.
-            bound = _finite_max(x) - t * _inverse(kk / n_fin, code)
+            bound = x_max - t * _inverse(kk / n_fin, code)
             if bound < math.inf:
                 hi_s = max(hi_s, bound)
         L = lo_s - (Z0 + 1.0) * t
         H = hi_s + (Z0 + 1.0) * t
-        _tail_exps(x, L, H, t, y, ev)
-        n_high = _tail_sums(x, L, H, ev, P, Q, terms)
-        c = 0
-        for i in range(n):
-            v = x[i]
-            if v > L and v < H:
-                sv[c] = v
-                si[c] = i
-                c += 1
+        whole = n_fin == n and L < x_min and H > x_max  # every entry in the band: no tails
+        if whole:
+            for j in range(terms):
+                P[j] = 0.0
+                Q[j] = 0.0
+            n_high = 0.0
+            _copy_row(x, sv, si)
+            c = n
+        else:
+            _tail_exps(x, L, H, t, y, ev)
+            n_high = _tail_sums(x, L, H, ev, P, Q, terms)
+            c = 0
+            for i in range(n):
+                v = x[i]
+                if v > L and v < H:
+                    sv[c] = v
+                    si[c] = i
+                    c += 1
         lo = L + Z0 * t
         hi = H - Z0 * t
         # The band's values relative to Newton's start, which f(lo) and f(hi) use too.
@@ -875,7 +896,8 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - c
         f_hi = _add_tails(f_hi, 0.0, hi, t, code, L, H, P, Q, terms, n_high)[0]
         if f_lo >= 0.0 and f_hi <= 0.0:
             tau = _newton(sv, c, kk, t, code, 1.0, lo, hi, start, 0.0, L, H, P, Q, terms, n_high, ev)
-            _write_tails(x, L, H, math.exp((L - tau) / t), math.exp((tau - H) / t), logistic, y)
+            if not whole:
+                _write_tails(x, L, H, math.exp((L - tau) / t), math.exp((tau - H) / t), logistic, y)
             _write_values(sv, ev, si, c, tau, t, code, y)
             return tau
     # Short rows, and bands that missed tau: Newton on every finite entry, from between
