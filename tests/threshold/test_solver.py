@@ -420,7 +420,7 @@ def test_dense_links_on_rows_spanning_many_temperatures_equal_the_torch_route(
 
 @settings(max_examples=40, deadline=None)
 @given(
-    n=st.sampled_from([3000, 20000]),
+    n=st.sampled_from([6000, 20000]),
     k=st.floats(1e-3, 8.0),
     t=st.sampled_from([1e-3, 0.1, 1.0, 30.0]),
     lift=st.floats(0.0, 60.0),
@@ -435,6 +435,9 @@ def test_dense_links_with_a_budget_below_one_sampled_entry_equal_the_torch_route
     """k far below n / DENSE_SAMPLE: the strided sample holds no entry above tau on
     average, and the few top entries (lifted by up to 60 t, off the sample's stride) are
     not in it. The band's upper end is then also bounded from the row's largest entry."""
+    from softtopk.threshold import _cpu
+
+    assert n > _cpu.TINY  # the rows take the band path
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, n, generator=g, dtype=torch.float64)
     where = torch.randint(0, n, (2, n_top), generator=g) | 1  # odd: off an even stride
@@ -460,8 +463,11 @@ def test_dense_links_on_long_rows_with_infinite_entries(method, n_pos, k):
     """Rows long enough for the band path, with +inf entries (each gets 1, the rest share
     k - n_pos) and -inf entries (0). The band's count of entries above it once included
     the +inf entries that the budget had already taken out: the mask summed to k - n_pos."""
+    from softtopk.threshold import _cpu
+
+    n = _cpu.TINY + 2000  # the band path
     g = torch.Generator().manual_seed(int(k) + n_pos)
-    x = torch.randn(3, 3000, generator=g, dtype=torch.float64)
+    x = torch.randn(3, n, generator=g, dtype=torch.float64)
     x[:, 7 : 7 + n_pos] = math.inf
     x[:, 100:103] = -math.inf
     results = []

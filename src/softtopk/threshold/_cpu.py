@@ -66,8 +66,9 @@ SHORT = 16
 #: x_(r) for r up to this is found in one pass that keeps the r largest entries seen;
 #: larger r by quickselect.
 FEW = 16
-#: Dense links: rows with at most this many finite entries are solved on all of them.
-TINY = 64
+#: Dense links: rows with at most this many finite entries are solved on all of them
+#: (Newton's vectorised steps over a whole row cost less than the band's passes there).
+TINY = 4096
 #: Size of the strided sample that brackets tau on longer rows.
 SAMPLE = 1024
 #: The dense links' band comes from two rough solves on a strided sample of this size
@@ -844,20 +845,30 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - c
         # A band (L, H) around tau, from rough solves on a strided sample whose budget
         # is widened by three standard deviations either way.
         m = _sample(x, sv, DENSE_SAMPLE)
+        s_min = math.inf
+        s_max = -math.inf
+        for j in range(m):
+            s_min = min(s_min, sv[j])
+            s_max = max(s_max, sv[j])
         ks = kk * m / n_fin
         spread = 3.0 * math.sqrt(ks) + 3.0 if m < n_fin else 0.0
         lo_s = _solve_values(sv, m, min(ks + spread, m - 0.5 * min(1.0, m - ks)), t, code, 0.05 * t, ev)
         hi_s = _solve_values(sv, m, max(ks - spread, 0.5 * min(1.0, ks)), t, code, 0.05 * t, ev)
-        x_min, x_max = _finite_range(x)
+        x_min = -math.inf
+        x_max = math.inf
         if ks < 1.0:
             # The sample holds less than one entry above tau on average, so hi_s can fall
             # short of tau (the row's top entries are not in it). tau is at most where
             # every finite entry, at the row's largest, would give kk / n_fin.
+            x_min, x_max = _finite_range(x)
             bound = x_max - t * _inverse(kk / n_fin, code)
             if bound < math.inf:
                 hi_s = max(hi_s, bound)
         L = lo_s - (Z0 + 1.0) * t
         H = hi_s + (Z0 + 1.0) * t
+        if ks >= 1.0 and n_fin == n and L < s_min and H > s_max:
+            # the whole row can lie in the band only if its sample does
+            x_min, x_max = _finite_range(x)
         whole = n_fin == n and L < x_min and H > x_max  # every entry in the band: no tails
         if whole:
             for j in range(terms):
