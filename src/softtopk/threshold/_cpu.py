@@ -329,7 +329,21 @@ def _dense_sums(ev, c, u, code):  # pragma: no cover - compiled
     return f, d
 
 
-@_simd
+@_vec
+def _dense_write_row(ev, c, u, code, y):  # pragma: no cover - compiled
+    """:func:`_dense_write` with si[j] = j."""
+    if code == LOGISTIC:
+        for j in range(c):
+            e = ev[j]
+            y[j] = 1.0 if e == math.inf else e / (e + u)
+        return
+    for j in range(c):
+        e = ev[j]
+        h = 0.5 * (min(e, u) / max(e, u))
+        y[j] = h if e <= u else 1.0 - h
+
+
+@_vec
 def _dense_write(ev, c, u, code, si, y):  # pragma: no cover - compiled
     """y[si[j]] = G(z_j) for j < c, e^(z_j) = ev[j] / u (as :func:`_dense_sums`)."""
     if code == LOGISTIC:
@@ -824,13 +838,19 @@ def _write_tails(x, L, H, a_low, b_high, logistic, y):  # pragma: no cover - com
 
 
 @_jit
-def _write_values(sv, ev, si, c, tau, t, code, y):  # pragma: no cover - compiled
-    """y[si[j]] = G((sv[j] - tau)/t) for j < c, after :func:`_newton` left ev[:c + 1]."""
+def _write_values(sv, ev, si, c, tau, t, code, y, whole):  # pragma: no cover - compiled
+    """y[si[j]] = G((sv[j] - tau)/t) for j < c, after :func:`_newton` left ev[:c + 1].
+
+    ``whole``: the values are the whole row in its order (si[j] = j), written in place.
+    """
     anchor = ev[c]
     if abs(tau - anchor) <= ANCHOR * t:  # (False when the anchor is NaN)
         u = math.exp((tau - anchor) / t)
         if u > 0.0 and u < math.inf:
-            _dense_write(ev, c, u, code, si, y)
+            if whole:
+                _dense_write_row(ev, c, u, code, y)
+            else:
+                _dense_write(ev, c, u, code, si, y)
             return
     for j in range(c):
         y[si[j]] = _link((sv[j] - tau) / t, code, 1.0)[0]
@@ -915,24 +935,30 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - c
             tau = _newton(sv, c, kk, t, code, 1.0, lo, hi, start, 0.0, L, H, P, Q, terms, n_high, ev)
             if not whole:
                 _write_tails(x, L, H, math.exp((L - tau) / t), math.exp((tau - H) / t), logistic, y)
-            _write_values(sv, ev, si, c, tau, t, code, y)
+            _write_values(sv, ev, si, c, tau, t, code, y, whole)
             return tau
     # Short rows, and bands that missed tau: Newton on every finite entry, from between
     # x_(floor k) and x_(floor k + 1) when k is small (tau lies there as t -> 0).
-    c = _collect(x, y, -math.inf, sv, si, False)
+    whole = n_fin == n  # no infinite entry: the band is the row, in its order
+    if whole:
+        _copy_row(x, sv, si)
+        c = n
+    else:
+        c = _collect(x, y, -math.inf, sv, si, False)
     start = math.nan
     need = int(math.floor(kk)) + 1
     if need <= FEW and need <= c:
         below = _rth_largest_few(sv[:c], need, top)
         start = 0.5 * (top[need - 2] + below) if need >= 2 else below
     tau = _solve_values(sv, c, kk, t, code, 0.0, ev, start)
-    for i in range(n):
-        v = x[i]
-        if v == math.inf:
-            y[i] = 1.0
-        elif v == -math.inf:
-            y[i] = 0.0
-    _write_values(sv, ev, si, c, tau, t, code, y)
+    if not whole:
+        for i in range(n):
+            v = x[i]
+            if v == math.inf:
+                y[i] = 1.0
+            elif v == -math.inf:
+                y[i] = 0.0
+    _write_values(sv, ev, si, c, tau, t, code, y, whole)
     return tau
 
 
