@@ -867,43 +867,29 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - c
     kk = k - n_pos
     logistic = code == LOGISTIC
     terms = SERIES if logistic else 1
+    guess = math.nan
     if n_fin > TINY:
         # A band (L, H) around tau, from rough solves on a strided sample whose budget
         # is widened by three standard deviations either way.
         m = _sample(x, sv, DENSE_SAMPLE)
-        s_min = math.inf
-        s_max = -math.inf
-        for j in range(m):
-            s_min = min(s_min, sv[j])
-            s_max = max(s_max, sv[j])
         ks = kk * m / n_fin
         spread = 3.0 * math.sqrt(ks) + 3.0 if m < n_fin else 0.0
         lo_s = _solve_values(sv, m, min(ks + spread, m - 0.5 * min(1.0, m - ks)), t, code, 0.05 * t, ev)
         hi_s = _solve_values(sv, m, max(ks - spread, 0.5 * min(1.0, ks)), t, code, 0.05 * t, ev)
-        x_min = -math.inf
-        x_max = math.inf
         if ks < 1.0:
             # The sample holds less than one entry above tau on average, so hi_s can fall
             # short of tau (the row's top entries are not in it). tau is at most where
             # every finite entry, at the row's largest, would give kk / n_fin.
-            x_min, x_max = _finite_range(x)
-            bound = x_max - t * _inverse(kk / n_fin, code)
+            bound = _finite_range(x)[1] - t * _inverse(kk / n_fin, code)
             if bound < math.inf:
                 hi_s = max(hi_s, bound)
         L = lo_s - (Z0 + 1.0) * t
         H = hi_s + (Z0 + 1.0) * t
-        if ks >= 1.0 and n_fin == n and L < s_min and H > s_max:
-            # the whole row can lie in the band only if its sample does
-            x_min, x_max = _finite_range(x)
-        whole = n_fin == n and L < x_min and H > x_max  # every entry in the band: no tails
-        if whole:
-            for j in range(terms):
-                P[j] = 0.0
-                Q[j] = 0.0
-            n_high = 0.0
-            _copy_row(x, sv, si)
-            c = n
-        else:
+        guess = 0.5 * (lo_s + hi_s)
+        inside = 0
+        for j in range(m):
+            inside += (sv[j] > L) & (sv[j] < H)
+        if 2 * inside <= m:  # most entries are tails (else Newton on every entry costs less)
             _tail_exps(x, L, H, t, y, ev)
             n_high = _tail_sums(x, L, H, ev, P, Q, terms)
             c = 0
@@ -913,41 +899,40 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - c
                     sv[c] = v
                     si[c] = i
                     c += 1
-        lo = L + Z0 * t
-        hi = H - Z0 * t
-        # The band's values relative to Newton's start, which f(lo) and f(hi) use too.
-        start = 0.5 * (lo_s + hi_s)
-        _anchor(sv, c, start, t, ev)
-        u_lo = math.exp((lo - start) / t)
-        u_hi = math.exp((hi - start) / t)
-        if u_lo > 0.0 and u_hi < math.inf:
-            f_lo = _dense_sums(ev, c, u_lo, code)[0] - kk
-            f_hi = _dense_sums(ev, c, u_hi, code)[0] - kk
-        else:
-            f_lo = -kk
-            f_hi = -kk
-            for j in range(c):
-                f_lo += _link((sv[j] - lo) / t, code, 1.0)[0]
-                f_hi += _link((sv[j] - hi) / t, code, 1.0)[0]
-        f_lo = _add_tails(f_lo, 0.0, lo, t, code, L, H, P, Q, terms, n_high)[0]
-        f_hi = _add_tails(f_hi, 0.0, hi, t, code, L, H, P, Q, terms, n_high)[0]
-        if f_lo >= 0.0 and f_hi <= 0.0:
-            tau = _newton(sv, c, kk, t, code, 1.0, lo, hi, start, 0.0, L, H, P, Q, terms, n_high, ev)
-            if not whole:
+            lo = L + Z0 * t
+            hi = H - Z0 * t
+            # The band's values relative to Newton's start, which f(lo) and f(hi) use too.
+            _anchor(sv, c, guess, t, ev)
+            u_lo = math.exp((lo - guess) / t)
+            u_hi = math.exp((hi - guess) / t)
+            if u_lo > 0.0 and u_hi < math.inf:
+                f_lo = _dense_sums(ev, c, u_lo, code)[0] - kk
+                f_hi = _dense_sums(ev, c, u_hi, code)[0] - kk
+            else:
+                f_lo = -kk
+                f_hi = -kk
+                for j in range(c):
+                    f_lo += _link((sv[j] - lo) / t, code, 1.0)[0]
+                    f_hi += _link((sv[j] - hi) / t, code, 1.0)[0]
+            f_lo = _add_tails(f_lo, 0.0, lo, t, code, L, H, P, Q, terms, n_high)[0]
+            f_hi = _add_tails(f_hi, 0.0, hi, t, code, L, H, P, Q, terms, n_high)[0]
+            if f_lo >= 0.0 and f_hi <= 0.0:
+                tau = _newton(sv, c, kk, t, code, 1.0, lo, hi, guess, 0.0, L, H, P, Q, terms, n_high, ev)
                 _write_tails(x, L, H, math.exp((L - tau) / t), math.exp((tau - H) / t), logistic, y)
-            _write_values(sv, ev, si, c, tau, t, code, y, whole)
-            return tau
-    # Short rows, and bands that missed tau: Newton on every finite entry, from between
-    # x_(floor k) and x_(floor k + 1) when k is small (tau lies there as t -> 0).
-    whole = n_fin == n  # no infinite entry: the band is the row, in its order
+                _write_values(sv, ev, si, c, tau, t, code, y, False)
+                return tau
+    # Short rows, wide bands and bands that missed tau: Newton on every finite entry, from
+    # the sample's estimate or, on short rows, from between x_(floor k) and x_(floor k + 1)
+    # when k is small (tau lies there as t -> 0).
+    whole = n_fin == n  # no infinite entry: the row is the values, in its order
     if whole:
         _copy_row(x, sv, si)
         c = n
     else:
         c = _collect(x, y, -math.inf, sv, si, False)
-    start = math.nan
+    start = guess
     need = int(math.floor(kk)) + 1
-    if need <= FEW and need <= c:
+    if start != start and need <= FEW and need <= c:
         below = _rth_largest_few(sv[:c], need, top)
         start = 0.5 * (top[need - 2] + below) if need >= 2 else below
     tau = _solve_values(sv, c, kk, t, code, 0.0, ev, start)
