@@ -25,8 +25,9 @@ Rows of at most SHORT entries (MoE routers) sort their finite entries whole inst
 steps 2-3.
 
 Forward of a row, dense links (logistic, Laplace): rows of at most TINY finite entries
-iterate on all of them. On longer rows the entries far from tau enter the sums through
-power series: below L, G(z) = sum_j (-1)^(j+1) e^(jz) (logistic) or
+iterate on all of them, and so do longer rows whose band (below) would hold more than
+half their sample. Otherwise the entries far from tau enter the sums through power
+series: below L, G(z) = sum_j (-1)^(j+1) e^(jz) (logistic) or
 e^z / 2 (Laplace), and e^((x - tau)/t) = e^((x - L)/t) e^((L - tau)/t), so one pass
 stores u = e^((x - L)/t) for each such entry and accumulates sum u^j once; above H
 likewise with e^((H - x)/t). Newton then iterates on the entries of the band (L, H)
