@@ -858,6 +858,17 @@ def _write_values(sv, ev, si, c, tau, t, code, y, whole):  # pragma: no cover - 
 
 
 @_jit
+def _spread(sv, c):  # pragma: no cover - compiled
+    """max(sv[:c]) - min(sv[:c])."""
+    lo = math.inf
+    hi = -math.inf
+    for j in range(c):
+        lo = min(lo, sv[j])
+        hi = max(hi, sv[j])
+    return hi - lo
+
+
+@_jit
 def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - compiled
     n = x.shape[0]
     n_nan, n_pos, n_neg = _scan(x)
@@ -924,7 +935,8 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - c
                 return tau
     # Short rows, wide bands and bands that missed tau: Newton on every finite entry, from
     # the sample's estimate or, on short rows, from between x_(floor k) and x_(floor k + 1)
-    # when k is small (tau lies there as t -> 0).
+    # when k is small and t is below the entries' mean gap (tau lies there as t -> 0);
+    # else from the middle of the bracket, which is nearer tau when t is large.
     whole = n_fin == n  # no infinite entry: the row is the values, in its order
     if whole:
         _copy_row(x, sv, si)
@@ -933,7 +945,7 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - c
         c = _collect(x, y, -math.inf, sv, si, False)
     start = guess
     need = int(math.floor(kk)) + 1
-    if start != start and need <= FEW and need <= c:
+    if start != start and need <= FEW and need <= c and t * c < _spread(sv, c):
         below = _rth_largest_few(sv[:c], need, top)
         start = 0.5 * (top[need - 2] + below) if need >= 2 else below
     tau = _solve_values(sv, c, kk, t, code, 0.0, ev, start)
