@@ -330,32 +330,27 @@ def _dense_sums(ev, c, u, code):  # pragma: no cover - compiled
     return f, d
 
 
+@numba.njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy", inline="always")
+def _dense_value(e, u, code):  # pragma: no cover - compiled
+    """G(z) of a dense link from e / u = e^z (as :func:`_dense_sums`), in one division."""
+    if code == LOGISTIC:
+        return 1.0 if e == math.inf else e / (e + u)
+    h = 0.5 * (min(e, u) / max(e, u))
+    return h if e <= u else 1.0 - h
+
+
 @_vec
 def _dense_write_row(ev, c, u, code, y):  # pragma: no cover - compiled
     """:func:`_dense_write` with si[j] = j."""
-    if code == LOGISTIC:
-        for j in range(c):
-            e = ev[j]
-            y[j] = 1.0 if e == math.inf else e / (e + u)
-        return
     for j in range(c):
-        e = ev[j]
-        h = 0.5 * (min(e, u) / max(e, u))
-        y[j] = h if e <= u else 1.0 - h
+        y[j] = _dense_value(ev[j], u, code)
 
 
 @_vec
 def _dense_write(ev, c, u, code, si, y):  # pragma: no cover - compiled
-    """y[si[j]] = G(z_j) for j < c, e^(z_j) = ev[j] / u (as :func:`_dense_sums`)."""
-    if code == LOGISTIC:
-        for j in range(c):
-            e = ev[j]
-            y[si[j]] = 1.0 if e == math.inf else e / (e + u)
-        return
+    """y[si[j]] = G(z_j) for j < c, e^(z_j) = ev[j] / u."""
     for j in range(c):
-        e = ev[j]
-        h = 0.5 * (min(e, u) / max(e, u))
-        y[si[j]] = h if e <= u else 1.0 - h
+        y[si[j]] = _dense_value(ev[j], u, code)
 
 
 @_jit
@@ -711,39 +706,43 @@ def _inverse(q, code):  # pragma: no cover - compiled
 
 
 @_jit
-def _solve_values(sv, m, kk, t, code, tol, ev, start=math.nan):  # pragma: no cover - compiled
-    """tau of a dense link on the values sv[:m] alone, to the absolute tolerance ``tol``.
-
-    Newton starts at ``start``, or at the middle of the bracket when it is NaN or outside.
-    """
+def _value_range(sv, m):  # pragma: no cover - compiled
+    """min(sv[:m]) and max(sv[:m])."""
     lo = math.inf
     hi = -math.inf
     for j in range(m):
         lo = min(lo, sv[j])
         hi = max(hi, sv[j])
-    # With q = kk / m, m G((lo - tau)/t) >= kk and m G((hi - tau)/t) <= kk bracket tau.
-    shift = t * _inverse(kk / m, code)
-    lo = lo - shift - t
-    hi = hi - shift + t
-    ev[m] = math.nan
-    return _newton(sv, m, kk, t, code, 1.0, lo, hi, start, tol, 0.0, 0.0, sv, sv, 0, 0.0, ev)
+    return lo, hi
 
 
 @_jit
-def _finite_range(x):  # pragma: no cover - compiled
-    """The smallest and largest finite entries of x (inf and -inf when there is none).
+def _solve_values(sv, m, lo, hi, kk, t, code, tol, ev, start=math.nan):  # pragma: no cover - compiled
+    """tau of a dense link on the values sv[:m] alone, to the absolute tolerance ``tol``.
+
+    lo and hi are the values' range (:func:`_value_range`). Newton starts at ``start``,
+    or at the middle of the bracket when it is NaN or outside.
+    """
+    # With q = kk / m, m G((lo - tau)/t) >= kk and m G((hi - tau)/t) <= kk bracket tau.
+    shift = t * _inverse(kk / m, code)
+    ev[m] = math.nan
+    return _newton(
+        sv, m, kk, t, code, 1.0, lo - shift - t, hi - shift + t, start, tol, 0.0, 0.0, sv, sv, 0, 0.0, ev
+    )
+
+
+@_jit
+def _finite_max(x):  # pragma: no cover - compiled
+    """The largest finite entry of x (-inf when there is none).
 
     (This loop stays scalar, about 1 ns an entry: LLVM does not vectorise a conditional
-    min and max here, with or without fast-math flags.)
+    max here, with or without fast-math flags.)
     """
-    bottom = math.inf
     top = -math.inf
     for i in range(x.shape[0]):
         v = x[i]
-        finite = (v > -math.inf) & (v < math.inf)
-        bottom = v if finite & (v < bottom) else bottom
-        top = v if finite & (v > top) else top
-    return bottom, top
+        top = v if (v > top) & (v < math.inf) else top
+    return top
 
 
 @_vec
@@ -858,17 +857,6 @@ def _write_values(sv, ev, si, c, tau, t, code, y, whole):  # pragma: no cover - 
 
 
 @_jit
-def _spread(sv, c):  # pragma: no cover - compiled
-    """max(sv[:c]) - min(sv[:c])."""
-    lo = math.inf
-    hi = -math.inf
-    for j in range(c):
-        lo = min(lo, sv[j])
-        hi = max(hi, sv[j])
-    return hi - lo
-
-
-@_jit
 def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - compiled
     n = x.shape[0]
     n_nan, n_pos, n_neg = _scan(x)
@@ -886,13 +874,16 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - c
         m = _sample(x, sv, DENSE_SAMPLE)
         ks = kk * m / n_fin
         spread = 3.0 * math.sqrt(ks) + 3.0 if m < n_fin else 0.0
-        lo_s = _solve_values(sv, m, min(ks + spread, m - 0.5 * min(1.0, m - ks)), t, code, 0.05 * t, ev)
-        hi_s = _solve_values(sv, m, max(ks - spread, 0.5 * min(1.0, ks)), t, code, 0.05 * t, ev)
+        s_lo, s_hi = _value_range(sv, m)
+        lo_s = _solve_values(
+            sv, m, s_lo, s_hi, min(ks + spread, m - 0.5 * min(1.0, m - ks)), t, code, 0.05 * t, ev
+        )
+        hi_s = _solve_values(sv, m, s_lo, s_hi, max(ks - spread, 0.5 * min(1.0, ks)), t, code, 0.05 * t, ev)
         if ks < 1.0:
             # The sample holds less than one entry above tau on average, so hi_s can fall
             # short of tau (the row's top entries are not in it). tau is at most where
             # every finite entry, at the row's largest, would give kk / n_fin.
-            bound = _finite_range(x)[1] - t * _inverse(kk / n_fin, code)
+            bound = _finite_max(x) - t * _inverse(kk / n_fin, code)
             if bound < math.inf:
                 hi_s = max(hi_s, bound)
         L = lo_s - (Z0 + 1.0) * t
@@ -943,12 +934,13 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - c
         c = n
     else:
         c = _collect(x, y, -math.inf, sv, si, False)
+    v_lo, v_hi = _value_range(sv, c)
     start = guess
     need = int(math.floor(kk)) + 1
-    if start != start and need <= FEW and need <= c and t * c < _spread(sv, c):
+    if start != start and need <= FEW and need <= c and t * c < v_hi - v_lo:
         below = _rth_largest_few(sv[:c], need, top)
         start = 0.5 * (top[need - 2] + below) if need >= 2 else below
-    tau = _solve_values(sv, c, kk, t, code, 0.0, ev, start)
+    tau = _solve_values(sv, c, v_lo, v_hi, kk, t, code, 0.0, ev, start)
     if not whole:
         for i in range(n):
             v = x[i]
