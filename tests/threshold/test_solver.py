@@ -377,6 +377,42 @@ def test_hard_rows_threshold_in_the_middle_of_the_flat_piece(
     np.testing.assert_array_equal(grad_x, np.zeros((1, n)))
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(3, 16),
+    k=st.integers(1, 3),
+    rel=st.sampled_from([-1e-9, -1e-14, -2e-16, 0.0, 2e-16, 1e-14, 1e-9, 0.5]),
+    t=st.sampled_from([0.1, 1.0, 1e-6]),
+    scale=st.sampled_from([1.0, 1e6]),
+    seed=st.integers(0, 2**16),
+)
+def test_short_rows_near_the_hard_gap_equal_the_row_path(n, k, rel, t, scale, seed):
+    """Short rows (at most SHORT entries) of the clip link whose gap x_(k) - x_(k+1) is t up
+    to a few ulps give the mask and the threshold of the same finite entries solved by the
+    longer rows' path (the row padded with -inf past SHORT), whether or not the short path
+    reads the row as hard."""
+    from softtopk.threshold import _cpu
+
+    rng = np.random.default_rng(seed)
+    if k >= n:
+        return
+    rest = -rng.uniform(0.0, 3.0, size=n - k) * t
+    top = rest.max() + t * (1.0 + rel) + rng.uniform(0.0, 3.0, size=k) * t
+    top[np.argmin(top)] = rest.max() + t * (1.0 + rel)
+    x = rng.permutation(np.concatenate([top, rest])) + scale
+    padded = np.r_[x, np.full(_cpu.SHORT + 1 - n, -math.inf)]
+    ys, taus = [], []
+    for row in (x, padded):
+        y = np.empty((1, row.size))
+        tau = np.empty(1)
+        _cpu.forward_serial(row[None], np.array([float(k)]), np.array([t]), _cpu.CLIP, 2.0, y, tau)
+        ys.append(y[0, :n])
+        taus.append(tau[0])
+    np.testing.assert_allclose(ys[0], ys[1], rtol=0, atol=1e-12)
+    assert abs(ys[0].sum() - k) <= 1e-9 * k
+    assert abs(taus[0] - taus[1]) <= 1e-9 * (t + scale)
+
+
 def test_kernel_rows_whose_spread_overflows_end():
     """x_(1) - x_(n) overflows float64 (the closed form's breakpoints reach -inf): the walk
     over them ends (it used to loop forever) with the hard mask. (``topk_mask`` refuses

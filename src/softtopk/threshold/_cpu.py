@@ -665,6 +665,20 @@ def _write_support(x, y, si, c, tau, t, code, a):  # pragma: no cover - compiled
 
 
 @_inline
+def _hard_gap(sv, K, t):  # pragma: no cover - compiled
+    """Whether sv[K - 1] - sv[K] exceeds t beyond rounding (sv sorted largest first, K >= 1).
+
+    Then with the clip link and k = K the sum is flat (= K) for tau between sv[K] and
+    sv[K - 1] - t, and at its middle every z = (sv_j - tau)/t is at least 1 (j < K) or
+    below 0 (j >= K) after rounding: the mask is the hard one, exactly.
+    """
+    if K < 1:
+        return False
+    eps = 2.220446049250313e-16
+    return sv[K - 1] - sv[K] - t > 64.0 * eps * (abs(sv[0]) + abs(sv[K]) + t)
+
+
+@_inline
 def _short_sparse_row(x, k, t, code, a, y, sv, si):  # pragma: no cover - compiled
     """:func:`_sparse_row` on a short row (MoE routers): its finite entries sorted whole.
 
@@ -681,6 +695,15 @@ def _short_sparse_row(x, k, t, code, a, y, sv, si):  # pragma: no cover - compil
     kk = k - n_pos  # the budget of the finite entries; the +inf ones get 1 each
     need = int(math.floor(kk)) + 1  # tau > x_(need) - t among the finite entries
     m = _rank_sort(x, sv, si)
+    if code == CLIP and kk == need - 1 and _hard_gap(sv, need - 1, t):
+        # A hard row: the kk largest saturate before the next one enters, and tau is the
+        # middle of the flat piece between them (as :func:`_clip_root` puts it)
+        r = sv[0]
+        for i in range(n):
+            y[i] = 1.0 if x[i] == math.inf else 0.0
+        for j in range(need - 1):
+            y[si[j]] = 1.0
+        return r + 0.5 * ((sv[need - 1] - r) + (sv[need - 2] - r - t))
     lower = sv[need - 1] - t
     c = need
     while c < m and sv[c] > lower:
@@ -928,18 +951,26 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - c
     # the sample's estimate or, on short rows, from between x_(floor k) and x_(floor k + 1)
     # when k is small and t is below the entries' mean gap (tau lies there as t -> 0);
     # else from the middle of the bracket, which is nearer tau when t is large.
-    whole = n_fin == n  # no infinite entry: the row is the values, in its order
-    if whole:
-        _copy_row(x, sv, si)
-        c = n
-    else:
-        c = _collect(x, y, -math.inf, sv, si, False)
-    v_lo, v_hi = _value_range(sv, c)
-    start = guess
     need = int(math.floor(kk)) + 1
-    if start != start and need <= FEW and need <= c and t * c < v_hi - v_lo:
-        below = _rth_largest_few(sv[:c], need, top)
-        start = 0.5 * (top[need - 2] + below) if need >= 2 else below
+    start = guess
+    if n <= SHORT:
+        # a short row's finite entries sorted whole (MoE routers): x_(need) is sv[need - 1]
+        whole = False
+        c = _rank_sort(x, sv, si)
+        v_lo, v_hi = sv[c - 1], sv[0]
+        if need <= c and t * c < v_hi - v_lo:
+            start = 0.5 * (sv[need - 2] + sv[need - 1]) if need >= 2 else sv[0]
+    else:
+        whole = n_fin == n  # no infinite entry: the row is the values, in its order
+        if whole:
+            _copy_row(x, sv, si)
+            c = n
+        else:
+            c = _collect(x, y, -math.inf, sv, si, False)
+        v_lo, v_hi = _value_range(sv, c)
+        if start != start and need <= FEW and need <= c and t * c < v_hi - v_lo:
+            below = _rth_largest_few(sv[:c], need, top)
+            start = 0.5 * (top[need - 2] + below) if need >= 2 else below
     tau = _solve_values(sv, c, v_lo, v_hi, kk, t, code, 0.0, ev, start)
     if not whole:
         for i in range(n):
