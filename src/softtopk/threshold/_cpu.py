@@ -1039,9 +1039,15 @@ def _backward_row(y, tb, tt, v, code, a, p, grad_x, si):  # pragma: no cover - c
             grad_x[i] = 0.0
         return 0.0
     scale = 1.0 / tt
-    if code == CLIP or code == POWER:
-        # sparse: one pass over y collects the support (0 < y < 1, where h > 0), and the
-        # gradient is zero elsewhere
+    if code == CLIP:
+        # h = 1 on the support (0 < y < 1) and 0 elsewhere: two branch-free passes
+        sh, shv = _clip_backward_sums(y, v)
+        c = shv / sh if sh > 0.0 else 0.0
+        _clip_backward_write(y, v, c, scale, grad_x)
+        return c
+    if code == POWER:
+        # the power link: one pass over y collects the support (0 < y < 1, where h > 0),
+        # and the gradient is zero elsewhere
         m = 0
         for i in range(n):
             if y[i] > 0.0 and y[i] < 1.0:
@@ -1065,6 +1071,28 @@ def _backward_row(y, tb, tt, v, code, a, p, grad_x, si):  # pragma: no cover - c
     c = shv / sh if sh > 0.0 else 0.0
     _dense_backward_write(y, v, c, scale, code, grad_x)
     return c
+
+
+@_simd
+def _clip_backward_sums(y, v):  # pragma: no cover - compiled
+    """The size of the clip link's support (0 < y < 1) and the sum of v over it."""
+    sh = 0.0
+    shv = 0.0
+    for i in range(y.shape[0]):
+        yi = y[i]
+        inside = (yi > 0.0) & (yi < 1.0)
+        sh += 1.0 if inside else 0.0
+        shv += v[i] if inside else 0.0
+    return sh, shv
+
+
+@_vec
+def _clip_backward_write(y, v, c, scale, grad_x):  # pragma: no cover - compiled
+    """grad_x = (v - c)/t on the clip link's support and 0 elsewhere, scale = 1/t."""
+    for i in range(y.shape[0]):
+        yi = y[i]
+        inside = (yi > 0.0) & (yi < 1.0)
+        grad_x[i] = scale * (v[i] - c) if inside else 0.0
 
 
 @_simd
