@@ -22,7 +22,8 @@ Forward of a row, sparse links (clip for p = 2, the power link for p < 2):
 6. write y on the candidates.
 
 Rows of at most SHORT entries (MoE routers) sort their finite entries whole instead of
-steps 2-3.
+steps 2-3; with the clip link and an integer k, a row whose gap x_(k) - x_(k+1) exceeds t
+is hard, and tau is the middle of its flat piece, read off the sorted entries.
 
 Forward of a row, dense links (logistic, Laplace): rows of at most TINY finite entries
 iterate on all of them, and so do longer rows whose band (below) would hold more than
@@ -43,7 +44,8 @@ leaf loops without branches or libm calls, which LLVM vectorises; e^x there is
 :func:`_exp`.
 
 Backward of a row: with h = G'(G^{-1}(y)) (the slope from the mask value),
-grad_x = h/t (v - c), c = <h, v>/sum h, grad_k = c: two passes, no exponential.
+grad_x = h/t (v - c), c = <h, v>/sum h, grad_k = c: two passes, no exponential (the
+power link first collects its support, where h takes a power per entry).
 """
 
 from __future__ import annotations
