@@ -169,6 +169,113 @@ def test_bookkeeping_kernel_derivatives(score):
         torch.testing.assert_close(jvp, (grads[1] * tangent).sum(), rtol=1e-12, atol=1e-12)
 
 
+def _with_specials(logits):
+    """Logits with a NaN row, a +inf logit, a row of -inf and a -inf entry (padding)."""
+    logits = logits.clone()
+    logits[1, 2] = math.nan
+    logits[3, 0] = math.inf
+    logits[4] = -math.inf
+    logits[6, 1] = -math.inf
+    return logits
+
+
+def _route_outputs(monkeypatch, fused, logits, k, **options):
+    """(gates, probs, mask, aux_loss, z_loss) and their gradients, fused or composite (CPU route)."""
+    from softtopk.nn import _router
+
+    calls = []
+    apply = _router._FusedGates.apply
+
+    def counted(*args):
+        calls.append(1)
+        return apply(*args)
+
+    with monkeypatch.context() as m:
+        m.setenv("SOFTTOPK_BACKEND", "cpu")
+        m.setattr(_router._FusedGates, "apply", counted)
+        if not fused:
+            m.setattr(_router, "_fused_gates", lambda *args: None)
+        x = logits.clone().requires_grad_()
+        kk = k.clone().requires_grad_() if isinstance(k, torch.Tensor) else k
+        out = topk_route(x, kk, **options)
+        weights = torch.linspace(-1.0, 2.0, logits.shape[-1], dtype=logits.dtype)
+        loss = (
+            (out.gates * weights).nansum() + (out.probs * weights.flip(0)).nansum() + (out.mask**2).nansum()
+        )
+        loss = loss + 0.3 * out.aux_loss.nan_to_num() + 0.1 * out.z_loss.nan_to_num()
+        inputs = [x, kk] if isinstance(kk, torch.Tensor) else [x]
+        grads = torch.autograd.grad(loss, inputs)
+    assert len(calls) == (1 if fused else 0)
+    return (out.gates, out.probs, out.mask, out.aux_loss, out.z_loss, *grads)
+
+
+@pytest.mark.parametrize("method", ["sparse", "sparse-p4/3", "entropic", "lapsum"])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("experts", [8, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_gates_equal_the_composite(monkeypatch, method, score, experts, dtype):
+    """The one-pass gates (scores, mask and product in one kernel) against the composite ops.
+
+    Both run the same threshold kernel on the same selection scores, so masks agree to
+    rounding; 8 experts take the kernel's softmax, 40 torch's. Rows with NaN, +inf and
+    -inf logits follow torch.softmax and the row rules.
+    """
+    g = torch.Generator().manual_seed(experts)
+    logits = _with_specials(torch.randn(70, experts, generator=g, dtype=dtype) * 2)
+    bias = torch.randn(experts, generator=g, dtype=dtype) * 0.3
+    k = torch.rand(70, generator=g, dtype=torch.float64) * 3 + 0.5  # per-token budgets, in the gradient
+    tol = {"rtol": 2e-6, "atol": 2e-6} if dtype == torch.float32 else {"rtol": 1e-11, "atol": 1e-11}
+    for options in ({}, {"expert_bias": bias}):
+        options = {"method": method, "temperature": 0.4, "score": score, **options}
+        fused = _route_outputs(monkeypatch, True, logits, k, **options)
+        composite = _route_outputs(monkeypatch, False, logits, k, **options)
+        for a, b in zip(fused, composite, strict=True):
+            torch.testing.assert_close(a, b, equal_nan=True, **tol)
+        assert torch.isnan(fused[0][1]).all() and torch.isfinite(fused[0][2:]).all() == (score == "sigmoid")
+    # parallel chunks (a batch this large runs on two threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        big = torch.randn(3000, experts, generator=g, dtype=dtype)
+        fused = _route_outputs(monkeypatch, True, big, 2, method=method, temperature=0.4, score=score)
+        composite = _route_outputs(monkeypatch, False, big, 2, method=method, temperature=0.4, score=score)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(fused, composite, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("method", ["sparse", "sparse-p4/3", "entropic"])
+def test_fused_gates_derivatives(score, method):
+    """gradcheck and gradgradcheck of the one-pass gates in x and a per-token k; forward mode."""
+    from torch.autograd.forward_ad import dual_level, make_dual, unpack_dual
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(6, 7, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    k = torch.tensor(
+        [1.3, 2.2, 2.5, 1.5, 2.8, 0.7], dtype=torch.float64, requires_grad=True
+    )  # (not whole: no kinks)
+    bias = torch.randn(7, generator=g, dtype=torch.float64) * 0.2
+
+    def outputs(v, kk):
+        out = topk_route(v, kk, method=method, temperature=0.6, score=score, expert_bias=bias)
+        return out.gates, out.probs, out.mask
+
+    assert _on_route("cpu", torch.autograd.gradcheck, outputs, (x, k))
+    assert _on_route("cpu", torch.autograd.gradgradcheck, outputs, (x, k))
+    tangent = torch.randn_like(x)
+    weights = [torch.randn(6, 7, generator=g, dtype=torch.float64) for _ in range(3)]
+
+    def scalar(v):
+        return sum((o * w).sum() for o, w in zip(outputs(v, k.detach()), weights, strict=True))
+
+    grad = _on_route("cpu", lambda: torch.autograd.grad(scalar(x), x)[0])
+    with dual_level():
+        jvp = unpack_dual(_on_route("cpu", scalar, make_dual(x.detach(), tangent))).tangent
+    torch.testing.assert_close(jvp, (grad * tangent).sum(), rtol=1e-12, atol=1e-12)
+
+
 def test_dispatch_runs_only_experts_with_nonzero_gates():
     torch.manual_seed(0)
     T, D, E = 30, 6, 8

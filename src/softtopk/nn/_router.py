@@ -35,10 +35,13 @@ from .._checks import (
     check_positive,
     check_tensor,
     compute_dtype,
+    in_dual_level,
     may_sync,
 )
+from .._rows import rowwise
 from ..registry import OPERATORS, Operator, resolve
-from ..threshold import LAPLACE, LOGISTIC, Link, ThresholdMask, sparse_link
+from ..threshold import LAPLACE, LOGISTIC, Link, ThresholdMask, sparse_link, threshold_mask
+from ..threshold._function import _LIMIT, _T_SPAN
 
 #: Routing schemes of :func:`topk_route`.
 ROUTINGS = ("token", "expert", "balanced", "relu")
@@ -159,6 +162,142 @@ class _RouterStats(torch.autograd.Function):
         if d_scores is not None:
             daux = (E / T) * (fraction * d_scores.sum(0)).sum()
         return dz, daux, None, None
+
+
+#: Softmax scores over fewer experts than this are computed in the gates' kernel.
+KERNEL_SOFTMAX_BELOW = 16
+
+
+class _FusedGates(torch.autograd.Function):
+    r"""A token-choice router's gates, scores and mask in one CPU kernel pass (eager CPU).
+
+    .. math::
+
+        \pi = \operatorname{score}(\ell),\qquad u = (\ell \text{ or } \pi) + b,\qquad
+        m = G\Big(\frac{u - \tau}{t}\Big),\ \sum_e m_e = k,\qquad g = \pi \odot m
+
+    computed row by row by :func:`softtopk.nn._router_cpu.gates_forward`, with the
+    backward of all three outputs in one pass (:func:`~softtopk.nn._router_cpu.gates_backward`).
+    The same values as the composite (softmax, the threshold mask, a product) up to
+    rounding: the scores are computed in float64 and rounded once. A backward that is
+    differentiated again (``create_graph=True``) is the composite's, recomputed from the
+    saved logits, so second derivatives are exact.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, flat: Tensor, k: Tensor, bias: Tensor, t: float, link: Link, sigmoid: bool
+    ) -> tuple[Tensor, ...]:  # type: ignore[override]
+        cpu = _backend.kernels("nn._router_cpu")
+        T, E = flat.shape
+        ln = flat.detach().contiguous().numpy()
+        # torch's softmax over rows shorter than its vectors takes a scalar path (1.2 ms
+        # at (8192, 8) here, 0.2 ms in the kernel); longer rows and sigmoid scores it
+        # computes faster than the kernel's float64 exponential
+        given = sigmoid or E >= KERNEL_SOFTMAX_BELOW
+        if given:
+            scores = torch.sigmoid(flat.detach()) if sigmoid else torch.softmax(flat.detach(), -1)
+            probs = scores.numpy()
+        else:
+            probs = np.empty_like(ln)
+        gates, mask = np.empty_like(ln), np.empty_like(ln)
+        tau = np.empty(T, dtype=np.float64)
+        tt = np.full(T, t, dtype=np.float64)
+        score = cpu.SIGMOID if sigmoid else cpu.SOFTMAX
+        args = (ln, bias.numpy(), score, given, k.detach().contiguous().numpy(), tt, link.code, float(link.p))
+        outs = (gates, probs, mask, tau)
+        if _backend.serial(flat.numel()):
+            cpu.gates_forward_serial(*args, *outs)
+        else:
+            with _backend.numba_threads():
+                cpu.gates_forward(*args, *outs, _backend.chunks())
+        probs_t, mask_t = torch.from_numpy(probs), torch.from_numpy(mask)
+        ctx.save_for_backward(flat, k, probs_t, mask_t)
+        ctx.set_materialize_grads(False)
+        ctx.tau, ctx.tt, ctx.bias, ctx.t, ctx.link, ctx.sigmoid = tau, tt, bias, t, link, sigmoid
+        return torch.from_numpy(gates), probs_t, mask_t
+
+    @staticmethod
+    def backward(
+        ctx: Any, v_gates: Tensor | None, v_probs: Tensor | None, v_mask: Tensor | None
+    ) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        flat, k, probs, mask = ctx.saved_tensors
+        wanted = (v_gates, v_probs, v_mask)
+        if torch.is_grad_enabled():  # differentiated again: the composite's backward
+            outs = _composite_gates(flat, k, ctx.bias, ctx.t, ctx.link, ctx.sigmoid)
+            pairs = [(o, v) for o, v in zip(outs, wanted, strict=True) if v is not None]
+            inputs = [a for a in (flat, k) if a.requires_grad]
+            grads = torch.autograd.grad(
+                [o for o, _ in pairs], inputs, [v for _, v in pairs], create_graph=True, allow_unused=True
+            )
+            found = dict(zip((id(a) for a in inputs), grads, strict=True))
+            return found.get(id(flat)), found.get(id(k)), None, None, None, None
+        cpu = _backend.kernels("nn._router_cpu")
+        T, E = probs.shape
+        dtype = probs.numpy().dtype
+
+        def array(v: Tensor | None) -> np.ndarray:
+            if v is None:
+                return np.empty((0, E), dtype=dtype)
+            return np.ascontiguousarray(v.detach().to(probs.dtype).numpy())
+
+        vg = array(v_gates) if v_gates is not None else np.zeros((T, E), dtype=dtype)
+        grad_logits = np.empty((T, E), dtype=dtype)
+        grad_k = np.empty(T, dtype=np.float64)
+        score = cpu.SIGMOID if ctx.sigmoid else cpu.SOFTMAX
+        args = (
+            probs.numpy(), mask.numpy(), ctx.tau, ctx.tt, vg, array(v_probs), array(v_mask),
+            score, ctx.link.code, float(ctx.link.p), grad_logits, grad_k,
+        )  # fmt: skip
+        if _backend.serial(probs.numel()):
+            cpu.gates_backward_serial(*args)
+        else:
+            with _backend.numba_threads():
+                cpu.gates_backward(*args, _backend.chunks())
+        gk = torch.from_numpy(grad_k) if ctx.needs_input_grad[1] else None
+        return torch.from_numpy(grad_logits), gk, None, None, None, None
+
+
+def _composite_gates(
+    flat: Tensor, k: Tensor, bias: Tensor, t: float, link: Link, sigmoid: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:class:`_FusedGates` in tensor ops: (gates, probs, mask)."""
+    probs = torch.sigmoid(flat) if sigmoid else torch.softmax(flat, -1)
+    u = probs if sigmoid else flat
+    if bias.numel() > 0:
+        u = u + bias
+    mask = threshold_mask(u, k, t, link)
+    return probs * mask, probs, mask
+
+
+def _fused_gates(
+    flat: Tensor, k: object, method: object, t: float, score: str, bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The gates, scores and mask of token choice by :class:`_FusedGates`, or None where it does not apply.
+
+    It applies to eager CPU calls (the numba route) with a threshold mask of the registry
+    (``"sparse"``, ``"sparse-p4/3"``, ``"entropic"``, ``"lapsum"``) and float32 or
+    float64 logits, outside forward-mode AD. Float64 logits or temperatures near the
+    float64 range, which the threshold solver refuses or rescales, take the composite
+    ops, which do that.
+    """
+    if not (isinstance(method, str) and method in BALANCED_LINKS):
+        return None
+    if flat.dtype not in (torch.float32, torch.float64) or flat.numel() == 0 or not may_sync(flat):
+        return None
+    if in_dual_level() or _backend.route(flat) != "cpu":
+        return None
+    b = flat.new_empty(0) if bias is None else bias.detach().to(flat.dtype).contiguous()
+    if flat.dtype == torch.float64:
+        big = (0.0 if b.numel() == 0 else b.abs().amax().item()) + (
+            1.0
+            if score == "sigmoid"
+            else torch.where(torch.isfinite(flat), flat, 0.0).detach().abs().amax().item()
+        )
+        if not (big <= _LIMIT and t * _T_SPAN <= _LIMIT and math.isfinite(8.0 * big / t)):
+            return None
+    kvec = rowwise(flat, k, -1, k_dtype=torch.float64).k
+    return _FusedGates.apply(flat, kvec, b, t, BALANCED_LINKS[method], score == "sigmoid")
 
 
 def _stats_kernel(flat: Tensor) -> bool:
@@ -528,6 +667,12 @@ def topk_route(
     (``priority="position"``, Switch/GShard); the other assignments get gate 0 and are
     counted in ``dropped``.
 
+    On CPU (eager calls), token choice with a threshold mask (``"sparse"``,
+    ``"sparse-p4/3"``, ``"entropic"``, ``"lapsum"``) and no groups computes the scores,
+    the mask and the gates in one kernel pass per direction; elsewhere (and under
+    torch.compile, torch.func and forward-mode AD) the same values come from the
+    composite ops.
+
     Args:
         logits: (..., E) router logits; every position of the leading dims is a token.
         k: experts per token, a number in [0, E] (or a per-token tensor for token choice,
@@ -623,51 +768,57 @@ def topk_route(
     cd = compute_dtype(logits.dtype)
     flat = logits.reshape(-1, E).to(cd)
     T = flat.shape[0]
-    if routing == "relu":
-        probs = torch.relu(flat)
-        u = flat
-    elif score == "softmax":
-        probs = torch.softmax(flat, -1)
-        # Token choice selects on the logits (the same order as the probabilities within a
-        # token); expert choice compares tokens, whose order is that of the probabilities.
-        u = probs if routing == "expert" and not hard else flat
+    fused = None
+    if routing == "token" and not hard and groups is None:
+        fused = _fused_gates(flat, k, method, t, score, expert_bias)  # one kernel pass, or None
+    if fused is not None:
+        gates, probs, mask = fused
     else:
-        probs = torch.sigmoid(flat)
-        u = probs
-    if expert_bias is not None:
-        u = u + expert_bias.detach().to(cd)
-    if groups is not None:
-        u = group_limit(u, groups[0], groups[1], group_score)
-    hard_op = OPERATORS["hard"]
-
-    if hard and routing != "balanced":
-        mask = hard_op(u, k, dim=-1).to(cd)
-        gates = probs * mask
-    elif routing == "token":
-        if op.kind == "magnitude":  # type: ignore[union-attr]
-            gates = op(probs, k, dim=-1, temperature=t, generator=generator)  # type: ignore[misc]
-            mask = (gates != 0).to(cd)
+        if routing == "relu":
+            probs = torch.relu(flat)
+            u = flat
+        elif score == "softmax":
+            probs = torch.softmax(flat, -1)
+            # Token choice selects on the logits (the same order as the probabilities within a
+            # token); expert choice compares tokens, whose order is that of the probabilities.
+            u = probs if routing == "expert" and not hard else flat
         else:
-            mask = op(u, k, dim=-1, temperature=t, generator=generator).to(cd)
+            probs = torch.sigmoid(flat)
+            u = probs
+        if expert_bias is not None:
+            u = u + expert_bias.detach().to(cd)
+        if groups is not None:
+            u = group_limit(u, groups[0], groups[1], group_score)
+        hard_op = OPERATORS["hard"]
+
+        if hard and routing != "balanced":
+            mask = hard_op(u, k, dim=-1).to(cd)
             gates = probs * mask
-    elif routing == "expert":
-        C = expert_capacity(T, E, float(k), 1.0 if capacity_factor is None else cf)
-        mask = op(u.T, C, dim=-1, temperature=t, generator=generator).T.to(cd)
-        gates = probs * mask
-    elif routing == "balanced":
-        mask = balanced_assignment(
-            u,
-            int(k),
-            method=method,  # type: ignore[arg-type]
-            temperature=t,
-            tol=balance_tol,
-            max_iter=balance_iters,
-            hard=hard,
-        ).to(cd)
-        gates = probs * mask
-    else:  # relu
-        gates = probs
-        mask = (gates > 0).to(cd)
+        elif routing == "token":
+            if op.kind == "magnitude":  # type: ignore[union-attr]
+                gates = op(probs, k, dim=-1, temperature=t, generator=generator)  # type: ignore[misc]
+                mask = (gates != 0).to(cd)
+            else:
+                mask = op(u, k, dim=-1, temperature=t, generator=generator).to(cd)
+                gates = probs * mask
+        elif routing == "expert":
+            C = expert_capacity(T, E, float(k), 1.0 if capacity_factor is None else cf)
+            mask = op(u.T, C, dim=-1, temperature=t, generator=generator).T.to(cd)
+            gates = probs * mask
+        elif routing == "balanced":
+            mask = balanced_assignment(
+                u,
+                int(k),
+                method=method,  # type: ignore[arg-type]
+                temperature=t,
+                tol=balance_tol,
+                max_iter=balance_iters,
+                hard=hard,
+            ).to(cd)
+            gates = probs * mask
+        else:  # relu
+            gates = probs
+            mask = (gates > 0).to(cd)
     if renormalize:
         total = gates.sum(-1, keepdim=True)
         gates = torch.where(total > 0, gates / torch.where(total > 0, total, 1.0), 0.0)
