@@ -1137,9 +1137,46 @@ def backward_serial(y, tau, t, v, code, p, grad_x, grad_k):  # pragma: no cover 
     _backward_rows(y, tau, t, v, code, p, grad_x, grad_k, 0, y.shape[0])
 
 
+@_simd
+def _short_backward(y, tau, t, v, code, grad_x, grad_k, start, stop):  # pragma: no cover - compiled
+    """:func:`_backward_row` for rows start..stop-1 of a short row's links in one call.
+
+    Links with h in closed form (clip: 1, logistic: y (1 - y), Laplace: min(y, 1 - y) on
+    0 < y < 1, 0 elsewhere); on short rows a call per row would cost more than its passes.
+    """
+    n = y.shape[1]
+    for b in range(start, stop):
+        tb = tau[b]
+        if tb != tb or tb == math.inf or tb == -math.inf:  # a rule's row: NaN, or no gradient
+            fill = math.nan if tb != tb else 0.0
+            for i in range(n):
+                grad_x[b, i] = fill
+            grad_k[b] = fill
+            continue
+        sh = 0.0
+        shv = 0.0
+        for i in range(n):
+            yi = y[b, i]
+            h = 1.0 if code == CLIP else (yi * (1.0 - yi) if code == LOGISTIC else min(yi, 1.0 - yi))
+            inside = (yi > 0.0) & (yi < 1.0)  # (h v would be NaN at h = 0, v = inf)
+            sh += h if inside else 0.0
+            shv += h * v[b, i] if inside else 0.0
+        c = shv / sh if sh > 0.0 else 0.0
+        scale = 1.0 / t[b]
+        for i in range(n):
+            yi = y[b, i]
+            h = 1.0 if code == CLIP else (yi * (1.0 - yi) if code == LOGISTIC else min(yi, 1.0 - yi))
+            inside = (yi > 0.0) & (yi < 1.0)
+            grad_x[b, i] = h * scale * (v[b, i] - c) if inside else 0.0
+        grad_k[b] = c
+
+
 @_jit
 def _backward_rows(y, tau, t, v, code, p, grad_x, grad_k, start, stop):  # pragma: no cover - compiled
     """Rows start..stop-1 of :func:`backward`, with their own scratch."""
+    if code != POWER and y.shape[1] <= SHORT:
+        _short_backward(y, tau, t, v, code, grad_x, grad_k, start, stop)
+        return
     a = 1.0 / (p - 1.0) if code == POWER else 1.0
     si = np.empty(y.shape[1], dtype=np.int64)
     for b in range(start, stop):
