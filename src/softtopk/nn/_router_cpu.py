@@ -276,15 +276,18 @@ def _gate_grad_rows(
     a = 1.0 / (p - 1.0) if code == POWER else 1.0
     si = np.empty(E, dtype=np.int64)
     rows = _block_rows(E)
-    short = code != POWER and E <= SHORT  # (as the threshold kernel's backward)
+    short = E <= SHORT  # (as the threshold kernel's backward)
     w = np.empty((rows, E), dtype=np.float64)
     du = np.empty((rows, E), dtype=np.float64)
     for b0 in range(start, stop, rows):
         b1 = min(stop, b0 + rows)
         # the mask sees w = v_mask + v_gates probs; its backward gives d/du and grad_k
         _mask_cotangent(probs, vg, vm, b0, b1, w)
-        if short:
-            _cpu._short_backward(mask[b0:b1], tau[b0:b1], t[b0:b1], w, code, du, grad_k[b0:b1], 0, b1 - b0)
+        m, tb, tt, gk = mask[b0:b1], tau[b0:b1], t[b0:b1], grad_k[b0:b1]
+        if short and code == POWER:
+            _cpu._short_power_backward(m, tb, tt, w, a, p, du, gk, 0, b1 - b0)
+        elif short:
+            _cpu._short_backward(m, tb, tt, w, code, du, gk, 0, b1 - b0)
         else:
             for b in range(b0, b1):
                 grad_k[b] = _cpu._backward_row(mask[b], tau[b], t[b], w[b - b0], code, a, p, du[b - b0], si)

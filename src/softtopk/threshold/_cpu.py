@@ -167,7 +167,11 @@ def _anchor(vals, c, anchor, t, ev):  # pragma: no cover - compiled
 
 @_jit
 def _link(z, code, a):  # pragma: no cover - compiled
-    """G(z) and G'(z) of link ``code`` (a = 1/(p-1) for the power link)."""
+    """G(z) and G'(z) of link ``code`` (a = 1/(p-1) for the power link).
+
+    A whole a up to rounding (p = 4/3 gives a = 3 + 4e-16) takes z^(a-1) by products
+    instead of a call to libm's pow, which costs more than the rest of a Newton step.
+    """
     if code == CLIP:
         if z <= 0.0:
             return 0.0, 0.0
@@ -179,7 +183,13 @@ def _link(z, code, a):  # pragma: no cover - compiled
             return 0.0, 0.0
         if z >= 1.0:
             return 1.0, 0.0
-        zp = z ** (a - 1.0)
+        m = round(a)
+        if abs(a - m) <= 1e-12 * a and m <= 8:
+            zp = z
+            for _ in range(m - 2):
+                zp *= z
+        else:
+            zp = z ** (a - 1.0)
         return zp * z, a * zp
     if code == LOGISTIC:
         if z >= 0.0:
@@ -697,9 +707,10 @@ def _short_sparse_row(x, k, t, code, a, y, sv, si):  # pragma: no cover - compil
     kk = k - n_pos  # the budget of the finite entries; the +inf ones get 1 each
     need = int(math.floor(kk)) + 1  # tau > x_(need) - t among the finite entries
     m = _rank_sort(x, sv, si)
-    if code == CLIP and kk == need - 1 and _hard_gap(sv, need - 1, t):
-        # A hard row: the kk largest saturate before the next one enters, and tau is the
-        # middle of the flat piece between them (as :func:`_clip_root` puts it)
+    if kk == need - 1 and _hard_gap(sv, need - 1, t):
+        # A hard row: the kk largest saturate (z >= 1) before the next one enters (z > 0),
+        # for either link, and tau is the middle of the flat piece between them (as
+        # :func:`_clip_root` puts it)
         r = sv[0]
         for i in range(n):
             y[i] = 1.0 if x[i] == math.inf else 0.0
@@ -1137,21 +1148,29 @@ def backward_serial(y, tau, t, v, code, p, grad_x, grad_k):  # pragma: no cover 
     _backward_rows(y, tau, t, v, code, p, grad_x, grad_k, 0, y.shape[0])
 
 
+@_inline
+def _ruled_backward(tb, grad_x, grad_k, b):  # pragma: no cover - compiled
+    """A rule's row (tau not finite): NaN gradients for NaN rows, zeros otherwise; whether it is one."""
+    if tb == tb and abs(tb) < math.inf:
+        return False
+    fill = math.nan if tb != tb else 0.0
+    for i in range(grad_x.shape[1]):
+        grad_x[b, i] = fill
+    grad_k[b] = fill
+    return True
+
+
 @_simd
 def _short_backward(y, tau, t, v, code, grad_x, grad_k, start, stop):  # pragma: no cover - compiled
-    """:func:`_backward_row` for rows start..stop-1 of a short row's links in one call.
+    """:func:`_backward_row` of the clip, logistic and Laplace links for short rows start..stop-1.
 
-    Links with h in closed form (clip: 1, logistic: y (1 - y), Laplace: min(y, 1 - y) on
-    0 < y < 1, 0 elsewhere); on short rows a call per row would cost more than its passes.
+    One call for the rows: on short rows a call per row would cost more than its passes.
+    h is 1 (clip), y (1 - y) (logistic) or min(y, 1 - y) (Laplace) on 0 < y < 1, and 0
+    elsewhere.
     """
     n = y.shape[1]
     for b in range(start, stop):
-        tb = tau[b]
-        if tb != tb or tb == math.inf or tb == -math.inf:  # a rule's row: NaN, or no gradient
-            fill = math.nan if tb != tb else 0.0
-            for i in range(n):
-                grad_x[b, i] = fill
-            grad_k[b] = fill
+        if _ruled_backward(tau[b], grad_x, grad_k, b):
             continue
         sh = 0.0
         shv = 0.0
@@ -1172,12 +1191,49 @@ def _short_backward(y, tau, t, v, code, grad_x, grad_k, start, stop):  # pragma:
 
 
 @_jit
+def _short_power_backward(y, tau, t, v, a, p, grad_x, grad_k, start, stop):  # pragma: no cover - compiled
+    """:func:`_short_backward` of the power link: h = a y^(2 - p) on the support, 0 elsewhere.
+
+    The support's indices are collected first, so that the pow is taken on the support
+    only (a pow under a condition in a loop over the row is taken on every entry).
+    """
+    n = y.shape[1]
+    e = 2.0 - p
+    si = np.empty(n, dtype=np.int64)
+    for b in range(start, stop):
+        if _ruled_backward(tau[b], grad_x, grad_k, b):
+            continue
+        m = 0
+        for i in range(n):
+            grad_x[b, i] = 0.0
+            yi = y[b, i]
+            si[m] = i
+            m += 1 if (yi > 0.0) & (yi < 1.0) else 0
+        sh = 0.0
+        shv = 0.0
+        for j in range(m):
+            i = si[j]
+            h = a * np.float64(y[b, i]) ** e
+            sh += h
+            shv += h * v[b, i]
+        c = shv / sh if sh > 0.0 else 0.0
+        scale = 1.0 / t[b]
+        for j in range(m):
+            i = si[j]
+            grad_x[b, i] = a * np.float64(y[b, i]) ** e * scale * (v[b, i] - c)
+        grad_k[b] = c
+
+
+@_jit
 def _backward_rows(y, tau, t, v, code, p, grad_x, grad_k, start, stop):  # pragma: no cover - compiled
     """Rows start..stop-1 of :func:`backward`, with their own scratch."""
-    if code != POWER and y.shape[1] <= SHORT:
-        _short_backward(y, tau, t, v, code, grad_x, grad_k, start, stop)
-        return
     a = 1.0 / (p - 1.0) if code == POWER else 1.0
+    if y.shape[1] <= SHORT:
+        if code == POWER:
+            _short_power_backward(y, tau, t, v, a, p, grad_x, grad_k, start, stop)
+        else:
+            _short_backward(y, tau, t, v, code, grad_x, grad_k, start, stop)
+        return
     si = np.empty(y.shape[1], dtype=np.int64)
     for b in range(start, stop):
         grad_k[b] = _backward_row(y[b], tau[b], t[b], v[b], code, a, p, grad_x[b], si)
