@@ -214,6 +214,48 @@ def test_cpu_kernel_equals_the_tensor_route(rng, p, debias, rows, n, k):
         torch.testing.assert_close(g_cpu, g_ref, rtol=1e-9, atol=1e-9, equal_nan=True)
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(2, 16),
+    data=st.data(),
+    p=st.sampled_from([2.0, 4.0 / 3.0]),
+    debias=st.booleans(),
+    t=st.sampled_from([1e-3, 0.1, 1.0]),
+    ties=st.booleans(),
+    n_inf=st.integers(0, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_short_rows_equal_the_longer_rows_path(n, data, p, debias, t, ties, n_inf, seed):
+    """Rows of at most SHORT entries (their magnitudes sorted whole) against the longer rows'
+    path on the same entries padded with zeros past SHORT (zeros stay below s_(k+1)):
+    outputs, the saved (b, w, a, ties) and gradients. Ties at the k-th magnitude, infinite
+    entries."""
+    from softtopk.ops import _magnitude_cpu as mc
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=n) * rng.choice([0.01, 1.0, 100.0])
+    if ties:
+        x = np.round(x * 2) / 2 + 0.25 * np.sign(x)  # equal magnitudes, none zero
+    x[: min(n_inf, n - 1)] = [math.inf, -math.inf][: min(n_inf, n - 1)]
+    finite = n - min(n_inf, n - 1)
+    k = data.draw(st.integers(min(n_inf, n - 1), min(n_inf, n - 1) + finite - 1))  # kk < finite
+    r = 1 if p == 2.0 else 3
+    gy = rng.normal(size=n)
+    outs = []
+    for row in (x, np.r_[x, np.zeros(mc.SHORT + 1 - n)]):
+        y = np.empty((1, row.size))
+        info = np.empty((1, 4))
+        mc.forward_serial(row[None], np.array([float(k)]), t, r, debias, y, info)
+        g = np.empty((1, row.size))
+        mc.backward_serial(row[None], info, t, r, debias, np.r_[gy, np.zeros(row.size - n)][None], g)
+        outs.append((y[0, :n], info[0], g[0, :n]))
+    (y0, info0, g0), (y1, info1, g1) = outs
+    scale = np.abs(x[np.isfinite(x)]).max()
+    np.testing.assert_allclose(y0, y1, rtol=1e-12, atol=1e-12 * scale)
+    np.testing.assert_allclose(info0, info1, rtol=1e-12, atol=1e-12 * scale)
+    np.testing.assert_allclose(g0, g1, rtol=1e-9, atol=1e-9)
+
+
 def test_cpu_kernel_float32_and_ties():
     x = torch.tensor([[3.0, -3.0, 3.0, 1.0, 0.5], [2.0, 2.0, 2.0, 2.0, 2.0]])
     y = _route("cpu", softtopk.topk_mag, x, 2, temperature=0.01)

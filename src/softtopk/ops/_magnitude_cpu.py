@@ -34,7 +34,7 @@ import math
 import numba
 import numpy as np
 
-from ..threshold._cpu import FEW, _kth_largest, _rth_largest_few
+from ..threshold._cpu import FEW, SHORT, _kth_largest, _rank_sort, _rth_largest_few
 
 #: Newton iterations at most (the bracket at least halves on every rejected step).
 MAX_ITER = 200
@@ -50,7 +50,7 @@ _jit = numba.njit(cache=True, nogil=True, fastmath=False)
 _inline = numba.njit(cache=True, nogil=True, fastmath=False, inline="always")
 
 
-@_jit
+@_inline
 def _own_gap(s, l, r):  # pragma: no cover - compiled
     """u = s - v for an unpooled top entry: the root of u^r + l^r u = l^r s (u >= 0)."""
     if r == 1:
@@ -129,7 +129,7 @@ def _solve(sv, st, c, b, top, lr, r):  # pragma: no cover - compiled
     return w
 
 
-@_jit
+@_inline
 def _is_top(s, a, m, seen):  # pragma: no cover - compiled
     """Whether an entry of magnitude s is in the top set, and the ties at a seen so far."""
     if s > a:
@@ -150,6 +150,48 @@ def _collect(x, lower, sv, si):  # pragma: no cover - compiled
             si[c] = i
             c += 1
     return c
+
+
+@_inline
+def _nan_row(y, info):  # pragma: no cover - compiled
+    """A NaN row: a NaN in it, or more infinite entries than k."""
+    for i in range(y.shape[0]):
+        y[i] = math.nan
+    info[0] = math.nan
+    info[1] = 0.0
+    info[2] = math.nan
+    info[3] = 0.0
+
+
+@_inline
+def _keep_none_or_all(x, kk, l, r, debias, y, info):  # pragma: no cover - compiled
+    """Nothing finite kept (kk = 0, tau = +inf), or every finite entry kept (tau = -inf)."""
+    if kk > 0:
+        for i in range(x.shape[0]):
+            v = x[i]
+            s = abs(v)
+            if s < math.inf:
+                y[i] = v + 0.0 if debias else math.copysign(s - _own_gap(s, l, r), v) + 0.0
+    info[0] = -math.inf if kk > 0 else math.inf
+    info[1] = 0.0
+    info[2] = -math.inf
+    info[3] = 0.0
+
+
+@_inline
+def _output(x, i, s, top, b, w, l, lr, r, debias, y):  # pragma: no cover - compiled
+    """y[i] = sign(x_i) psi(s) for an entry of magnitude s above tau = b - w."""
+    tau = b - w
+    gap = (s - b) + w
+    power = gap if r == 1 else gap * gap * gap
+    if top and not power < lr * tau:
+        out = s if debias else s - _own_gap(s, l, r)
+    else:
+        z = gap / l
+        out = z if r == 1 else z * z * z
+        if debias:
+            out += gap
+    y[i] = math.copysign(out, x[i]) + 0.0
 
 
 @_inline
@@ -191,26 +233,11 @@ def _forward_row(x, k, l, r, debias, y, buf, sv, si, st, info):  # pragma: no co
             nan = True
     nf = n - n_inf
     if nan or n_inf > k:
-        for i in range(n):
-            y[i] = math.nan
-        info[0] = math.nan
-        info[1] = 0.0
-        info[2] = math.nan
-        info[3] = 0.0
+        _nan_row(y, info)
         return
     kk = int(k) - n_inf
     if kk == 0 or kk >= nf:
-        # Nothing finite kept (tau = +inf), or every finite entry kept (tau = -inf).
-        if kk > 0:
-            for i in range(n):
-                v = x[i]
-                s = abs(v)
-                if s < math.inf:
-                    y[i] = v + 0.0 if debias else math.copysign(s - _own_gap(s, l, r), v) + 0.0
-        info[0] = -math.inf if kk > 0 else math.inf
-        info[1] = 0.0
-        info[2] = -math.inf
-        info[3] = 0.0
+        _keep_none_or_all(x, kk, l, r, debias, y, info)
         return
     need = kk + 1
     if c < need:
@@ -253,24 +280,66 @@ def _forward_row(x, k, l, r, debias, y, buf, sv, si, st, info):  # pragma: no co
             st[j] = top
             sv[j] -= b  # exact for the entries near b, where the gaps are small
         w = _solve(sv, st, c, b, span, lr, r)
-    tau = b - w
     seen = 0
     for j in range(c):
         i = si[j]
         s = abs(x[i])
         top, seen = _is_top(s, a, m, seen)
-        gap = (s - b) + w
-        if not gap > 0.0:
-            continue
-        power = gap if r == 1 else gap * gap * gap
-        if top and not power < lr * tau:
-            out = s if debias else s - _own_gap(s, l, r)
-        else:
-            z = gap / l
-            out = z if r == 1 else z * z * z
-            if debias:
-                out += gap
-        y[i] = math.copysign(out, x[i]) + 0.0
+        if (s - b) + w > 0.0:
+            _output(x, i, s, top, b, w, l, lr, r, debias, y)
+    info[0] = b
+    info[1] = w
+    info[2] = a
+    info[3] = m
+
+
+@_inline
+def _short_forward_row(x, k, l, r, debias, y, buf, sv, si, st, info):  # pragma: no cover - compiled
+    """:func:`_forward_row` on a short row (at most SHORT entries): its magnitudes sorted whole.
+
+    The stable sort puts the top set (the k largest, ties at a by the lowest index) first,
+    and the entries above tau form a prefix of the order.
+    """
+    n = x.shape[0]
+    n_inf = 0
+    nan = False
+    for i in range(n):
+        v = x[i]
+        s = abs(v)
+        buf[i] = s
+        y[i] = v if s == math.inf else 0.0
+        n_inf += s == math.inf
+        nan |= s != s
+    if nan or n_inf > k:
+        _nan_row(y, info)
+        return
+    kk = int(k) - n_inf
+    if kk == 0 or kk >= n - n_inf:
+        _keep_none_or_all(x, kk, l, r, debias, y, info)
+        return
+    nf = _rank_sort(buf[:n], sv, si)
+    lr = l**r
+    a = sv[kk - 1]
+    b = sv[kk]
+    m = 0  # ties at a that the top set takes
+    for j in range(kk):
+        m += sv[j] == a
+    span = min((b - a) + _own_gap(a, l, r), b)
+    w = 0.0
+    if span > 0.0:
+        lo = (b - span) * (1.0 - 4.0 * EPS)
+        c = 0
+        while c < nf and sv[c] > lo:
+            st[c] = c < kk
+            c += 1
+        for j in range(c):
+            buf[j] = sv[j] - b  # exact for the entries near b, where the gaps are small
+        w = _solve(buf, st, c, b, span, lr, r)
+    for j in range(nf):
+        s = sv[j]
+        if not (s - b) + w > 0.0:
+            break
+        _output(x, si[j], s, j < kk, b, w, l, lr, r, debias, y)
     info[0] = b
     info[1] = w
     info[2] = a
@@ -284,6 +353,10 @@ def _forward_rows(x, k, l, r, debias, y, info, start, stop):  # pragma: no cover
     sv = np.empty(n, dtype=np.float64)
     si = np.empty(n, dtype=np.int64)
     st = np.empty(n, dtype=np.bool_)
+    if n <= SHORT:
+        for b in range(start, stop):
+            _short_forward_row(x[b], k[b], l, r, debias, y[b], buf, sv, si, st, info[b])
+        return
     for b in range(start, stop):
         _forward_row(x[b], k[b], l, r, debias, y[b], buf, sv, si, st, info[b])
 
@@ -304,7 +377,7 @@ def forward_serial(x, k, l, r, debias, y, info):  # pragma: no cover - compiled
     _forward_rows(x, k, l, r, debias, y, info, 0, x.shape[0])
 
 
-@_jit
+@_inline
 def _entry(s, b, w, top, l, lr, r, debias):  # pragma: no cover - compiled
     """(d, right, in_block, pooled) of one finite entry: its Jacobian terms in s (tau = b - w)."""
     gap = (s - b) + w
