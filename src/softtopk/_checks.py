@@ -54,7 +54,7 @@ def has_values(x: Tensor) -> bool:
 
 def is_real(x: Tensor) -> bool:
     """True unless ``x`` is a meta or a fake tensor (shapes without values)."""
-    if x.device.type == "meta":
+    if x.is_meta:
         return False
     return _FAKE_TENSOR is None or not isinstance(x, _FAKE_TENSOR)
 
@@ -65,7 +65,7 @@ def may_sync(x: Tensor) -> bool:
     Shortcuts that look at data (``bool(mask.any())``) are taken only then; on an
     accelerator they would stall the stream, so the code takes the branch-free path.
     """
-    return x.device.type == "cpu" and has_values(x)
+    return x.is_cpu and has_values(x)
 
 
 def check_tensor(x: object, name: str = "x") -> Tensor:

@@ -153,6 +153,8 @@ def threshold_mask(x: Tensor, k: Tensor, t: Tensor | float, link: Link, solver: 
         tt = torch.full((B,), float(t), dtype=torch.float64, device=x.device)
     if x.dtype == torch.float64:
         x, tt = _in_range(x, tt)
+    if k.dtype != torch.float64:
+        k = k.to(torch.float64)
     if torch.compiler.is_compiling():
         fn = CompiledThresholdMask
     elif not has_values(x):  # torch.func transforms, fake and meta tensors
@@ -160,8 +162,8 @@ def threshold_mask(x: Tensor, k: Tensor, t: Tensor | float, link: Link, solver: 
     elif _differentiated(x, k):
         fn = EagerThresholdMask
     else:  # nothing to differentiate: the op's implementation, without autograd's cost
-        return _ops.forward_impl(x, k.to(torch.float64), tt, link.code, link.p, SOLVERS[solver])[0]
-    return fn.apply(x, k.to(torch.float64), tt, link, solver)[0]
+        return _ops.forward_impl(x, k, tt, link.code, link.p, SOLVERS[solver])[0]
+    return fn.apply(x, k, tt, link, solver)[0]
 
 
 def _differentiated(x: Tensor, k: Tensor) -> bool:

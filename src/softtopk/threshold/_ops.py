@@ -55,9 +55,10 @@ def forward_impl(x: Tensor, k: Tensor, t: Tensor, link: int, p: float, solver: i
     if way == "cpu":
         cpu = _backend.kernels("threshold._cpu")
         # outputs made in NumPy and shared with torch: one allocation each, no conversion
-        y = np.empty((B, n), dtype=x.numpy().dtype)
+        xn = x.numpy()
+        y = np.empty((B, n), dtype=xn.dtype)
         tau = np.empty(B, dtype=np.float64)
-        args = (x.numpy(), k.contiguous().numpy(), t.contiguous().numpy(), link, float(p), y, tau)
+        args = (xn, k.contiguous().numpy(), t.contiguous().numpy(), link, float(p), y, tau)
         if _backend.serial(x.numel()):
             cpu.forward_serial(*args)
         else:
