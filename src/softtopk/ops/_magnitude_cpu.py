@@ -55,6 +55,12 @@ def _own_gap(s, l, r):  # pragma: no cover - compiled
     """u = s - v for an unpooled top entry: the root of u^r + l^r u = l^r s (u >= 0)."""
     if r == 1:
         return l * s / (1.0 + l)
+    return _own_gap_cubic(s, l)
+
+
+@_jit
+def _own_gap_cubic(s, l):  # pragma: no cover - compiled
+    """:func:`_own_gap` for r = 3: the real root of u^3 + l^3 u = l^3 s, by Cardano and two Newton steps."""
     a = l * l * l
     b = a * s
     # Beyond b = 1 the cubic is solved for w = u / b^(1/3): w^3 + (a / b^(2/3)) w = 1, whose
@@ -280,13 +286,24 @@ def _forward_row(x, k, l, r, debias, y, buf, sv, si, st, info):  # pragma: no co
             st[j] = top
             sv[j] -= b  # exact for the entries near b, where the gaps are small
         w = _solve(sv, st, c, b, span, lr, r)
+    tau = b - w
     seen = 0
     for j in range(c):
         i = si[j]
         s = abs(x[i])
         top, seen = _is_top(s, a, m, seen)
-        if (s - b) + w > 0.0:
-            _output(x, i, s, top, b, w, l, lr, r, debias, y)
+        gap = (s - b) + w
+        if not gap > 0.0:
+            continue
+        power = gap if r == 1 else gap * gap * gap
+        if top and not power < lr * tau:
+            out = s if debias else s - _own_gap(s, l, r)
+        else:
+            z = gap / l
+            out = z if r == 1 else z * z * z
+            if debias:
+                out += gap
+        y[i] = math.copysign(out, x[i]) + 0.0
     info[0] = b
     info[1] = w
     info[2] = a
@@ -377,7 +394,7 @@ def forward_serial(x, k, l, r, debias, y, info):  # pragma: no cover - compiled
     _forward_rows(x, k, l, r, debias, y, info, 0, x.shape[0])
 
 
-@_inline
+@_jit
 def _entry(s, b, w, top, l, lr, r, debias):  # pragma: no cover - compiled
     """(d, right, in_block, pooled) of one finite entry: its Jacobian terms in s (tau = b - w)."""
     gap = (s - b) + w
