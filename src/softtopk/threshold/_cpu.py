@@ -165,7 +165,7 @@ def _anchor(vals, c, anchor, t, ev):  # pragma: no cover - compiled
     ev[c] = anchor
 
 
-@_jit
+@_inline
 def _link(z, code, a):  # pragma: no cover - compiled
     """G(z) and G'(z) of link ``code`` (a = 1/(p-1) for the power link).
 
