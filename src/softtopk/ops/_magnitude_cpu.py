@@ -55,12 +55,6 @@ def _own_gap(s, l, r):  # pragma: no cover - compiled
     """u = s - v for an unpooled top entry: the root of u^r + l^r u = l^r s (u >= 0)."""
     if r == 1:
         return l * s / (1.0 + l)
-    return _own_gap_cubic(s, l)
-
-
-@_jit
-def _own_gap_cubic(s, l):  # pragma: no cover - compiled
-    """:func:`_own_gap` for r = 3: the real root of u^3 + l^3 u = l^3 s, by Cardano and two Newton steps."""
     a = l * l * l
     b = a * s
     # Beyond b = 1 the cubic is solved for w = u / b^(1/3): w^3 + (a / b^(2/3)) w = 1, whose
