@@ -236,7 +236,9 @@ def test_fused_gates_equal_the_composite(monkeypatch, method, score, experts, dt
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        big = torch.randn(3000, experts, generator=g, dtype=dtype)
+        from softtopk._backend import SERIAL_ELEMENTS
+
+        big = torch.randn(SERIAL_ELEMENTS // experts + 100, experts, generator=g, dtype=dtype)
         fused = _route_outputs(monkeypatch, True, big, 2, method=method, temperature=0.4, score=score)
         composite = _route_outputs(monkeypatch, False, big, 2, method=method, temperature=0.4, score=score)
     finally:
@@ -274,6 +276,50 @@ def test_fused_gates_derivatives(score, method):
     with dual_level():
         jvp = unpack_dual(_on_route("cpu", scalar, make_dual(x.detach(), tangent))).tangent
     torch.testing.assert_close(jvp, (grad * tangent).sum(), rtol=1e-12, atol=1e-12)
+
+
+def test_fused_gates_differentiated_again_keep_the_bias_of_their_forward(monkeypatch):
+    """An in-place update of the bias (TopKRouter.update_bias) between the forward and a
+    create_graph backward leaves the second derivatives those of the forward's bias."""
+    from softtopk.nn import _router
+
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    grads = []
+    for fused in (True, False):
+        with monkeypatch.context() as m:
+            m.setenv("SOFTTOPK_BACKEND", "cpu")
+            if not fused:
+                m.setattr(_router, "_fused_gates", lambda *args: None)
+            bias = torch.linspace(-0.5, 0.5, 6, dtype=torch.float64)
+            x = logits.clone().requires_grad_()
+            out = topk_route(x, 2, method="sparse-p4/3", temperature=0.5, expert_bias=bias)
+            bias += torch.linspace(0.0, 3.0, 6, dtype=torch.float64)  # the layer's buffer, in place
+            (gx,) = torch.autograd.grad((out.gates * w).sum(), x, create_graph=True)
+            (ggx,) = torch.autograd.grad(gx.square().sum(), x)
+            grads.append((gx.detach(), ggx))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("x_grad,k_grad", [(True, False), (False, True), (True, True), (False, False)])
+def test_fused_gates_require_grad_as_the_composite(monkeypatch, x_grad, k_grad):
+    """Which outputs require grad follows the composite ops: the scores depend on the logits only."""
+    from softtopk.nn import _router
+
+    flags = []
+    for fused in (True, False):
+        with monkeypatch.context() as m:
+            m.setenv("SOFTTOPK_BACKEND", "cpu")
+            if not fused:
+                m.setattr(_router, "_fused_gates", lambda *args: None)
+            x = torch.randn(10, 6).requires_grad_(x_grad)
+            k = torch.full((10,), 2.5, dtype=torch.float64).requires_grad_(k_grad)
+            out = topk_route(x, k, method="sparse", temperature=0.5)
+            outputs = (out.gates, out.probs, out.mask, out.aux_loss, out.z_loss)
+            flags.append([t.requires_grad for t in outputs])
+    assert flags[0] == flags[1]
 
 
 def test_dispatch_runs_only_experts_with_nonzero_gates():

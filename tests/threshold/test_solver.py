@@ -88,6 +88,22 @@ def test_router_rows_p43_equal_float64_bisection(rng, n):
         np.testing.assert_allclose(y.numpy(), ref, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("p", [2.0 - 1e-13, 2.0 - 1e-9, 1.5 + 1e-14, 1.25])
+@pytest.mark.parametrize("n", [8, 64])
+def test_power_link_at_whole_and_near_whole_exponents_equals_float64_bisection(rng, p, n):
+    """a = 1/(p - 1) near a whole number: 1 (p within 1e-12 of 2, where the link is
+    z^a ~ z), 2 and 4 (z^(a-1) taken by products). The mask and its gradient."""
+    x = random_rows(rng, 100, n)
+    k = rng.integers(1, 4, size=100) + 0.5 * rng.random(100)
+    for t in (0.05, 1.0):
+        y = softtopk.topk_mask(torch.from_numpy(x), torch.from_numpy(k), p=p, temperature=t)
+        ref = _oracle_rows(oracles.bisection_mask, x, k, t=t, link="sparse", p=p)
+        np.testing.assert_allclose(y.numpy(), ref, atol=1e-10, rtol=0)
+    xt = torch.from_numpy(x[:4]).requires_grad_()
+    kt = torch.from_numpy(k[:4])
+    assert torch.autograd.gradcheck(lambda v: softtopk.topk_mask(v, kt, p=p, temperature=1.0), (xt,))
+
+
 @pytest.mark.parametrize(
     "method,p,link",
     [

@@ -179,9 +179,11 @@ class _FusedGates(torch.autograd.Function):
     computed row by row by :func:`softtopk.nn._router_cpu.gates_forward`, with the
     backward of all three outputs in one pass (:func:`~softtopk.nn._router_cpu.gates_backward`).
     The same values as the composite (softmax, the threshold mask, a product) up to
-    rounding: the scores are computed in float64 and rounded once. A backward that is
-    differentiated again (``create_graph=True``) is the composite's, recomputed from the
-    saved logits, so second derivatives are exact.
+    rounding: below 16 experts the kernel computes the softmax in float64, rounded once
+    (within an ulp of ``torch.softmax``, not always equal to it); otherwise the scores
+    are torch's. A backward that is differentiated again (``create_graph=True``) is the
+    composite's, recomputed from the saved logits and the bias as they were at the
+    forward, so second derivatives are exact.
     """
 
     @staticmethod
@@ -190,13 +192,14 @@ class _FusedGates(torch.autograd.Function):
     ) -> tuple[Tensor, ...]:  # type: ignore[override]
         cpu = _backend.kernels("nn._router_cpu")
         T, E = flat.shape
-        ln = flat.detach().contiguous().numpy()
+        xs = flat.detach().contiguous()
+        ln = xs.numpy()
         # torch's softmax over rows shorter than its vectors takes a scalar path (1.2 ms
         # at (8192, 8) here, 0.2 ms in the kernel); longer rows and sigmoid scores it
         # computes faster than the kernel's float64 exponential
         given = sigmoid or E >= KERNEL_SOFTMAX_BELOW
         if given:
-            scores = torch.sigmoid(flat.detach()) if sigmoid else torch.softmax(flat.detach(), -1)
+            scores = torch.sigmoid(xs) if sigmoid else torch.softmax(xs, -1)
             probs = scores.numpy()
         else:
             probs = np.empty_like(ln)
@@ -212,9 +215,14 @@ class _FusedGates(torch.autograd.Function):
             with _backend.numba_threads():
                 cpu.gates_forward(*args, *outs, _backend.chunks())
         probs_t, mask_t = torch.from_numpy(probs), torch.from_numpy(mask)
+        if not flat.requires_grad:  # the scores depend on the logits alone (not on k)
+            ctx.mark_non_differentiable(probs_t)
         ctx.save_for_backward(flat, k, probs_t, mask_t)
         ctx.set_materialize_grads(False)
-        ctx.tau, ctx.tt, ctx.bias, ctx.t, ctx.link, ctx.sigmoid = tau, tt, bias, t, link, sigmoid
+        # the bias (no gradient) as it is now, for a backward differentiated again: an
+        # in-place update of the layer's bias before that must not change it
+        ctx.bias = bias.clone() if bias.numel() > 0 else bias
+        ctx.tau, ctx.tt, ctx.t, ctx.link, ctx.sigmoid = tau, tt, t, link, sigmoid
         return torch.from_numpy(gates), probs_t, mask_t
 
     @staticmethod
@@ -276,10 +284,10 @@ def _fused_gates(
     """The gates, scores and mask of token choice by :class:`_FusedGates`, or None where it does not apply.
 
     It applies to eager CPU calls (the numba route) with a threshold mask of the registry
-    (``"sparse"``, ``"sparse-p4/3"``, ``"entropic"``, ``"lapsum"``) and float32 or
-    float64 logits, outside forward-mode AD. Float64 logits or temperatures near the
-    float64 range, which the threshold solver refuses or rescales, take the composite
-    ops, which do that.
+    (``"sparse"``, ``"sparse-p4/3"``, ``"entropic"``, ``"lapsum"``), outside forward-mode
+    AD; ``flat`` is in the compute dtype (float32, or float64 for float64 logits).
+    Float64 logits or temperatures near the float64 range, which the threshold solver
+    refuses or rescales, take the composite ops, which do that.
     """
     if not (isinstance(method, str) and method in BALANCED_LINKS):
         return None
@@ -292,7 +300,7 @@ def _fused_gates(
         big = (0.0 if b.numel() == 0 else b.abs().amax().item()) + (
             1.0
             if score == "sigmoid"
-            else torch.where(torch.isfinite(flat), flat, 0.0).detach().abs().amax().item()
+            else torch.where(torch.isfinite(flat), flat.detach(), 0.0).abs().amax().item()
         )
         if not (big <= _LIMIT and t * _T_SPAN <= _LIMIT and math.isfinite(8.0 * big / t)):
             return None

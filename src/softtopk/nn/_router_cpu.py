@@ -119,10 +119,11 @@ def _block_rows(E):  # pragma: no cover - compiled
 
 @_simd
 def _softmax_block(logits, b0, b1, probs, e):  # pragma: no cover - compiled
-    """probs[b0:b1] = softmax(logits[b0:b1]) along each row, as torch gives it.
+    """probs[b0:b1] = softmax(logits[b0:b1]) along each row.
 
-    In float64, rounded once. A row holding NaN or +inf, or only -inf, is NaN everywhere
-    (the NaN of exp(NaN), inf - inf or -inf + inf reaches the row's sum).
+    In float64, rounded once (within an ulp of torch.softmax). A row holding NaN or +inf,
+    or only -inf, is NaN everywhere, as torch's (the NaN of exp(NaN), inf - inf or
+    -inf + inf reaches the row's sum).
     """
     E = logits.shape[1]
     for b in range(b0, b1):

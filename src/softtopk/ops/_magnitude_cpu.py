@@ -8,8 +8,10 @@ Forward of a row:
 
 1. count NaN and infinite magnitudes; a NaN, or more infinite entries than k, makes the row
    NaN; infinite entries are kept as they are and take their share of k;
-2. select a = s_(k) and b = s_(k+1) among the finite magnitudes (one partition, no sort);
-   the top set is the k largest, ties at a broken by the lowest index;
+2. select a = s_(k) and b = s_(k+1) among the finite magnitudes (one partition, no sort;
+   a row of at most SHORT entries sorts its magnitudes whole instead, and its entries
+   above tau are a prefix of that order); the top set is the k largest, ties at a broken
+   by the lowest index;
 3. tau lies in [min(lo, b), b] with lo = a - u(a), the k-th entry's own value; when
    lo >= b nothing pools and tau = b;
 4. otherwise a safeguarded Newton iteration on the entries above lo, in float64, solves

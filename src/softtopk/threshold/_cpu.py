@@ -169,8 +169,9 @@ def _anchor(vals, c, anchor, t, ev):  # pragma: no cover - compiled
 def _link(z, code, a):  # pragma: no cover - compiled
     """G(z) and G'(z) of link ``code`` (a = 1/(p-1) for the power link).
 
-    A whole a up to rounding (p = 4/3 gives a = 3 + 4e-16) takes z^(a-1) by products
-    instead of a call to libm's pow, which costs more than the rest of a Newton step.
+    A whole a >= 2 up to rounding (p = 4/3 gives a = 3 + 4e-16) takes z^(a-1) by
+    products instead of a call to libm's pow, which costs more than the rest of a Newton
+    step.
     """
     if code == CLIP:
         if z <= 0.0:
@@ -184,7 +185,7 @@ def _link(z, code, a):  # pragma: no cover - compiled
         if z >= 1.0:
             return 1.0, 0.0
         m = round(a)
-        if abs(a - m) <= 1e-12 * a and m <= 8:
+        if abs(a - m) <= 1e-12 * a and 2 <= m <= 8:  # (m = 1: p within 1e-12 of 2)
             zp = z
             for _ in range(m - 2):
                 zp *= z
@@ -680,9 +681,10 @@ def _write_support(x, y, si, c, tau, t, code, a):  # pragma: no cover - compiled
 def _hard_gap(sv, K, t):  # pragma: no cover - compiled
     """Whether sv[K - 1] - sv[K] exceeds t beyond rounding (sv sorted largest first, K >= 1).
 
-    Then with the clip link and k = K the sum is flat (= K) for tau between sv[K] and
-    sv[K - 1] - t, and at its middle every z = (sv_j - tau)/t is at least 1 (j < K) or
-    below 0 (j >= K) after rounding: the mask is the hard one, exactly.
+    Then with a sparse link (clip or power, both 1 from z = 1 on and 0 up to z = 0) and
+    k = K the sum is flat (= K) for tau between sv[K] and sv[K - 1] - t, and at its
+    middle every z = (sv_j - tau)/t is at least 1 (j < K) or below 0 (j >= K) after
+    rounding: the mask is the hard one, exactly.
     """
     if K < 1:
         return False
