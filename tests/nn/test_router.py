@@ -247,6 +247,33 @@ def test_fused_gates_equal_the_composite(monkeypatch, method, score, experts, dt
         torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize("method", ["entropic", "lapsum"])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("experts", [8, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_dense_gates_near_the_hard_mask_equal_the_composite(monkeypatch, method, score, experts, dtype):
+    """Whole per-token budgets at t = 0.005: most rows' mask entries saturate.
+
+    The dense links' backward takes its slopes from u = logits (+ bias), recomputed in
+    the fused kernel: the gradient in k there is the composite's (which
+    tests/threshold/test_function.py checks against a 40-digit oracle), not the one a
+    slope read off the rounded mask would give.
+    """
+    g = torch.Generator().manual_seed(experts + 1)
+    logits = torch.randn(64, experts, generator=g, dtype=dtype) * 3
+    bias = torch.randn(experts, generator=g, dtype=dtype) * 0.3
+    k = torch.randint(1, 4, (64,), generator=g).to(torch.float64)
+    tol = {"rtol": 2e-5, "atol": 2e-6} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-11}
+    for options in ({}, {"expert_bias": bias}):
+        options = {"method": method, "temperature": 0.005, "score": score, **options}
+        fused = _route_outputs(monkeypatch, True, logits, k, **options)
+        composite = _route_outputs(monkeypatch, False, logits, k, **options)
+        for a, b in zip(fused, composite, strict=True):
+            torch.testing.assert_close(a, b, **tol)
+        grad_k = fused[-1]
+        assert grad_k.abs().max() > 0.1  # not vacuous: the budgets' gradient is O(1)
+
+
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("method", ["sparse", "sparse-p4/3", "entropic"])
 def test_fused_gates_derivatives(score, method):

@@ -11,6 +11,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import softtopk
 from tests.reference import oracles
@@ -215,3 +217,131 @@ def test_tied_saturated_entries_have_zero_gradient():
     x = torch.tensor([3.0, 3.0, 0.5, 0.2, -1.0], dtype=torch.float64, requires_grad=True)
     J = torch.autograd.functional.jacobian(lambda a: softtopk.topk_mask(a, 3, temperature=0.1), x)
     assert torch.equal(J[:2], torch.zeros(2, 5, dtype=torch.float64))
+
+
+# ------------------------------------------------- dense links near the hard mask
+
+
+def _dense_oracle(
+    x: list[float], v: list[float], k: float, t: float, method: str
+) -> tuple[float, list[float], float]:
+    """grad_k = <g, v>/sum g, grad_x = g (v - grad_k) and max g at 40 digits (mpmath), g = G'(z)/t.
+
+    tau by bisection on sum G(z) - k, with each entry above tau counted as 1 - G(-z), so
+    that no 1 - G is rounded away (mpmath's exponent range has no underflow either).
+    """
+    import mpmath as mp
+
+    with mp.workdps(40):
+        xs, vs, tm, km = [mp.mpf(a) for a in x], [mp.mpf(a) for a in v], mp.mpf(t), mp.mpf(k)
+        laplace = method == "lapsum"
+
+        def lower(z):  # G(z) for z <= 0
+            return mp.exp(z) / 2 if laplace else 1 / (1 + mp.exp(-z))
+
+        def f(tau):
+            zs = [(a - tau) / tm for a in xs]
+            above = sum(1 for z in zs if z > 0)
+            return (above - km) + sum(lower(z) if z <= 0 else -lower(-z) for z in zs)
+
+        lo, hi = min(xs) - 3000 * tm, max(xs) + 3000 * tm
+        for _ in range(220):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
+        tau = (lo + hi) / 2
+        e = [mp.exp(-abs((a - tau) / tm)) for a in xs]
+        g = [b / 2 if laplace else b / (1 + b) ** 2 for b in e]
+        c = sum(a * b for a, b in zip(g, vs, strict=True)) / sum(g)
+        return float(c), [float(a / tm * (b - c)) for a, b in zip(g, vs, strict=True)], float(max(g) / tm)
+
+
+@given(
+    n=st.integers(2, 8),
+    seed=st.integers(0, 2**16),
+    t=st.sampled_from([0.05, 0.02, 0.005, 1e-3]),
+    frac=st.sampled_from([0.0, 0.25]),
+    method=st.sampled_from(["entropic", "lapsum"]),
+    route=st.sampled_from(["cpu", "torch"]),
+)
+@settings(max_examples=40, deadline=None)
+def test_dense_gradients_near_the_hard_mask_equal_a_40_digit_oracle(n, seed, t, frac, method, route):
+    """The dense links' gradient in k (and in x) on rows whose entries saturate.
+
+    With gaps of 0.05 to 3 between entries and t down to 1e-3, |z| runs from about 5 to
+    3000, where 1 - y has rounded: a slope taken from y (y (1 - y), min(y, 1 - y)) made
+    grad_k wrong by O(1) (1.34 against 0.567 on the first example). Beyond |z| = 745
+    every slope underflows in float64, and only their ratios are left.
+    """
+    rng = np.random.default_rng(seed)
+    x = np.cumsum(rng.uniform(0.05, 3.0, n)) * rng.choice([-1.0, 1.0])
+    rng.shuffle(x)
+    v = rng.standard_normal(n)
+    k = float(rng.integers(1, n)) + frac
+    c, gx, gmax = _dense_oracle(list(x), list(v), k, t, method)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SOFTTOPK_BACKEND", route)
+        for dtype, rtol in ((torch.float64, 1e-8), (torch.float32, 2e-5)):
+            xt = torch.tensor(x, dtype=dtype).reshape(1, n).requires_grad_()
+            kt = torch.tensor([k], dtype=torch.float64, requires_grad=True)
+            y = softtopk.topk_mask(xt, kt, method=method, temperature=t)
+            (y * torch.tensor(v, dtype=dtype)).sum().backward()
+            # x in float32 is x rounded: the oracle of those entries
+            c32, gx32, _ = (
+                (c, gx, gmax)
+                if dtype == torch.float64
+                else _dense_oracle([float(a) for a in xt.detach()[0]], list(v), k, t, method)
+            )
+            assert kt.grad.item() == pytest.approx(c32, rel=rtol, abs=1e-12)
+            # grad_x = g (v - c) is exact up to rounding of v - c: an error of about
+            # eps max(g) max|v|, which is all of it where c is within rounding of a v_i
+            # (and below the dtype's smallest normal number it underflows)
+            atol = rtol * gmax * np.abs(v).max() + torch.finfo(dtype).tiny
+            torch.testing.assert_close(
+                xt.grad[0].double(), torch.tensor(gx32, dtype=torch.float64), rtol=rtol * 10, atol=atol
+            )
+
+
+@pytest.mark.parametrize("route", ["cpu", "torch"])
+def test_dense_gradient_in_k_holds_where_every_slope_underflows(monkeypatch, route):
+    """t = 1e-3 with entries 1 to 3 apart: every |z| exceeds 745, so every G'(z) is 0 in
+    float64, and grad_k = <g, v>/sum g is still an O(1) weighted mean of v. The backward
+    sums slopes scaled by the largest; the solvers sum the fractions apart from the
+    counts (the tensor-op solver scaled by the largest fraction too)."""
+    x = [-3.1, 0.2, 2.9, 6.0]
+    v = [0.7, -1.3, 0.4, 2.2]
+    for method in ("entropic", "lapsum"):
+        c, _, _ = _dense_oracle(x, v, 2.0, 1e-3, method)
+        xt = torch.tensor([x], dtype=torch.float64)
+        kt = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+        monkeypatch.setenv("SOFTTOPK_BACKEND", route)
+        y = softtopk.topk_mask(xt, kt, method=method, temperature=1e-3)
+        (y * torch.tensor([v], dtype=torch.float64)).sum().backward()
+        assert abs(c) > 0.1
+        assert kt.grad.item() == pytest.approx(c, rel=1e-9)
+
+
+@pytest.mark.parametrize("route", ["cpu", "torch"])
+@pytest.mark.parametrize("method", ["entropic", "lapsum"])
+def test_dense_derivatives_near_the_hard_mask(monkeypatch, route, method):
+    """gradcheck in x and k, gradgradcheck in x and forward mode in k on rows near the hard mask.
+
+    (On the first row, k = 2 sits in a gap of about 80 t: d grad_k / dk is about
+    1/sum g, 1e16, and a finite difference in k there spans the gap, so the second
+    derivative in k is not checked by finite differences.)
+    """
+    from torch.autograd.forward_ad import dual_level, make_dual, unpack_dual
+
+    monkeypatch.setenv("SOFTTOPK_BACKEND", route)
+    x = torch.tensor([[-3.993415, -0.103670, 1.486851], [0.3, -0.4, 1.1]], dtype=torch.float64)
+    x.requires_grad_()
+    k = torch.tensor([2.0, 1.0], dtype=torch.float64, requires_grad=True)
+    f = lambda a, kk: softtopk.topk_mask(a, kk, method=method, temperature=0.05)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, k))
+    assert torch.autograd.gradgradcheck(lambda a: f(a, k.detach()), (x,))
+    v = torch.tensor([[1.336932, -0.202765, 0.022415], [0.5, 1.0, -2.0]], dtype=torch.float64)
+    (grad_k,) = torch.autograd.grad((f(x, k) * v).sum(), k)
+    assert grad_k[0].item() == pytest.approx(0.5670835, rel=1e-6)  # a central difference
+    with dual_level():
+        y = f(x.detach(), make_dual(k.detach(), torch.ones(2, dtype=torch.float64)))
+        tangent = unpack_dual(y).tangent
+    torch.testing.assert_close((tangent * v).sum(-1), grad_k, rtol=1e-9, atol=1e-12)

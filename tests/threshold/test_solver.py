@@ -389,7 +389,7 @@ def test_hard_rows_threshold_in_the_middle_of_the_flat_piece(
     grad_x = np.empty((1, n))
     grad_k = np.empty(1)
     v = rng.standard_normal((1, n))
-    _cpu.backward_serial(y, tau, np.array([t]), v, _cpu.CLIP, 2.0, grad_x, grad_k)
+    _cpu.backward_serial(y, y, tau, np.array([t]), v, _cpu.CLIP, 2.0, grad_x, grad_k)
     np.testing.assert_array_equal(grad_x, np.zeros((1, n)))
 
 

@@ -254,6 +254,7 @@ class _FusedGates(torch.autograd.Function):
         grad_k = np.empty(T, dtype=np.float64)
         score = cpu.SIGMOID if ctx.sigmoid else cpu.SOFTMAX
         args = (
+            flat.detach().contiguous().numpy(), ctx.bias.numpy(),
             probs.numpy(), mask.numpy(), ctx.tau, ctx.tt, vg, array(v_probs), array(v_mask),
             score, ctx.link.code, float(ctx.link.p), grad_logits, grad_k,
         )  # fmt: skip

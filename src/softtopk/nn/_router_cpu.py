@@ -270,39 +270,58 @@ def _score_grad(probs, mask, vg, vp, du, sigmoid, b0, b1, grad_logits):  # pragm
 
 @_jit
 def _gate_grad_rows(
-    probs, mask, tau, t, vg, vp, vm, score, code, p, grad_logits, grad_k, start, stop
+    logits, bias, probs, mask, tau, t, vg, vp, vm, score, code, p, grad_logits, grad_k, start, stop
 ):  # pragma: no cover - compiled
     """Rows start..stop-1 of :func:`gates_backward`, a block of rows at a time."""
     T, E = probs.shape
     a = 1.0 / (p - 1.0) if code == POWER else 1.0
     si = np.empty(E, dtype=np.int64)
+    dense = not (code == CLIP or code == POWER)
+    hs = np.empty(E if dense else 0, dtype=np.float64)
     rows = _block_rows(E)
     short = E <= SHORT  # (as the threshold kernel's backward)
     w = np.empty((rows, E), dtype=np.float64)
     du = np.empty((rows, E), dtype=np.float64)
+    # a dense link's backward reads the mask's input u (see _cpu._dense_backward_row),
+    # recomputed as the forward made it
+    u = np.empty((rows if dense else 0, E), dtype=logits.dtype)
+    src = probs if score == SIGMOID else logits
+    biased = bias.shape[0] > 0
     for b0 in range(start, stop, rows):
         b1 = min(stop, b0 + rows)
         # the mask sees w = v_mask + v_gates probs; its backward gives d/du and grad_k
         _mask_cotangent(probs, vg, vm, b0, b1, w)
         m, tb, tt, gk = mask[b0:b1], tau[b0:b1], t[b0:b1], grad_k[b0:b1]
+        if dense:
+            if biased:
+                _add_bias(src, bias, b0, b1, u)
+            else:
+                u[: b1 - b0] = src[b0:b1]
         if short and code == POWER:
             _cpu._short_power_backward(m, tb, tt, w, a, p, du, gk, 0, b1 - b0)
         elif short:
-            _cpu._short_backward(m, tb, tt, w, code, du, gk, 0, b1 - b0)
+            _cpu._short_backward(m, u, tb, tt, w, code, du, gk, 0, b1 - b0)  # (u unread by the clip link)
+        elif dense:
+            for b in range(b0, b1):
+                j = b - b0
+                grad_k[b] = _cpu._backward_row(mask[b], u[j], tau[b], t[b], w[j], code, a, p, du[j], si, hs)
         else:
             for b in range(b0, b1):
-                grad_k[b] = _cpu._backward_row(mask[b], tau[b], t[b], w[b - b0], code, a, p, du[b - b0], si)
+                j = b - b0
+                m_b = mask[b]  # (a sparse link reads the mask only)
+                grad_k[b] = _cpu._backward_row(m_b, m_b, tau[b], t[b], w[j], code, a, p, du[j], si, hs)
         _score_grad(probs, mask, vg, vp, du, score == SIGMOID, b0, b1, grad_logits)
 
 
 @numba.njit(cache=True, parallel=True)
 def gates_backward(
-    probs, mask, tau, t, vg, vp, vm, score, code, p, grad_logits, grad_k, chunks
+    logits, bias, probs, mask, tau, t, vg, vp, vm, score, code, p, grad_logits, grad_k, chunks
 ):  # pragma: no cover
     """The vector-Jacobian product of :func:`gates_forward` for v_gates, v_probs, v_mask.
 
     With w = v_mask + v_gates probs, the mask's backward gives d/du = h/t (w - c) and
-    grad_k = c = <h, w>/sum h (h = G'(G^{-1}(mask))); with a = v_probs + v_gates mask,
+    grad_k = c = <h, w>/sum h (h = G'(z): a sparse link's from the mask, a dense link's
+    from z = (u - tau)/t, u recomputed from the logits and bias); with a = v_probs + v_gates mask,
     grad_logits = probs (a - <probs, a>) + d/du (softmax) or (a + d/du) probs (1 - probs)
     (sigmoid). vp and vm may be empty (no gradient).
     """
@@ -311,6 +330,8 @@ def gates_backward(
     per = (T + chunks - 1) // chunks
     for ch in numba.prange(chunks):
         _gate_grad_rows(
+            logits,
+            bias,
             probs,
             mask,
             tau,
@@ -330,7 +351,9 @@ def gates_backward(
 
 @_jit
 def gates_backward_serial(
-    probs, mask, tau, t, vg, vp, vm, score, code, p, grad_logits, grad_k
+    logits, bias, probs, mask, tau, t, vg, vp, vm, score, code, p, grad_logits, grad_k
 ):  # pragma: no cover
     """:func:`gates_backward` on the calling thread."""
-    _gate_grad_rows(probs, mask, tau, t, vg, vp, vm, score, code, p, grad_logits, grad_k, 0, probs.shape[0])
+    _gate_grad_rows(
+        logits, bias, probs, mask, tau, t, vg, vp, vm, score, code, p, grad_logits, grad_k, 0, probs.shape[0]
+    )

@@ -133,11 +133,9 @@ def topk_mask(
             gives NaN in that row only.
         k: the budget, a real number in [0, n] (n = x.shape[dim]) or a tensor of per-row
             budgets with the batch shape of x (x.shape without dim; size 1 at dim is also
-            accepted). A floating k tensor that requires grad receives dy/dk = g/sum(g).
-            Known limitation: the dense links (``entropic``, ``lapsum``, ``soft``) take g
-            from y, so on a row whose entries all lie within float rounding of 0 or 1
-            (1 - y rounds) this gradient can be off by O(1) (the gradient in x there is
-            of the size of g, tiny).
+            accepted). A floating k tensor that requires grad receives dy/dk = g/sum(g),
+            also on a row near the hard mask, where every g is tiny and g/sum(g) is not:
+            the dense links take g from (x - tau)/t, not from y, whose 1 - y rounds.
         dim: the dimension to select along.
         method: ``"sparse"``, ``"entropic"``, ``"lapsum"``, ``"hard"``, ``"soft"``,
             ``"dftopk"``, ``"perturbed"``, or a registry mask name as above.

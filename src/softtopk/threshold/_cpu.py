@@ -258,8 +258,10 @@ def _newton_inline(
             floor = max(tol, 4.0 * eps * t)
             if floor > 0.0 and width > floor and width < math.inf:
                 iters += int(math.ceil(math.log2(width) - math.log2(floor)))
-        f = -kk
+        # f = (n_high + entries above tau - kk) + fractions + tails: see _dense_sums
+        f = n_high - kk if terms > 0 else -kk
         d = 0.0
+        size = 0.0  # the sum of the magnitudes of f's fractions and tails
         anchored = False
         if dense and abs(tau) < math.inf:  # (a bracket can be infinite: k far below 1 ulp of n)
             if not abs(tau - anchor) <= ANCHOR * t:
@@ -268,15 +270,31 @@ def _newton_inline(
             u = math.exp((tau - anchor) / t)
             anchored = u > 0.0 and u < math.inf  # not so when t overflows
         if anchored:
-            g, gp = _dense_sums(ev, c, u, code)
-            f += g
+            above, fr, size, gp = _dense_sums(ev, c, u, code)
+            f += above  # (exact: an integer less kk)
+            f += fr
             d += gp
+        elif dense:
+            above = 0.0
+            fr = 0.0
+            for j in range(c):
+                z = (vals[j] - tau) / t
+                g, gp = _link(z, code, a)
+                q = _link(-z, code, a)[0] if z > 0.0 else g  # (1 - G above tau)
+                above += 1.0 if z > 0.0 else 0.0
+                fr += -q if z > 0.0 else g
+                size += q
+                d += gp
+            f += above
+            f += fr
         else:
             for j in range(c):
                 g, gp = _link((vals[j] - tau) / t, code, a)
                 f += g
                 d += gp
-        f, d = _add_tails(f, d, tau, t, code, L, H, P, Q, terms, n_high)
+        before = f
+        f, d = _add_tails(f, d, tau, t, code, L, H, P, Q, terms, 0.0)
+        size += abs(f - before)
         d /= t
         if f > 0.0:
             lo = tau
@@ -284,9 +302,10 @@ def _newton_inline(
             hi = tau
         if f == 0.0 or hi - lo <= 0.5 * eps * (abs(lo) + abs(hi)):  # lo and hi adjacent
             return tau
-        if code >= LOGISTIC and abs(f) <= 4.0 * eps * (c + 2.0 * kk + 2.0):
-            # A dense link's f at the rounding level of its own sum (c terms in [0, 1] and
-            # kk): no evaluation tells tau from its neighbours, and a step rejected there
+        if code >= LOGISTIC and abs(f) <= 4.0 * eps * size:
+            # A dense link's f at the rounding level of its own sum (the sum of its
+            # fractions' and tails' magnitudes; its integer part is exact): no evaluation
+            # tells tau from its neighbours, and a step rejected there
             # for not halving would send a bisection across the bracket. (A sparse link
             # iterates on: a tau a rounding error off its root can leave an entry just
             # inside (0, 1), where it would take a share of a hard row's gradient.)
@@ -318,29 +337,40 @@ def _newton(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high
 
 @_simd
 def _dense_sums(ev, c, u, code):  # pragma: no cover - compiled
-    """sum_j G(z_j) and sum_j G'(z_j) of a dense link, e^(z_j) = ev[j] / u.
+    """sum_j G(z_j) split as (above, fractions), sum_j |fraction_j| and sum_j G'(z_j), e^(z_j) = ev[j] / u.
 
-    ev[:c] in [0, inf], u > 0 finite; one division per entry and no branch, so the loop
-    vectorises.
+    An entry above tau (e > u) counts 1 in ``above`` and -(1 - G) = -G(-z) in
+    ``fractions``, an entry below it G in ``fractions``: the sum is above + fractions
+    with no 1 - G rounded away, so on a row near the hard mask (every G within rounding
+    of 0 or 1) f = (above - k) + fractions still has its digits. ev[:c] in [0, inf],
+    u > 0 finite; one division per entry and no branch, so the loop vectorises.
     """
-    f = 0.0
+    above = 0.0
+    fr = 0.0
+    fa = 0.0
     d = 0.0
     if code == LOGISTIC:
         for j in range(c):
             e = ev[j]
             w = 1.0 / (e + u)
             g = e * w  # G = e / (e + u) = 1 / (1 + e^(-z))
-            gp = g * (u * w)  # G' = G (1 - G)
+            q = u * w  # 1 - G
             big = e == math.inf  # G = 1, G' = 0 (e w is inf * 0 there)
-            f += 1.0 if big else g
-            d += 0.0 if big else gp
-        return f, d
+            high = e > u
+            above += 1.0 if high else 0.0
+            fr += -q if high else g
+            fa += q if high else g
+            d += 0.0 if big else g * q  # G' = G (1 - G)
+        return above, fr, fa, d
     for j in range(c):
         e = ev[j]
-        h = 0.5 * (min(e, u) / max(e, u))  # e^(-|z|) / 2
-        f += h if e <= u else 1.0 - h
+        h = 0.5 * (min(e, u) / max(e, u))  # e^(-|z|) / 2: G below tau, 1 - G above
+        high = e > u
+        above += 1.0 if high else 0.0
+        fr += -h if high else h
+        fa += h
         d += h
-    return f, d
+    return above, fr, fa, d
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy", inline="always")
@@ -947,16 +977,18 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - c
             u_lo = math.exp((lo - guess) / t)
             u_hi = math.exp((hi - guess) / t)
             if u_lo > 0.0 and u_hi < math.inf:
-                f_lo = _dense_sums(ev, c, u_lo, code)[0] - kk
-                f_hi = _dense_sums(ev, c, u_hi, code)[0] - kk
+                above, fr = _dense_sums(ev, c, u_lo, code)[:2]
+                f_lo = (above + n_high - kk) + fr
+                above, fr = _dense_sums(ev, c, u_hi, code)[:2]
+                f_hi = (above + n_high - kk) + fr
             else:
-                f_lo = -kk
-                f_hi = -kk
+                f_lo = n_high - kk
+                f_hi = n_high - kk
                 for j in range(c):
                     f_lo += _link((sv[j] - lo) / t, code, 1.0)[0]
                     f_hi += _link((sv[j] - hi) / t, code, 1.0)[0]
-            f_lo = _add_tails(f_lo, 0.0, lo, t, code, L, H, P, Q, terms, n_high)[0]
-            f_hi = _add_tails(f_hi, 0.0, hi, t, code, L, H, P, Q, terms, n_high)[0]
+            f_lo = _add_tails(f_lo, 0.0, lo, t, code, L, H, P, Q, terms, 0.0)[0]
+            f_hi = _add_tails(f_hi, 0.0, hi, t, code, L, H, P, Q, terms, 0.0)[0]
             if f_lo >= 0.0 and f_hi <= 0.0:
                 tau = _newton(sv, c, kk, t, code, 1.0, lo, hi, guess, 0.0, L, H, P, Q, terms, n_high, ev)
                 _write_tails(x, L, H, math.exp((L - tau) / t), math.exp((tau - H) / t), logistic, y)
@@ -1042,8 +1074,8 @@ def forward_serial(x, k, t, code, p, y, tau):  # pragma: no cover - compiled
 
 
 @_inline
-def _backward_row(y, tb, tt, v, code, a, p, grad_x, si):  # pragma: no cover - compiled
-    """One row of :func:`backward`; returns grad_k. si: scratch for a row's indices."""
+def _backward_row(y, x, tb, tt, v, code, a, p, grad_x, si, hs):  # pragma: no cover - compiled
+    """One row of :func:`backward`; returns grad_k. si, hs: scratch for a row's indices and slopes."""
     n = y.shape[0]
     if tb != tb:
         for i in range(n):
@@ -1082,10 +1114,83 @@ def _backward_row(y, tb, tt, v, code, a, p, grad_x, si):  # pragma: no cover - c
             i = si[j]
             grad_x[i] = _slope_of_value(y[i], code, a, p) * scale * (v[i] - c)
         return c
-    sh, shv = _dense_backward_sums(y, v, code)
-    c = shv / sh if sh > 0.0 else 0.0
-    _dense_backward_write(y, v, c, scale, code, grad_x)
+    return _dense_backward_row(y, x, tb, tt, v, code, grad_x, si, hs)
+
+
+#: A dense row whose slopes sum below this has c summed again relative to its largest
+#: slope (:func:`_scaled_dense_c`): below it, the slopes that underflowed (y below the
+#: smallest normal float32, about 1e-38) could weigh in c.
+TINY_SLOPES = 2.0**-60
+
+
+@_inline
+def _dense_backward_row(y, x, tb, tt, v, code, grad_x, si, hs):  # pragma: no cover - compiled
+    """A dense link's row of :func:`backward` (tau finite); returns c.
+
+    h = G'(z) is taken from y where y <= 1/2: y (1 - y) (logistic) or y (Laplace), exact
+    there. Where y > 1/2, 1 - y has rounded (to a few ulps, or to 0 where an entry
+    saturates), so h is taken from z = (x - tau)/t: e/(1 + e)^2 or e/2 with
+    e = exp(-|z|). Those entries (about k of the row) are collected first, so that the
+    exponential is taken on them only. hs keeps the slopes for the write.
+    """
+    sh, shv, m = _dense_low_slopes(y, v, code, hs, si)
+    for j in range(m):
+        i = si[j]
+        e = math.exp(-abs(x[i] - tb) / tt)
+        h = e / ((1.0 + e) * (1.0 + e)) if code == LOGISTIC else 0.5 * e
+        hs[i] = h
+        if h > 0.0:  # (h v would be NaN at h = 0, v = inf)
+            sh += h
+            shv += h * v[i]
+    c = shv / sh if sh >= TINY_SLOPES else _scaled_dense_c(x, tb, tt, v, code)
+    _dense_backward_write(hs, v, c, 1.0 / tt, grad_x)
     return c
+
+
+@_simd
+def _dense_low_slopes(y, v, code, hs, si):  # pragma: no cover - compiled
+    """hs = h where 0 < y <= 1/2 (0 elsewhere); sum h, sum h v and m, si[:m] the entries above 1/2."""
+    sh = 0.0
+    shv = 0.0
+    m = 0
+    for i in range(y.shape[0]):
+        yi = y[i]
+        low = (yi > 0.0) & (yi <= 0.5)
+        h = yi * (1.0 - yi) if code == LOGISTIC else np.float64(yi)
+        h = h if low else 0.0
+        hs[i] = h
+        sh += h
+        shv += h * v[i] if low else 0.0
+        si[m] = i
+        m += 1 if yi > 0.5 else 0
+    return sh, shv, m
+
+
+@_jit
+def _scaled_dense_c(x, tb, tt, v, code):  # pragma: no cover - compiled
+    """c = <h, v>/sum h of a dense row from w = h e^m, m the smallest finite |z| (largest w about 1).
+
+    For rows whose slopes all (nearly) underflow: every |z| beyond about 40. 0 when no |z|
+    is finite (no slope).
+    """
+    n = x.shape[0]
+    m = math.inf
+    for i in range(n):
+        m = min(m, abs(x[i] - tb) / tt)
+    if not m < math.inf:
+        return 0.0
+    sw = 0.0
+    swv = 0.0
+    for i in range(n):
+        q = abs(x[i] - tb) / tt
+        w = math.exp(m - q)
+        if code == LOGISTIC:
+            e = math.exp(-q)
+            w = w / ((1.0 + e) * (1.0 + e))
+        if w > 0.0:
+            sw += w
+            swv += w * v[i]
+    return swv / sw
 
 
 @_simd
@@ -1110,44 +1215,32 @@ def _clip_backward_write(y, v, c, scale, grad_x):  # pragma: no cover - compiled
         grad_x[i] = scale * (v[i] - c) if inside else 0.0
 
 
-@_simd
-def _dense_backward_sums(y, v, code):  # pragma: no cover - compiled
-    """sum h and sum h v over a row of a dense link, h = G'(G^{-1}(y)) (0 where y is 0 or 1)."""
-    sh = 0.0
-    shv = 0.0
-    for i in range(y.shape[0]):
-        yi = y[i]
-        h = yi * (1.0 - yi) if code == LOGISTIC else min(yi, 1.0 - yi)
-        inside = (yi > 0.0) & (yi < 1.0)  # (h v would be NaN at h = 0, v = inf)
-        sh += h if inside else 0.0
-        shv += h * v[i] if inside else 0.0
-    return sh, shv
-
-
 @_vec
-def _dense_backward_write(y, v, c, scale, code, grad_x):  # pragma: no cover - compiled
+def _dense_backward_write(hs, v, c, scale, grad_x):  # pragma: no cover - compiled
     """grad_x = h/t (v - c) over a row of a dense link (0 where h is 0), scale = 1/t."""
-    for i in range(y.shape[0]):
-        yi = y[i]
-        h = yi * (1.0 - yi) if code == LOGISTIC else min(yi, 1.0 - yi)
-        inside = (yi > 0.0) & (yi < 1.0)
-        grad_x[i] = h * scale * (v[i] - c) if inside else 0.0
+    for i in range(hs.shape[0]):
+        h = hs[i]
+        grad_x[i] = h * scale * (v[i] - c) if h > 0.0 else 0.0
 
 
 @numba.njit(cache=True, parallel=True)
-def backward(y, tau, t, v, code, p, grad_x, grad_k, chunks):  # pragma: no cover - compiled
-    """grad_x = h/t (v - c) and grad_k = c, c = <h, v>/sum h, with h = G'(G^{-1}(y))."""
+def backward(y, x, tau, t, v, code, p, grad_x, grad_k, chunks):  # pragma: no cover - compiled
+    """grad_x = h/t (v - c) and grad_k = c, c = <h, v>/sum h, with h = G'(z).
+
+    The sparse links read h off y (G'(G^{-1}(y))) and ignore x; the dense links read the
+    forward's input rows x too (see :func:`_dense_backward_row`).
+    """
     B = y.shape[0]
     chunks = max(1, min(B, chunks))
     per = (B + chunks - 1) // chunks
     for ch in numba.prange(chunks):
-        _backward_rows(y, tau, t, v, code, p, grad_x, grad_k, ch * per, min(B, (ch + 1) * per))
+        _backward_rows(y, x, tau, t, v, code, p, grad_x, grad_k, ch * per, min(B, (ch + 1) * per))
 
 
 @_jit
-def backward_serial(y, tau, t, v, code, p, grad_x, grad_k):  # pragma: no cover - compiled
+def backward_serial(y, x, tau, t, v, code, p, grad_x, grad_k):  # pragma: no cover - compiled
     """:func:`backward` on the calling thread."""
-    _backward_rows(y, tau, t, v, code, p, grad_x, grad_k, 0, y.shape[0])
+    _backward_rows(y, x, tau, t, v, code, p, grad_x, grad_k, 0, y.shape[0])
 
 
 @_inline
@@ -1163,12 +1256,11 @@ def _ruled_backward(tb, grad_x, grad_k, b):  # pragma: no cover - compiled
 
 
 @_simd
-def _short_backward(y, tau, t, v, code, grad_x, grad_k, start, stop):  # pragma: no cover - compiled
-    """:func:`_backward_row` of the clip, logistic and Laplace links for short rows start..stop-1.
+def _short_clip_backward(y, tau, t, v, grad_x, grad_k, start, stop):  # pragma: no cover - compiled
+    """:func:`_backward_row` of the clip link for short rows start..stop-1.
 
     One call for the rows: on short rows a call per row would cost more than its passes.
-    h is 1 (clip), y (1 - y) (logistic) or min(y, 1 - y) (Laplace) on 0 < y < 1, and 0
-    elsewhere.
+    h is 1 on 0 < y < 1, and 0 elsewhere.
     """
     n = y.shape[1]
     for b in range(start, stop):
@@ -1178,18 +1270,37 @@ def _short_backward(y, tau, t, v, code, grad_x, grad_k, start, stop):  # pragma:
         shv = 0.0
         for i in range(n):
             yi = y[b, i]
-            h = 1.0 if code == CLIP else (yi * (1.0 - yi) if code == LOGISTIC else min(yi, 1.0 - yi))
-            inside = (yi > 0.0) & (yi < 1.0)  # (h v would be NaN at h = 0, v = inf)
-            sh += h if inside else 0.0
-            shv += h * v[b, i] if inside else 0.0
+            inside = (yi > 0.0) & (yi < 1.0)  # (v would be NaN times 0 at v = inf)
+            sh += 1.0 if inside else 0.0
+            shv += v[b, i] if inside else 0.0
         c = shv / sh if sh > 0.0 else 0.0
         scale = 1.0 / t[b]
         for i in range(n):
             yi = y[b, i]
-            h = 1.0 if code == CLIP else (yi * (1.0 - yi) if code == LOGISTIC else min(yi, 1.0 - yi))
             inside = (yi > 0.0) & (yi < 1.0)
-            grad_x[b, i] = h * scale * (v[b, i] - c) if inside else 0.0
+            grad_x[b, i] = scale * (v[b, i] - c) if inside else 0.0
         grad_k[b] = c
+
+
+@_jit
+def _short_dense_backward(y, x, tau, t, v, code, grad_x, grad_k, start, stop):  # pragma: no cover - compiled
+    """:func:`_dense_backward_row` for short rows start..stop-1, in one call with one scratch."""
+    n = y.shape[1]
+    si = np.empty(n, dtype=np.int64)
+    hs = np.empty(n, dtype=np.float64)
+    for b in range(start, stop):
+        if _ruled_backward(tau[b], grad_x, grad_k, b):
+            continue
+        grad_k[b] = _dense_backward_row(y[b], x[b], tau[b], t[b], v[b], code, grad_x[b], si, hs)
+
+
+@_jit
+def _short_backward(y, x, tau, t, v, code, grad_x, grad_k, start, stop):  # pragma: no cover - compiled
+    """:func:`_backward_row` of the clip, logistic and Laplace links for short rows start..stop-1."""
+    if code == CLIP:
+        _short_clip_backward(y, tau, t, v, grad_x, grad_k, start, stop)
+    else:
+        _short_dense_backward(y, x, tau, t, v, code, grad_x, grad_k, start, stop)
 
 
 @_jit
@@ -1227,15 +1338,16 @@ def _short_power_backward(y, tau, t, v, a, p, grad_x, grad_k, start, stop):  # p
 
 
 @_jit
-def _backward_rows(y, tau, t, v, code, p, grad_x, grad_k, start, stop):  # pragma: no cover - compiled
+def _backward_rows(y, x, tau, t, v, code, p, grad_x, grad_k, start, stop):  # pragma: no cover - compiled
     """Rows start..stop-1 of :func:`backward`, with their own scratch."""
     a = 1.0 / (p - 1.0) if code == POWER else 1.0
     if y.shape[1] <= SHORT:
         if code == POWER:
             _short_power_backward(y, tau, t, v, a, p, grad_x, grad_k, start, stop)
         else:
-            _short_backward(y, tau, t, v, code, grad_x, grad_k, start, stop)
+            _short_backward(y, x, tau, t, v, code, grad_x, grad_k, start, stop)
         return
     si = np.empty(y.shape[1], dtype=np.int64)
+    hs = np.empty(0 if code == CLIP or code == POWER else y.shape[1], dtype=np.float64)
     for b in range(start, stop):
-        grad_k[b] = _backward_row(y[b], tau[b], t[b], v[b], code, a, p, grad_x[b], si)
+        grad_k[b] = _backward_row(y[b], x[b], tau[b], t[b], v[b], code, a, p, grad_x[b], si, hs)

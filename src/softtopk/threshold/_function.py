@@ -7,12 +7,18 @@ implicit function theorem gives
 
 so the vector-Jacobian product is ``g * (v - <g, v>/sum(g))``, the gradient in k is
 ``<g, v>/sum(g)``, and the Jacobian-vector product is ``g * (u - (<g, u> - dk)/sum(g))``.
-g is a function of the output alone, g = G'(G^{-1}(y))/t, so the forward saves y and
-tau (B,) and nothing else. The plain backward is one fused op; when the backward is
-itself differentiated (``create_graph=True``, ``torch.func``), it is written in tensor ops
-on the saved y, whose own gradient is this function again, so the second derivative is
-exact: d g_i/dx_j = G''(z_i)/t dz_i/dx_j. Rows with sum(g) = 0 (hard rows) and rows set
-by a rule get zero gradients; NaN rows NaN.
+The forward saves y and tau (B,); a dense link (logistic, Laplace) also saves its input
+rows x. A sparse link's g is a function of the output alone, g = G'(G^{-1}(y))/t (its
+support is where 0 < y < 1, and there y has no cancellation). A dense link's g is taken
+from z = (x - tau)/t, because where an entry saturates 1 - y rounds and y (1 - y) or
+min(y, 1 - y) with it, which makes the gradient in k wrong by O(1) on rows near the hard
+mask; its ratios of sums (c, dtau) are taken from slopes scaled by the row's largest, so
+they hold where every g underflows. The plain backward is one fused op; when the
+backward is itself differentiated (``create_graph=True``, ``torch.func``), it is written
+in tensor ops, whose g has the value above and the derivatives in the saved y (whose own
+gradient is this function again), so the second derivative is exact:
+d g_i/dx_j = G''(z_i)/t dz_i/dx_j. Rows with sum(g) = 0 (hard rows) and rows set by a
+rule get zero gradients; NaN rows NaN.
 """
 
 from __future__ import annotations
@@ -30,12 +36,30 @@ from ._ops import reference_backward
 from ._reference import SOLVERS
 
 
-def _g(y: Tensor, tau: Tensor, t: Tensor, link: Link) -> Tensor:
-    """g = G'(G^{-1}(y))/t, zero on rows set by a rule (NaN on NaN rows)."""
-    h = link.slope_from_value(y)
-    finite = torch.isfinite(tau).unsqueeze(-1)
-    h = torch.where(finite, h, torch.where(torch.isnan(tau).unsqueeze(-1), float("nan"), 0.0))
-    return h / t.unsqueeze(-1).to(h.dtype)
+def _slopes(saved: tuple[Tensor, ...], link: Link) -> tuple[Tensor, Tensor]:
+    """g = G'(z)/t and w, proportional to g with the largest about 1 (float64 for a dense link).
+
+    Both are zero on rows set by a rule (g NaN on NaN rows); see the module docstring.
+    """
+    y, tau, t = saved[:3]
+    ruled = ~torch.isfinite(tau).unsqueeze(-1)
+    nan_fill = torch.where(torch.isnan(tau).unsqueeze(-1), float("nan"), 0.0)
+    if link.sparse:
+        h = link.slope_from_value(y)
+        w = h
+    else:
+        h, w = link.dense_slopes(saved[3], tau, t)
+    h = torch.where(ruled, nan_fill, h)
+    w = torch.where(ruled, 0.0, w)
+    return h / t.unsqueeze(-1).to(h.dtype), w
+
+
+def _saved(ctx: Any, x: Tensor, y: Tensor, tau: Tensor, t: Tensor, link: Link) -> None:
+    """Saves y, tau and t, and x for a dense link, for both modes."""
+    tensors = (y, tau, t) if link.sparse else (y, tau, t, x)
+    ctx.save_for_backward(*tensors)
+    ctx.save_for_forward(*tensors)
+    ctx.link = link
 
 
 class CompiledThresholdMask(torch.autograd.Function):
@@ -57,25 +81,25 @@ class CompiledThresholdMask(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-        _, _, t, link, _ = inputs
+        x, _, t, link, _ = inputs
         y, tau = output
         ctx.mark_non_differentiable(tau)
-        ctx.save_for_backward(y, tau, t)
-        ctx.save_for_forward(y, tau, t)
-        ctx.link = link
+        _saved(ctx, x, y, tau, t, link)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, grad_tau: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        y, tau, t = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        y, tau, t = saved[:3]
+        x = saved[3] if len(saved) > 3 else None
         link = ctx.link
         if grad_y is None:  # (gradients are not materialised in the eager class)
             grad_y = torch.zeros_like(y)
         if torch.is_grad_enabled() or is_tracing():
-            grad_x, grad_k = reference_backward(y, tau, t, grad_y.to(y.dtype), link)
+            grad_x, grad_k = reference_backward(y, tau, t, grad_y.to(y.dtype), link, x)
         elif is_real(y):  # eager: the op's implementation without its dispatch cost
-            grad_x, grad_k = _ops.backward_impl(y, tau, t, grad_y, link.code, link.p)
+            grad_x, grad_k = _ops.backward_impl(y, tau, t, grad_y, link.code, link.p, x)
         else:
-            grad_x, grad_k = torch.ops.softtopk.threshold_bwd(y, tau, t, grad_y, link.code, link.p)
+            grad_x, grad_k = torch.ops.softtopk.threshold_bwd(y, tau, t, grad_y, link.code, link.p, x)
         grad_k = grad_k.to(torch.float64) if ctx.needs_input_grad[1] else None
         return grad_x, grad_k, None, None, None
 
@@ -85,16 +109,19 @@ class ThresholdMask(CompiledThresholdMask):
 
     @staticmethod
     def jvp(ctx: Any, dx: Tensor | None, dk: Tensor | None, *unused: Any) -> tuple[Tensor, None]:  # type: ignore[override]
-        y, tau, t = ctx.saved_tensors
-        g = _g(y, tau, t, ctx.link)
+        saved = ctx.saved_tensors
+        y = saved[0]
+        g, w = _slopes(saved, ctx.link)
+        # dy = g (u - <w, u>/sum w) + dk w/sum w: dtau = (<g, u> - dk)/sum g, in ratios of w
         u = torch.zeros_like(y) if dx is None else dx.to(y.dtype)
-        total = g.sum(-1)
-        coupling = (g * u).sum(-1)
-        if dk is not None:
-            coupling = coupling - dk.to(coupling.dtype)
+        u = u.to(g.dtype)
+        total = w.sum(-1, keepdim=True)
         nonzero = total != 0
-        dtau = torch.where(nonzero, coupling / torch.where(nonzero, total, 1.0), 0.0)
-        return g * (u - dtau.unsqueeze(-1)), None
+        share = torch.where(nonzero, w / torch.where(nonzero, total, 1.0), 0.0)
+        dy = g * (u - (torch.where(w != 0, share * u, 0.0)).sum(-1, keepdim=True))
+        if dk is not None:
+            dy = dy + share * dk.to(share.dtype).unsqueeze(-1)
+        return dy.to(y.dtype), None
 
 
 class EagerThresholdMask(torch.autograd.Function):
@@ -110,9 +137,7 @@ class EagerThresholdMask(torch.autograd.Function):
         y, tau = _ops.forward_impl(x, k, t, link.code, link.p, SOLVERS[solver])
         ctx.mark_non_differentiable(tau)
         ctx.set_materialize_grads(False)  # tau's gradient is never used: no zeros made for it
-        ctx.save_for_backward(y, tau, t)
-        ctx.save_for_forward(y, tau, t)
-        ctx.link = link
+        _saved(ctx, x, y, tau, t, link)
         return y, tau
 
     backward = staticmethod(CompiledThresholdMask.backward)
@@ -120,7 +145,10 @@ class EagerThresholdMask(torch.autograd.Function):
 
 
 def _in_range(x: Tensor, tt: Tensor) -> tuple[Tensor, Tensor]:
-    """Float64 rows near the float64 limit divided by a power of two c, with t / c (branch-free).
+    """Float64 rows near the float64 limit divided by a power of two c, with t / c.
+
+    Branch-free (no host sync) except on real CPU tensors, where rows that need no
+    rescaling are returned as they are.
 
     The mask depends on (x - tau) / t only, so (x, t) -> (x / c, t / c) leaves it
     unchanged (exactly, up to entries that become subnormal). The solvers form x - tau,
@@ -131,6 +159,8 @@ def _in_range(x: Tensor, tt: Tensor) -> tuple[Tensor, Tensor]:
     finite = torch.where(torch.isfinite(x), x, 0.0).detach().abs().amax(-1)
     size = torch.maximum(torch.log2(finite), torch.log2(tt) + math.log2(_T_SPAN))  # (no overflow)
     c = torch.exp2(torch.ceil(size - math.log2(_LIMIT)).clamp(min=0.0))  # 1 on ordinary rows
+    if x.is_cpu and has_values(x) and bool((c == 1.0).all()):
+        return x, tt  # (a dense link's backward saves x: no copy of it for ordinary CPU rows)
     return x / c.unsqueeze(-1), tt / c
 
 

@@ -66,6 +66,43 @@ class Link:
             return torch.where(inside, torch.minimum(y, 1.0 - y), 0.0)
         raise ValueError(f"unknown link {self.name!r}")
 
+    def dense_slopes(self, x: Tensor, tau: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """A dense link's slope h = G'(z) at z = (x - tau)/t, and w = h e^m, in float64.
+
+        The slope is taken from z, not from the mask value: where 1 - y has rounded
+        (y within a few ulps of 1, or exactly 1), y (1 - y) and min(y, 1 - y) are wrong,
+        and the gradient in k = <h, v>/sum h on a row near the hard mask with them. m is
+        the row's smallest finite |z|, so the largest w is about 1 and sums of w do not
+        underflow where every h does (every |z| beyond about 745); w gives every ratio
+        of sums that the backward takes. tau and t are (B,), x is (B, n) rows; an
+        infinite entry has h = w = 0.
+        """
+        z = (x.to(torch.float64) - tau.unsqueeze(-1)) / t.to(torch.float64).unsqueeze(-1)
+        a = z.abs()
+        m = torch.where(torch.isfinite(a), a, torch.inf).amin(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, 0.0)
+        e = torch.exp(-a)
+        s = torch.exp(m - a)
+        if self.name == "logistic":
+            r = 1.0 / (1.0 + e) ** 2  # G'(z) = e^-|z| / (1 + e^-|z|)^2
+            return e * r, s * r
+        if self.name == "laplace":
+            return 0.5 * e, 0.5 * s  # G'(z) = e^-|z| / 2
+        raise ValueError(f"link {self.name!r} is not dense")
+
+    def smooth_slope_from_value(self, y: Tensor) -> Tensor:
+        """y (1 - y) (logistic) or min(y, 1 - y) (Laplace), with no mask at y = 0 and 1.
+
+        Its derivatives in y are those of G'(G^{-1}(y)) to every order (1 - 2y and -2,
+        or +-1), also at a y that rounded to 1; a backward differentiated again takes
+        them from here and the value from :meth:`dense_slopes`.
+        """
+        if self.name == "logistic":
+            return y * (1.0 - y)
+        if self.name == "laplace":
+            return torch.minimum(y, 1.0 - y)
+        raise ValueError(f"link {self.name!r} is not dense")
+
     def __call__(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Returns ``G(z)`` and ``G'(z)``."""
         if self.name == "sparse":
@@ -102,14 +139,17 @@ class Link:
             return y, y * (1.0 - y)
         return self(z)
 
-    def sums(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Row sums of G(z) and G'(z), returned in float64; overwrites z.
+    def sums(self, z: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """sum(G(z)) - k and sum(G'(z)) over rows (a dense link's both times e^m), in float64; overwrites z.
 
-        Overwriting z saves passes over memory in the solver's inner loop. A float32 sum
-        near k has a resolution of eps * k, too coarse for a mask exact to float32, so the
-        saturated entries (exactly 1) are counted apart from the fractional ones: the
-        count is an integer recovered exactly by rounding, and the fractional sum is
-        only as large as the number of fractional entries.
+        Overwriting z saves passes over memory in the solver's inner loop. A sum near k
+        has a resolution of eps * k, too coarse for a mask exact to float32, and for a
+        dense link's threshold on a row near the hard mask (where 1 - y of the
+        saturated entries, far below eps, must balance the smallest y). So the entries
+        are counted apart from their fractions: a sparse link's saturated entries
+        (exactly 1) are an integer recovered exactly by rounding, and a dense link's
+        entries above tau count 1 each, less their 1 - G(z), taken as G(-z); the count
+        minus k is exact, and the fractions sum to only as much as they weigh.
         """
         f64 = torch.float64
 
@@ -117,7 +157,7 @@ class Link:
             # y in [0, 1]; frac(1) = 0, so y.frac_() keeps the fractional entries only.
             rough = y.sum(-1)
             fractional = y.frac_().sum(-1)
-            return torch.round(rough - fractional).to(f64) + fractional.to(f64)
+            return (torch.round(rough - fractional).to(f64) - k) + fractional.to(f64)
 
         if self.name == "sparse":
             a = 1.0 / (self.p - 1.0)
@@ -130,19 +170,41 @@ class Link:
             fractional = zc.frac_().sum(-1)
             saturated = torch.round(rough - fractional).to(f64)
             power = zc.pow(a - 1.0)
-            return saturated + torch.linalg.vecdot(power, zc).to(f64), a * power.sum(-1).to(f64)
-        if self.name == "logistic":
-            y = z.sigmoid_()
-            slope = (y.sum(-1) - torch.linalg.vecdot(y, y)).to(f64)
-            return split_total(y), slope
-        if self.name == "laplace":
-            # y = 1/2 + sign(z) (1/2 - e) with e = exp(-|z|)/2 = G'(z).
-            sign = torch.sign(z)
-            e = z.abs_().neg_().exp_().mul_(0.5)
-            positives = 0.5 * (z.shape[-1] + sign.sum(-1).to(f64))
-            return positives - torch.linalg.vecdot(sign, e).to(f64), e.sum(-1).to(f64)
+            return (saturated - k) + torch.linalg.vecdot(power, zc).to(f64), a * power.sum(-1).to(f64)
+        if self.name in ("logistic", "laplace"):
+            # The fractions and slopes are summed times e^m, m the smallest finite |z|, so
+            # that they do not underflow where every |z| exceeds about 745. Where the
+            # count of entries above tau equals k (tau in the gap after the k-th entry),
+            # f = e^-m (fractions e^m) is returned times e^m, otherwise f is dominated by
+            # the count and both sums are returned times e^min(m, SCALE_LIMIT) (no
+            # overflow). Newton's step f/f' and the sign of f are unchanged either way.
+            logistic = self.name == "logistic"
+            above = (z > 0).to(z.dtype) if logistic else None
+            sign = None if logistic else torch.sign(z)
+            a = z.abs_()
+            m = torch.where(torch.isfinite(a), a, torch.inf).amin(-1, keepdim=True)
+            m = torch.where(torch.isfinite(m), m, 0.0)
+            e = a.sub_(m).neg_().exp_()  # e^(m - |z|)
+            m = m.squeeze(-1).to(f64)
+            if logistic:
+                # r = e^-|z| / (1 + e^-|z|), times e^m: G(z) below tau and 1 - G(z) above it
+                r = e / (1.0 + e * torch.exp(-m).to(e.dtype).unsqueeze(-1))
+                slope = r.sum(-1).to(f64) - torch.exp(-m) * torch.linalg.vecdot(r, r).to(f64)
+                fractions = r.sum(-1).to(f64) - 2.0 * torch.linalg.vecdot(above, r).to(f64)
+                count = above.sum(-1).to(f64) - k
+            else:
+                # y = 1/2 + sign(z) (1/2 - e) with e = exp(-|z|)/2 = G'(z).
+                e = e.mul_(0.5)
+                slope = e.sum(-1).to(f64)
+                fractions = -torch.linalg.vecdot(sign, e).to(f64)
+                count = 0.5 * (z.shape[-1] + sign.sum(-1).to(f64)) - k
+            capped = m.clamp(max=SCALE_LIMIT)
+            shrink = torch.exp(capped - m)
+            in_gap = count == 0
+            f = torch.where(in_gap, fractions, count * torch.exp(capped) + fractions * shrink)
+            return f, torch.where(in_gap, slope, slope * shrink)
         y, slope = self(z)
-        return y.sum(-1, dtype=f64), slope.sum(-1, dtype=f64)
+        return y.sum(-1, dtype=f64) - k, slope.sum(-1, dtype=f64)
 
     def inverse(self, q: Tensor) -> Tensor:
         """G^{-1}(q) for q in (0, 1); used to bracket the threshold of a dense link."""
@@ -151,6 +213,11 @@ class Link:
         if self.name == "laplace":
             return torch.where(q <= 0.5, torch.log(2.0 * q), -torch.log(2.0 * (1.0 - q)))
         raise ValueError(f"link {self.name!r} has a bounded support and needs no inverse")
+
+
+#: The largest m by which :meth:`Link.sums` scales a dense link's sums (e^m times the
+#: count n still far from overflow).
+SCALE_LIMIT = 600.0
 
 
 @functools.lru_cache(maxsize=64)

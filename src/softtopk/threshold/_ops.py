@@ -8,9 +8,13 @@
     rows set by a rule: NaN (a NaN in the row or in k), +inf (k = 0, or +inf entries
     sharing k) and -inf (every entry above -inf gets 1).
 
-``torch.ops.softtopk.threshold_bwd(y, tau, t, grad_y, link, p) -> (grad_x, grad_k)``
-    the implicit vector-Jacobian product from the forward's output alone:
-    grad_x = h/t (v - c), grad_k = c with h = G'(G^{-1}(y)) and c = <h, v>/sum h.
+``torch.ops.softtopk.threshold_bwd(y, tau, t, grad_y, link, p, x=None) -> (grad_x, grad_k)``
+    the implicit vector-Jacobian product: grad_x = h/t (v - c), grad_k = c with
+    h = G'(z) and c = <h, v>/sum h. The sparse links' h is read off the output
+    (G'(G^{-1}(y))) and x is None; the dense links' (logistic, Laplace) is taken from
+    z = (x - tau)/t, with x the forward's input rows (the output's 1 - y rounds where an
+    entry saturates), and c from slopes scaled by the row's largest, which do not
+    underflow.
 
 Each op runs the route that :func:`softtopk._backend.route` picks for its device (numba
 on CPU, Triton on CUDA, the tensor-op reference elsewhere). Both have fake
@@ -88,28 +92,60 @@ def _(info, in_dims, x, k, t, link, p, solver):  # noqa: ANN001
     return (y.reshape(size, -1, y.shape[-1]), tau.reshape(size, -1)), (0, 0)
 
 
-def reference_backward(y: Tensor, tau: Tensor, t: Tensor, v: Tensor, link: Link) -> tuple[Tensor, Tensor]:
+def reference_backward(
+    y: Tensor, tau: Tensor, t: Tensor, v: Tensor, link: Link, x: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """The implicit vjp in tensor ops (differentiable: the backward of the backward).
 
-    grad_x = g (v - c), grad_k = c with g = G'(G^{-1}(y))/t and c = <g, v>/sum g; rows
-    with a non-finite tau (set by a rule) get zero gradients, NaN rows NaN.
+    grad_x = h/t (v - c), grad_k = c with h = G'(z) and c = <h, v>/sum h; rows with a
+    non-finite tau (set by a rule) get zero gradients, NaN rows NaN. A sparse link's h is
+    taken from y (G'(G^{-1}(y))); a dense link's from z = (x - tau)/t, so x, the
+    forward's input rows, is required for it (see :meth:`Link.dense_slopes`), and c
+    from the scaled slopes w. Differentiated again, a dense h has the derivatives in y of
+    :meth:`Link.smooth_slope_from_value` and c those of <h, v>/sum h, which are 0 on a
+    row whose every |z| exceeds about 745 (float64), where sum h underflows.
     """
-    h = link.slope_from_value(y)
     ruled = ~torch.isfinite(tau).unsqueeze(-1)
-    h = torch.where(ruled, torch.where(torch.isnan(tau).unsqueeze(-1), math.nan, 0.0), h)
-    total = h.sum(-1)
-    nonzero = total != 0
-    c = torch.where(nonzero, (h * v).sum(-1) / torch.where(nonzero, total, 1.0), 0.0)
-    c = torch.where(torch.isnan(tau), math.nan, c)
-    grad_x = h * (v - c.unsqueeze(-1)) / t.unsqueeze(-1).to(h.dtype)
-    return grad_x, c
+    nan_row = torch.isnan(tau)
+    if link.sparse:
+        h = link.slope_from_value(y)
+        h = torch.where(ruled, torch.where(nan_row.unsqueeze(-1), math.nan, 0.0), h)
+        total = h.sum(-1)
+        nonzero = total != 0
+        c = torch.where(nonzero, (h * v).sum(-1) / torch.where(nonzero, total, 1.0), 0.0)
+    else:
+        if x is None:
+            raise ValueError(f"the backward of the {link.name} link needs the forward's input x")
+        # values from z, derivatives (reverse and forward mode) through y
+        h, w = link.dense_slopes(x.detach(), tau, t)
+        smooth = link.smooth_slope_from_value(y).to(torch.float64)
+        h = smooth + (h - smooth).detach()
+        h = torch.where(ruled, torch.where(nan_row.unsqueeze(-1), math.nan, 0.0), h)
+        w = torch.where(ruled, 0.0, w)
+        v64 = v.to(torch.float64)
+        c_w = _ratio(torch.where(w != 0, w * v64, 0.0).sum(-1), w.sum(-1))
+        c_h = _ratio(torch.where(h != 0, h * v64, 0.0).sum(-1), h.sum(-1))
+        c = c_h + (c_w - c_h).detach()  # c's value from w, its derivatives from <h, v>/sum h
+    c = torch.where(nan_row, math.nan, c)
+    grad_x = h * (v.to(h.dtype) - c.unsqueeze(-1).to(h.dtype)) / t.unsqueeze(-1).to(h.dtype)
+    grad_x = torch.where(h != 0, grad_x, torch.where(nan_row.unsqueeze(-1), math.nan, 0.0))
+    return grad_x.to(y.dtype), c
+
+
+def _ratio(a: Tensor, b: Tensor) -> Tensor:
+    """a / b, 0 where b is 0 (with a derivative free of NaN there)."""
+    nonzero = b != 0
+    return torch.where(nonzero, a / torch.where(nonzero, b, 1.0), 0.0)
 
 
 def backward_impl(
-    y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: float
+    y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: float, x: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """What ``threshold_bwd`` computes on real tensors."""
     B, n = y.shape
+    dense = link in (2, 3)  # the logistic and Laplace links
+    if dense and x is None:
+        raise ValueError(f"the backward of link {link} needs the forward's input x")
     if B == 0 or n == 0:
         return torch.zeros_like(y), y.new_zeros((B,), dtype=torch.float64)
     way = _backend.route(y)
@@ -118,12 +154,14 @@ def backward_impl(
         if grad_y.dtype != y.dtype:
             grad_y = grad_y.to(y.dtype)
         ys = y.contiguous().numpy()
+        # the sparse links' kernels read y only; x's place takes y, of the same type
+        xs = x.detach().to(y.dtype).contiguous().numpy() if dense else ys
         grad_x = np.empty((B, n), dtype=ys.dtype)
         grad_k = np.empty(B, dtype=np.float64)
         # grad_y is often expanded (the gradient of a sum has stride 0): NumPy copies it
         # to a contiguous array for less than a torch copy costs
         v = np.ascontiguousarray(grad_y.detach().numpy())
-        args = (ys, tau.contiguous().numpy(), t.contiguous().numpy(), v, link, float(p), grad_x, grad_k)
+        args = (ys, xs, tau.contiguous().numpy(), t.contiguous().numpy(), v, link, float(p), grad_x, grad_k)
         if _backend.serial(y.numel()):
             cpu.backward_serial(*args)
         else:
@@ -131,26 +169,34 @@ def backward_impl(
                 cpu.backward(*args, _backend.chunks())
         return torch.from_numpy(grad_x), torch.from_numpy(grad_k)
     if way == "triton":
-        return _backend.kernels("threshold._triton").backward(y, tau, t, grad_y, link, p)
-    grad_x, grad_k = reference_backward(y, tau, t, grad_y.to(y.dtype), link_of_code(link, p))
+        triton_kernels = _backend.kernels("threshold._triton")
+        return triton_kernels.backward(y, tau, t, grad_y, link, p, x if dense else None)
+    grad_x, grad_k = reference_backward(y, tau, t, grad_y.to(y.dtype), link_of_code(link, p), x)
     return grad_x, grad_k.to(torch.float64)
 
 
 @torch.library.custom_op("softtopk::threshold_bwd", mutates_args=())
 def threshold_bwd(
-    y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: float
+    y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: float, x: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    return backward_impl(y, tau, t, grad_y, link, p)
+    return backward_impl(y, tau, t, grad_y, link, p, x)
 
 
 @threshold_bwd.register_fake
-def _(y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: float) -> tuple[Tensor, Tensor]:
+def _(
+    y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: float, x: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     return torch.empty_like(y), y.new_empty(y.shape[:-1], dtype=torch.float64)
 
 
 @threshold_bwd.register_vmap
-def _(info, in_dims, y, tau, t, grad_y, link, p):  # noqa: ANN001
+def _(info, in_dims, y, tau, t, grad_y, link, p, x=None):  # noqa: ANN001
     size = info.batch_size
-    ys, taus, ts, gs = _flat_vmap(info, in_dims[:4], (y, tau, t, grad_y))
-    gx, gk = threshold_bwd(ys.contiguous(), taus.contiguous(), ts.contiguous(), gs.contiguous(), link, p)
+    if x is None:
+        ys, taus, ts, gs = _flat_vmap(info, in_dims[:4], (y, tau, t, grad_y))
+        xs = None
+    else:
+        ys, taus, ts, gs, xs = _flat_vmap(info, in_dims[:4] + in_dims[6:], (y, tau, t, grad_y, x))
+        xs = xs.contiguous()
+    gx, gk = threshold_bwd(ys.contiguous(), taus.contiguous(), ts.contiguous(), gs.contiguous(), link, p, xs)
     return (gx.reshape(size, -1, gx.shape[-1]), gk.reshape(size, -1)), (0, 0)

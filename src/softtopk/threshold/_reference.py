@@ -72,8 +72,8 @@ def dense_evaluator(v: Tensor, k: Tensor, t: float, link: Link) -> tuple[Evaluat
     buffer = torch.empty_like(v)
 
     def evaluate(tau: Tensor) -> tuple[Tensor, Tensor]:
-        total, slope = link.sums(shifted(v, tau, t, out=buffer))
-        return total.to(torch.float64) - k, slope.to(torch.float64) / t
+        f, slope = link.sums(shifted(v, tau, t, out=buffer), k)
+        return f, slope.to(torch.float64) / t
 
     return evaluate, buffer
 
