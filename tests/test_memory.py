@@ -27,7 +27,7 @@ def saved_bytes(fn, x):
     "method,p", [("sparse", 2.0), ("sparse", 4.0 / 3.0), ("entropic", 2.0), ("lapsum", 2.0), ("soft", 2.0)]
 )
 def test_threshold_family_saves_the_output_and_one_number_per_row(method, p):
-    """The backward reads g = G'(G^{-1}(y))/t from the output: it saves y, tau and t only."""
+    """The backward saves y, tau and t (and a dense link its input x, which the caller holds)."""
     x = torch.randn(8, 50_000, requires_grad=True)
     extra, y = saved_bytes(lambda a: softtopk.topk_mask(a, 100, method=method, p=p, temperature=0.01), x)
     assert y.requires_grad

@@ -43,9 +43,16 @@ moves further) and divided by e^((tau - anchor)/t). The passes over a row's entr
 leaf loops without branches or libm calls, which LLVM vectorises; e^x there is
 :func:`_exp`.
 
-Backward of a row: with h = G'(G^{-1}(y)) (the slope from the mask value),
-grad_x = h/t (v - c), c = <h, v>/sum h, grad_k = c: two passes, no exponential (the
-power link first collects its support, where h takes a power per entry).
+Backward of a row: with h = G'(z), grad_x = h/t (v - c), c = <h, v>/sum h, grad_k = c.
+The sparse links read h off the mask value (G'(G^{-1}(y))): two passes, no exponential
+(the power link first collects its support, where h takes a power per entry). The dense
+links read it off y only where y <= 1/2, and take it from z = (x - tau)/t, one
+exponential each, on the entries above 1/2 (about k of a row, collected first), whose
+1 - y has rounded; a row whose slopes all but underflow has c summed again relative to
+its largest slope.
+The dense links' Newton sums a row as (the count of entries above tau - k) plus the
+fractions, G below tau and -(1 - G) above it, so that no 1 - G is rounded away and
+tau is exact also where every entry saturates.
 """
 
 from __future__ import annotations
@@ -339,38 +346,36 @@ def _newton(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high
 def _dense_sums(ev, c, u, code):  # pragma: no cover - compiled
     """sum_j G(z_j) split as (above, fractions), sum_j |fraction_j| and sum_j G'(z_j), e^(z_j) = ev[j] / u.
 
-    An entry above tau (e > u) counts 1 in ``above`` and -(1 - G) = -G(-z) in
-    ``fractions``, an entry below it G in ``fractions``: the sum is above + fractions
-    with no 1 - G rounded away, so on a row near the hard mask (every G within rounding
-    of 0 or 1) f = (above - k) + fractions still has its digits. ev[:c] in [0, inf],
-    u > 0 finite; one division per entry and no branch, so the loop vectorises.
+    An entry above tau (e > u) counts 1 in ``above`` and -(1 - G) in ``fractions``, an
+    entry below it G: the sum is above + fractions with no 1 - G rounded away, so on a
+    row near the hard mask (every G within rounding of 0 or 1) f = (above - k) +
+    fractions still has its digits. Each entry's fraction is m = min(G, 1 - G) (G's
+    digits are lost only where it is near 1), so the sums are of m and of m over the
+    entries above. ev[:c] in [0, inf], u > 0 finite; one division per entry and no
+    branch, so the loop vectorises.
     """
     above = 0.0
-    fr = 0.0
-    fa = 0.0
+    s = 0.0
+    s_above = 0.0
     d = 0.0
     if code == LOGISTIC:
         for j in range(c):
             e = ev[j]
-            w = 1.0 / (e + u)
-            g = e * w  # G = e / (e + u) = 1 / (1 + e^(-z))
-            q = u * w  # 1 - G
-            big = e == math.inf  # G = 1, G' = 0 (e w is inf * 0 there)
-            high = e > u
-            above += 1.0 if high else 0.0
-            fr += -q if high else g
-            fa += q if high else g
-            d += 0.0 if big else g * q  # G' = G (1 - G)
-        return above, fr, fa, d
+            m = min(e, u) / (e + u)  # min(G, 1 - G), G = e / (e + u); 0 at e = inf
+            high = 1.0 if e > u else 0.0
+            above += high
+            s += m
+            s_above += high * m
+            d += m * (1.0 - m)  # G' = G (1 - G)
+        return above, s - 2.0 * s_above, s, d
     for j in range(c):
         e = ev[j]
-        h = 0.5 * (min(e, u) / max(e, u))  # e^(-|z|) / 2: G below tau, 1 - G above
-        high = e > u
-        above += 1.0 if high else 0.0
-        fr += -h if high else h
-        fa += h
-        d += h
-    return above, fr, fa, d
+        m = 0.5 * (min(e, u) / max(e, u))  # e^(-|z|) / 2: G below tau, 1 - G above, and G'
+        high = 1.0 if e > u else 0.0
+        above += high
+        s += m
+        s_above += high * m
+    return above, s - 2.0 * s_above, s, s
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy", inline="always")
@@ -1130,40 +1135,58 @@ def _dense_backward_row(y, x, tb, tt, v, code, grad_x, si, hs):  # pragma: no co
     h = G'(z) is taken from y where y <= 1/2: y (1 - y) (logistic) or y (Laplace), exact
     there. Where y > 1/2, 1 - y has rounded (to a few ulps, or to 0 where an entry
     saturates), so h is taken from z = (x - tau)/t: e/(1 + e)^2 or e/2 with
-    e = exp(-|z|). Those entries (about k of the row) are collected first, so that the
-    exponential is taken on them only. hs keeps the slopes for the write.
+    e = exp(-|z|). The passes over the row are branch-free and vectorise; the entries
+    above 1/2 (about k of the row) are collected into si and given their h (into hs)
+    apart, so that the exponential is taken on them only.
     """
-    sh, shv, m = _dense_low_slopes(y, v, code, hs, si)
+    sh, shv, high = _dense_low_sums(y, v, code)
+    m = 0
+    if high > 0:
+        for i in range(y.shape[0]):
+            if y[i] > 0.5:
+                si[m] = i
+                m += 1
+        for j in range(m):
+            i = si[j]
+            e = math.exp(-abs(x[i] - tb) / tt)
+            h = e / ((1.0 + e) * (1.0 + e)) if code == LOGISTIC else 0.5 * e
+            hs[j] = h
+            if h > 0.0:  # (h v would be NaN at h = 0, v = inf)
+                sh += h
+                shv += h * v[i]
+    c = shv / sh if sh >= TINY_SLOPES else _scaled_dense_c(x, tb, tt, v, code)
+    scale = 1.0 / tt
+    _dense_low_write(y, v, c, scale, code, grad_x)
     for j in range(m):
         i = si[j]
-        e = math.exp(-abs(x[i] - tb) / tt)
-        h = e / ((1.0 + e) * (1.0 + e)) if code == LOGISTIC else 0.5 * e
-        hs[i] = h
-        if h > 0.0:  # (h v would be NaN at h = 0, v = inf)
-            sh += h
-            shv += h * v[i]
-    c = shv / sh if sh >= TINY_SLOPES else _scaled_dense_c(x, tb, tt, v, code)
-    _dense_backward_write(hs, v, c, 1.0 / tt, grad_x)
+        grad_x[i] = hs[j] * scale * (v[i] - c) if hs[j] > 0.0 else 0.0
     return c
 
 
 @_simd
-def _dense_low_slopes(y, v, code, hs, si):  # pragma: no cover - compiled
-    """hs = h where 0 < y <= 1/2 (0 elsewhere); sum h, sum h v and m, si[:m] the entries above 1/2."""
+def _dense_low_sums(y, v, code):  # pragma: no cover - compiled
+    """sum h and sum h v over the entries with 0 < y <= 1/2 of a dense row, and the count above 1/2."""
     sh = 0.0
     shv = 0.0
-    m = 0
+    high = 0
     for i in range(y.shape[0]):
         yi = y[i]
-        low = (yi > 0.0) & (yi <= 0.5)
         h = yi * (1.0 - yi) if code == LOGISTIC else np.float64(yi)
-        h = h if low else 0.0
-        hs[i] = h
-        sh += h
+        low = (yi > 0.0) & (yi <= 0.5)  # (h v would be NaN at h = 0, v = inf)
+        sh += h if low else 0.0
         shv += h * v[i] if low else 0.0
-        si[m] = i
-        m += 1 if yi > 0.5 else 0
-    return sh, shv, m
+        high += 1 if yi > 0.5 else 0
+    return sh, shv, high
+
+
+@_vec
+def _dense_low_write(y, v, c, scale, code, grad_x):  # pragma: no cover - compiled
+    """grad_x = h/t (v - c) where 0 < y <= 1/2 and 0 elsewhere (see :func:`_dense_low_sums`), scale = 1/t."""
+    for i in range(y.shape[0]):
+        yi = y[i]
+        h = yi * (1.0 - yi) if code == LOGISTIC else np.float64(yi)
+        low = (yi > 0.0) & (yi <= 0.5)
+        grad_x[i] = h * scale * (v[i] - c) if low else 0.0
 
 
 @_jit
@@ -1213,14 +1236,6 @@ def _clip_backward_write(y, v, c, scale, grad_x):  # pragma: no cover - compiled
         yi = y[i]
         inside = (yi > 0.0) & (yi < 1.0)
         grad_x[i] = scale * (v[i] - c) if inside else 0.0
-
-
-@_vec
-def _dense_backward_write(hs, v, c, scale, grad_x):  # pragma: no cover - compiled
-    """grad_x = h/t (v - c) over a row of a dense link (0 where h is 0), scale = 1/t."""
-    for i in range(hs.shape[0]):
-        h = hs[i]
-        grad_x[i] = h * scale * (v[i] - c) if h > 0.0 else 0.0
 
 
 @numba.njit(cache=True, parallel=True)
@@ -1282,16 +1297,49 @@ def _short_clip_backward(y, tau, t, v, grad_x, grad_k, start, stop):  # pragma: 
         grad_k[b] = c
 
 
-@_jit
+@_simd
 def _short_dense_backward(y, x, tau, t, v, code, grad_x, grad_k, start, stop):  # pragma: no cover - compiled
-    """:func:`_dense_backward_row` for short rows start..stop-1, in one call with one scratch."""
+    """:func:`_dense_backward_row` for short rows start..stop-1, written out in one call.
+
+    (A call per row to the row's passes would cost more than the passes on short rows.)
+    """
     n = y.shape[1]
     si = np.empty(n, dtype=np.int64)
     hs = np.empty(n, dtype=np.float64)
     for b in range(start, stop):
         if _ruled_backward(tau[b], grad_x, grad_k, b):
             continue
-        grad_k[b] = _dense_backward_row(y[b], x[b], tau[b], t[b], v[b], code, grad_x[b], si, hs)
+        tb = tau[b]
+        tt = t[b]
+        sh = 0.0
+        shv = 0.0
+        m = 0
+        for i in range(n):
+            yi = y[b, i]
+            h = yi * (1.0 - yi) if code == LOGISTIC else np.float64(yi)
+            low = (yi > 0.0) & (yi <= 0.5)
+            sh += h if low else 0.0
+            shv += h * v[b, i] if low else 0.0
+            si[m] = i
+            m += 1 if yi > 0.5 else 0
+        for j in range(m):
+            i = si[j]
+            e = math.exp(-abs(x[b, i] - tb) / tt)
+            h = e / ((1.0 + e) * (1.0 + e)) if code == LOGISTIC else 0.5 * e
+            hs[j] = h
+            sh += h if h > 0.0 else 0.0
+            shv += h * v[b, i] if h > 0.0 else 0.0
+        c = shv / sh if sh >= TINY_SLOPES else _scaled_dense_c(x[b], tb, tt, v[b], code)
+        scale = 1.0 / tt
+        for i in range(n):
+            yi = y[b, i]
+            h = yi * (1.0 - yi) if code == LOGISTIC else np.float64(yi)
+            low = (yi > 0.0) & (yi <= 0.5)
+            grad_x[b, i] = h * scale * (v[b, i] - c) if low else 0.0
+        for j in range(m):
+            i = si[j]
+            grad_x[b, i] = hs[j] * scale * (v[b, i] - c) if hs[j] > 0.0 else 0.0
+        grad_k[b] = c
 
 
 @_jit
