@@ -52,8 +52,8 @@ def _forward(monkeypatch, backend, x, k, t, code, p):
     return _route(monkeypatch, backend, _ops.forward_impl, x, k, t, code, p, 0)
 
 
-def _backward(monkeypatch, backend, y, tau, t, v, code, p):
-    return _route(monkeypatch, backend, _ops.backward_impl, y, tau, t, v, code, p)
+def _backward(monkeypatch, backend, y, tau, t, v, code, p, x):
+    return _route(monkeypatch, backend, _ops.backward_impl, y, tau, t, v, code, p, x)
 
 
 def _batch(rng, rows, n, dtype):
@@ -120,12 +120,12 @@ def test_forward_and_backward_equal_cpu_and_torch(rng, monkeypatch, method, p, c
         y, tau = _ops.forward_impl(x, k, t, code, p, 0)
         assert y.dtype == dtype and tau.dtype == torch.float64
         v = torch.from_numpy(rng.normal(size=x.shape)).to(dtype)
-        gx, gk = _ops.backward_impl(y, tau, t, v, code, p)
+        gx, gk = _ops.backward_impl(y, tau, t, v, code, p, x)
         for backend in ("cpu", "torch"):
             y_ref, tau_ref = _forward(monkeypatch, backend, x, k, t, code, p)
             _close(y, y_ref, atol)
             _check_tau(tau, tau_ref, y_ref, code <= 1, atol)
-            gx_ref, gk_ref = _backward(monkeypatch, backend, y_ref, tau_ref, t, v, code, p)
+            gx_ref, gk_ref = _backward(monkeypatch, backend, y_ref, tau_ref, t, v, code, p, x)
             # the Triton and cpu backwards accumulate in float64; the torch route's vjp runs in
             # the rows' dtype, whose rounding of v - c is scaled by h/t (up to 3/t for p = 4/3)
             scale = 3.0 / float(t.min()) if backend == "torch" and dtype == torch.float32 else 1.0
@@ -185,8 +185,8 @@ def test_row_rules_equal_cpu_route(monkeypatch, method, p, code, route):
     assert torch.isfinite(tau[[4, 6, 7, 8]]).all()
     torch.testing.assert_close(y[[4, 6, 7, 8]].double().sum(-1), k[[4, 6, 7, 8]], atol=1e-6, rtol=0)
     v = torch.linspace(-1.0, 1.0, x.numel()).reshape(x.shape)
-    gx, gk = _ops.backward_impl(y, tau, t, v, code, p)
-    gx_ref, gk_ref = _backward(monkeypatch, "cpu", y_ref, tau_ref, t, v, code, p)
+    gx, gk = _ops.backward_impl(y, tau, t, v, code, p, x)
+    gx_ref, gk_ref = _backward(monkeypatch, "cpu", y_ref, tau_ref, t, v, code, p, x)
     _close(gx, gx_ref, 1e-6)
     _close(gk, gk_ref, 1e-6)
     assert torch.isnan(gx[0]).all() and (gx[[1, 2, 3, 5, 11]] == 0).all()
@@ -231,9 +231,9 @@ def test_rows_longer_than_the_chip_are_read_in_chunks(rng, monkeypatch, method, 
     x[0, 7] = math.inf
     y, tau = _ops.forward_impl(x, k, t, code, p, 0)
     v = torch.from_numpy(rng.normal(size=x.shape)).to(x.dtype)
-    gx, gk = _ops.backward_impl(y, tau, t, v, code, p)
+    gx, gk = _ops.backward_impl(y, tau, t, v, code, p, x)
     y_ref, tau_ref = _forward(monkeypatch, "cpu", x, k, t, code, p)
-    gx_ref, gk_ref = _backward(monkeypatch, "cpu", y_ref, tau_ref, t, v, code, p)
+    gx_ref, gk_ref = _backward(monkeypatch, "cpu", y_ref, tau_ref, t, v, code, p, x)
     _close(y, y_ref, 1e-6)
     _check_tau(tau, tau_ref, y_ref, code <= 1, 1e-6)
     _close(gx, gx_ref, 1e-6)
@@ -253,9 +253,9 @@ def test_split_route_equals_cpu_route(rng, monkeypatch, method, p, code, dtype):
     assert (_split_phases(x, k, t, code, p) == tri.DONE.value).all()
     y, tau = _ops.forward_impl(x, k, t, code, p, 0)
     v = torch.from_numpy(rng.normal(size=x.shape)).to(x.dtype)
-    gx, gk = _ops.backward_impl(y, tau, t, v, code, p)
+    gx, gk = _ops.backward_impl(y, tau, t, v, code, p, x)
     y_ref, tau_ref = _forward(monkeypatch, "cpu", x, k, t, code, p)
-    gx_ref, gk_ref = _backward(monkeypatch, "cpu", y_ref, tau_ref, t, v, code, p)
+    gx_ref, gk_ref = _backward(monkeypatch, "cpu", y_ref, tau_ref, t, v, code, p, x)
     atol = 1e-6 if dtype == torch.float32 else 1e-9
     _close(y, y_ref, atol)
     _check_tau(tau, tau_ref, y_ref, code <= 1, atol)
@@ -340,7 +340,7 @@ def test_no_host_sync_in_forward_and_backward(rng, monkeypatch, method, p, code,
     v = torch.from_numpy(rng.normal(size=x.shape)).to(x.dtype)
     counter = _SyncCounter(monkeypatch)
     y, tau = _ops.forward_impl(x, k, t, code, p, 0)
-    _ops.backward_impl(y, tau, t, v, code, p)
+    _ops.backward_impl(y, tau, t, v, code, p, x)
     assert counter.calls == []
     # the whole public call, k a number: front end, op and autograd
     xs = x.clone().requires_grad_()
@@ -411,7 +411,7 @@ def test_cuda_equals_cpu_route_without_sync(rng, monkeypatch, method, p, code, n
             # the split steps solve every row (the one-program fallback would hide a failure)
             phases = _split_phases(xg, kg, tg, code, p)
         y, tau = _ops.forward_impl(xg, kg, tg, code, p, 0)
-        gx, gk = _ops.backward_impl(y, tau, tg, vg, code, p)
+        gx, gk = _ops.backward_impl(y, tau, tg, vg, code, p, xg)
         xs = xg.clone().requires_grad_()
         softtopk.topk_mask(xs, 3.0, method=method, p=p, temperature=0.5).backward(vg)
     finally:
@@ -421,7 +421,7 @@ def test_cuda_equals_cpu_route_without_sync(rng, monkeypatch, method, p, code, n
         assert not left, f"rows {left} were left to the one-program fallback after {tri.SPLIT_STEPS} steps"
     atol = 1e-6 if dtype == torch.float32 else 1e-10
     y_ref, tau_ref = _forward(monkeypatch, "cpu", x, k, t, code, p)
-    gx_ref, gk_ref = _backward(monkeypatch, "cpu", y_ref, tau_ref, t, v, code, p)
+    gx_ref, gk_ref = _backward(monkeypatch, "cpu", y_ref, tau_ref, t, v, code, p, x)
     _close(y.cpu(), y_ref, atol)
     _check_tau(tau.cpu(), tau_ref, y_ref, code <= 1, atol)
     _close(gx.cpu(), gx_ref, atol)
@@ -445,3 +445,35 @@ def test_cuda_half_precision_and_rules_without_sync(monkeypatch, method, p, code
     y_ref, tau_ref = _forward(monkeypatch, "cpu", x.to(dtype).float(), k, t, code, p)
     _close(y.cpu().float(), y_ref, 1e-3 if dtype == torch.float16 else 8e-3)
     _check_tau(tau.cpu(), tau_ref, y_ref, code <= 1, 1e-6)
+
+
+@interpreter
+@pytest.mark.parametrize("route", ["one program", "chunks", "split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("code", [2, 3], ids=["entropic", "lapsum"])
+def test_dense_backward_near_the_hard_mask_equals_the_cpu_route(rng, monkeypatch, code, dtype, route):
+    """Rows whose entries saturate (t = 0.05 to 1e-3 over gaps of 0.3 to 3): the slopes come
+    from x, and c from slopes scaled by the row's largest, on every Triton route; on the
+    last two rows every |z| exceeds 745, so every slope underflows in float64."""
+    if route == "chunks":
+        monkeypatch.setattr(tri, "CHUNK", 16)
+    elif route == "split":
+        _split(monkeypatch, 16, tiles=3)
+    n = 40
+    gaps = torch.from_numpy(rng.uniform(0.3, 3.0, size=(4, n)))
+    x = (gaps.cumsum(-1) - gaps.sum(-1, keepdim=True) / 2).to(dtype)
+    x = x[:, torch.from_numpy(rng.permutation(n))]
+    x[3, 5], x[3, 9] = math.inf, -math.inf
+    k = torch.tensor([2.0, 5.0, 3.0, 4.0], dtype=torch.float64)
+    t = torch.tensor([0.05, 0.02, 1e-3, 1e-4], dtype=torch.float64)
+    v = torch.from_numpy(rng.normal(size=x.shape)).to(dtype)
+    y, tau = _forward(monkeypatch, "cpu", x, k, t, code, 2.0)
+    gx_ref, gk_ref = _backward(monkeypatch, "cpu", y, tau, t, v, code, 2.0, x)
+    monkeypatch.setenv("SOFTTOPK_BACKEND", "triton")
+    gx, gk = _ops.backward_impl(y, tau, t, v, code, 2.0, x)
+    rtol = 1e-6 if dtype == torch.float32 else 1e-9
+    assert gk_ref.abs().min() > 1e-3  # O(1) on every row
+    torch.testing.assert_close(gk, gk_ref, rtol=rtol, atol=1e-12)
+    tiny = torch.finfo(dtype).tiny
+    scale = gx_ref.abs().amax(-1, keepdim=True).clamp(min=tiny)
+    torch.testing.assert_close(gx / scale, gx_ref / scale, rtol=0, atol=rtol)

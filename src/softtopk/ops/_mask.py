@@ -136,6 +136,9 @@ def topk_mask(
             accepted). A floating k tensor that requires grad receives dy/dk = g/sum(g),
             also on a row near the hard mask, where every g is tiny and g/sum(g) is not:
             the dense links take g from (x - tau)/t, not from y, whose 1 - y rounds.
+            Known limitation of the Triton route (CUDA): its forward solves a dense row
+            from sum(y) - k, which cannot tell tau apart within the flat gap of a row near
+            the hard mask, so there tau, and this gradient, can be off by O(1).
         dim: the dimension to select along.
         method: ``"sparse"``, ``"entropic"``, ``"lapsum"``, ``"hard"``, ``"soft"``,
             ``"dftopk"``, ``"perturbed"``, or a registry mask name as above.

@@ -50,11 +50,14 @@ The number of launches does not depend on the data, so the host never waits on a
 Every launch passes ``enable_fp_fusion=False``: no fused multiply-add, so that compiled
 kernels round as the interpreter does (a breakpoint's z = (x - c)/t - s is then exactly 0).
 
-Backward of a row: with h = G'(G^{-1}(y)) (the slope from the mask value),
-grad_x = h/t (v - c), c = <h, v>/sum h, grad_k = c, in float64 whatever the row's dtype
-(in float32 the products h v of a nearly hard row fall into the subnormal range, where
-c = <h, v>/sum h loses its digits). A long row's backward is two launches over its tiles:
-the tiles' sums, then c and grad_x.
+Backward of a row: with h = G'(z), grad_x = h/t (v - c), c = <h, v>/sum h, grad_k = c,
+in float64 whatever the row's dtype (in float32 the products h v of a nearly hard row
+fall into the subnormal range, where c = <h, v>/sum h loses its digits). The sparse
+links read h off the mask value (G'(G^{-1}(y))); the dense links take it from
+z = (x - tau)/t, with x the forward's input (where an entry saturates, 1 - y has
+rounded), and c from w = h e^m, m the row's smallest |z|, which does not underflow where
+every h does. A long row's backward is two launches over its tiles: the tiles' sums
+(a dense row's relative to the tile's own smallest |z|), then c and grad_x.
 """
 
 from __future__ import annotations
@@ -502,12 +505,44 @@ def _backward_coefficient(sh, shv, tau):
 
 
 @triton.jit
-def _backward_tile(yrow, vrow, idx, n, a, LINK: tl.constexpr, DT: tl.constexpr):
-    """A tile's y, v and slope h = G'(G^{-1}(y)) in DT (0 past the row's end)."""
+def _abs_z(xrow, idx, n, tau, scale):
+    """|z| = |x - tau| / t (scale = 1/t) on a tile of x in float64 (inf at an infinite x and past the end)."""
+    xc = tl.load(xrow + idx, mask=idx < n, other=float("-inf")).to(tl.float64)
+    return tl.abs((xc - tau) * scale)
+
+
+@triton.jit
+def _min_abs_z(az):
+    """The smallest finite |z| of a tile (inf when it has none)."""
+    return tl.min(tl.where(az < float("inf"), az, float("inf")), axis=0)
+
+
+@triton.jit
+def _backward_tile(yrow, xrow, vrow, idx, n, a, tau, scale, m, LINK: tl.constexpr, DT: tl.constexpr):
+    """A tile's v, slope h and scaled slope w in DT (0 past the row's end).
+
+    Sparse links: h = G'(G^{-1}(y)) from the mask and w = h. Dense links: h = G'(z) at
+    z = (x - tau)/t (scale = 1/t) from the forward's input and w = h e^m, that is
+    e^(m - |z|) r with r = 1/(1 + e^-|z|)^2 (logistic) or 1/2 (Laplace).
+    """
     mask = idx < n
-    yc = tl.load(yrow + idx, mask=mask, other=0.0).to(DT)
     vc = tl.load(vrow + idx, mask=mask, other=0.0).to(DT)
-    return vc, _slope(yc, LINK, a)
+    if LINK <= 1:
+        yc = tl.load(yrow + idx, mask=mask, other=0.0).to(DT)
+        h = _slope(yc, LINK, a)
+        w = h
+    else:
+        az = _abs_z(xrow, idx, n, tau, scale).to(DT)
+        e = tl.exp(-az)
+        s = tl.exp(m - az)
+        if LINK == 2:
+            r = 1.0 / (1.0 + e)
+            h = e * r * r
+            w = s * r * r
+        else:
+            h = 0.5 * e
+            w = 0.5 * s
+    return vc, h, w
 
 
 @triton.jit
@@ -521,6 +556,7 @@ def _backward_write(gxrow, idx, n, h, vc, scale, c, nan_row, ruled):
 @triton.jit(do_not_specialize=["n"])
 def _backward_kernel(
     y_ptr,
+    x_ptr,
     tau_ptr,
     t_ptr,
     v_ptr,
@@ -534,34 +570,50 @@ def _backward_kernel(
     BLOCK: tl.constexpr,
     ONCHIP: tl.constexpr,
 ):
+    """grad_x and grad_k of a row, one program per row (held on chip, or read in chunks).
+
+    c = sum w v / sum w: a dense row's w = h e^m, m its smallest finite |z| (a first
+    pass), which does not underflow where every h does; a sparse row's w = h.
+    """
     row = tl.program_id(0).to(tl.int64)
     yrow = y_ptr + row * n
+    xrow = x_ptr + row * n
     vrow = v_ptr + row * n
     gxrow = gx_ptr + row * n
     tau = tl.load(tau_ptr + row).to(tl.float64)
     t = tl.load(t_ptr + row).to(tl.float64)
+    scale64 = 1.0 / t
     a = (tl.cast(a_hi, tl.float64) + tl.cast(a_lo, tl.float64)).to(DT)
     offs = tl.arange(0, BLOCK)
+    m = tl.full([], 0.0, tl.float64)
+    if LINK >= 2:
+        if ONCHIP:
+            m = _min_abs_z(_abs_z(xrow, offs, n, tau, scale64))
+        else:
+            m = tl.full([], float("inf"), tl.float64)
+            for start in range(0, n, BLOCK):
+                m = tl.minimum(m, _min_abs_z(_abs_z(xrow, start + offs, n, tau, scale64)))
+        m = tl.where(m < float("inf"), m, 0.0)
     if ONCHIP:
-        vt, h = _backward_tile(yrow, vrow, offs, n, a, LINK, DT)
-        sh = tl.sum(h, axis=0)
-        shv = tl.sum(tl.where(h != 0.0, h * vt, 0.0), axis=0)
+        vt, h, w = _backward_tile(yrow, xrow, vrow, offs, n, a, tau, scale64, m, LINK, DT)
+        sw = tl.sum(w, axis=0)
+        swv = tl.sum(tl.where(w != 0.0, w * vt, 0.0), axis=0)
     else:
-        acc_h = tl.zeros([BLOCK], DT)
-        acc_hv = tl.zeros([BLOCK], DT)
+        acc_w = tl.zeros([BLOCK], DT)
+        acc_wv = tl.zeros([BLOCK], DT)
         for start in range(0, n, BLOCK):
-            vc, hc = _backward_tile(yrow, vrow, start + offs, n, a, LINK, DT)
-            acc_h += hc
-            acc_hv += tl.where(hc != 0.0, hc * vc, 0.0)
-        sh = tl.sum(acc_h, axis=0)
-        shv = tl.sum(acc_hv, axis=0)
-    c, nan_row, ruled = _backward_coefficient(sh, shv, tau)
-    scale = (1.0 / t).to(DT)
+            vc, hc, wc = _backward_tile(yrow, xrow, vrow, start + offs, n, a, tau, scale64, m, LINK, DT)
+            acc_w += wc
+            acc_wv += tl.where(wc != 0.0, wc * vc, 0.0)
+        sw = tl.sum(acc_w, axis=0)
+        swv = tl.sum(acc_wv, axis=0)
+    c, nan_row, ruled = _backward_coefficient(sw, swv, tau)
+    scale = scale64.to(DT)
     if ONCHIP:
         _backward_write(gxrow, offs, n, h, vt, scale, c, nan_row, ruled)
     else:
         for start in range(0, n, BLOCK):
-            vc, hc = _backward_tile(yrow, vrow, start + offs, n, a, LINK, DT)
+            vc, hc, wc = _backward_tile(yrow, xrow, vrow, start + offs, n, a, tau, scale64, m, LINK, DT)
             _backward_write(gxrow, start + offs, n, hc, vc, scale, c, nan_row, ruled)
     gk = tl.where(nan_row, float("nan"), tl.where(ruled, 0.0, c.to(tl.float64)))
     tl.store(gk_ptr + row, gk)
@@ -900,6 +952,9 @@ def _split_write_kernel(
 @triton.jit(do_not_specialize=["n", "nb", "chunks"])
 def _split_backward_sums_kernel(
     y_ptr,
+    x_ptr,
+    tau_ptr,
+    t_ptr,
     v_ptr,
     part_ptr,
     n,
@@ -911,23 +966,60 @@ def _split_backward_sums_kernel(
     DT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Split route of the backward, first pass: a tile's sum h and sum h v."""
+    """Split route of the backward, first pass: a tile's m_j, sum w and sum w v.
+
+    A dense row's w = h e^(m_j), m_j the tile's smallest finite |z| (+inf and zero sums
+    where it has none); a sparse row's w = h and m_j = 0.
+    """
     row, j = _tile_of_program(nb)
+    tau = tl.load(tau_ptr + row).to(tl.float64)
+    scale64 = 1.0 / tl.load(t_ptr + row).to(tl.float64)
     a = (tl.cast(a_hi, tl.float64) + tl.cast(a_lo, tl.float64)).to(DT)
-    acc_h = tl.zeros([BLOCK], DT)
-    acc_hv = tl.zeros([BLOCK], DT)
+    xrow = x_ptr + row * n
+    m = tl.full([], 0.0, tl.float64)
+    if LINK >= 2:
+        m = tl.full([], float("inf"), tl.float64)
+        for ch in range(0, chunks):
+            m = tl.minimum(m, _min_abs_z(_abs_z(xrow, _chunk(j, ch, chunks, BLOCK), n, tau, scale64)))
+    m_used = tl.where(m < float("inf"), m, 0.0)
+    acc_w = tl.zeros([BLOCK], DT)
+    acc_wv = tl.zeros([BLOCK], DT)
     for ch in range(0, chunks):
-        vc, h = _backward_tile(y_ptr + row * n, v_ptr + row * n, _chunk(j, ch, chunks, BLOCK), n, a, LINK, DT)
-        acc_h += h
-        acc_hv += tl.where(h != 0.0, h * vc, 0.0)
-    out = part_ptr + (row * nb + j) * 2
-    tl.store(out, tl.sum(acc_h, axis=0).to(tl.float64))
-    tl.store(out + 1, tl.sum(acc_hv, axis=0).to(tl.float64))
+        idx = _chunk(j, ch, chunks, BLOCK)
+        vc, h, w = _backward_tile(
+            y_ptr + row * n, xrow, v_ptr + row * n, idx, n, a, tau, scale64, m_used, LINK, DT
+        )
+        acc_w += w
+        acc_wv += tl.where(w != 0.0, w * vc, 0.0)
+    out = part_ptr + (row * nb + j) * 3
+    tl.store(out, m)
+    tl.store(out + 1, tl.sum(acc_w, axis=0).to(tl.float64))
+    tl.store(out + 2, tl.sum(acc_wv, axis=0).to(tl.float64))
+
+
+@triton.jit
+def _split_scaled_totals(ptr, nb, RBLOCK: tl.constexpr):
+    """sum_j S_j e^(m - m_j) and sum_j SV_j e^(m - m_j), m = min_j m_j, over the tiles' (m_j, S_j, SV_j)."""
+    m = _split_extreme(ptr, nb, 3, RBLOCK, False)
+    offs = tl.arange(0, RBLOCK)
+    acc_w = tl.zeros([RBLOCK], tl.float64)
+    acc_wv = tl.zeros([RBLOCK], tl.float64)
+    for start in range(0, nb, RBLOCK):
+        i = start + offs
+        live = i < nb
+        mj = tl.load(ptr + i * 3, mask=live, other=float("inf"))
+        sj = tl.load(ptr + i * 3 + 1, mask=live, other=0.0)
+        svj = tl.load(ptr + i * 3 + 2, mask=live, other=0.0)
+        f = tl.exp(tl.where(mj < float("inf"), m - mj, float("-inf")))  # 0 for tiles without a slope
+        acc_w += tl.where(sj != 0.0, sj * f, 0.0)
+        acc_wv += tl.where(svj != 0.0, svj * f, 0.0)
+    return tl.sum(acc_w, axis=0), tl.sum(acc_wv, axis=0)
 
 
 @triton.jit(do_not_specialize=["n", "nb", "chunks"])
 def _split_backward_kernel(
     y_ptr,
+    x_ptr,
     tau_ptr,
     t_ptr,
     v_ptr,
@@ -949,12 +1041,13 @@ def _split_backward_kernel(
     tau = tl.load(tau_ptr + row).to(tl.float64)
     t = tl.load(t_ptr + row).to(tl.float64)
     a = (tl.cast(a_hi, tl.float64) + tl.cast(a_lo, tl.float64)).to(DT)
-    sh = _split_total(part_ptr + row * nb * 2, nb, 2, RBLOCK).to(DT)
-    shv = _split_total(part_ptr + row * nb * 2 + 1, nb, 2, RBLOCK).to(DT)
-    c, nan_row, ruled = _backward_coefficient(sh, shv, tau)
+    sw, swv = _split_scaled_totals(part_ptr + row * nb * 3, nb, RBLOCK)
+    c, nan_row, ruled = _backward_coefficient(sw.to(DT), swv.to(DT), tau)
     for ch in range(0, chunks):
         idx = _chunk(j, ch, chunks, BLOCK)
-        vc, h = _backward_tile(y_ptr + row * n, v_ptr + row * n, idx, n, a, LINK, DT)
+        vc, h, w = _backward_tile(
+            y_ptr + row * n, x_ptr + row * n, v_ptr + row * n, idx, n, a, tau, 1.0 / t, 0.0, LINK, DT
+        )
         _backward_write(gx_ptr + row * n, idx, n, h, vc, (1.0 / t).to(DT), c, nan_row, ruled)
     gk = tl.where(nan_row, float("nan"), tl.where(ruled, 0.0, c.to(tl.float64)))
     tl.store(gk_ptr + row, gk, mask=j == 0)
@@ -1094,11 +1187,20 @@ def _rblock(nb: int) -> int:
     return max(16, min(256, triton.next_power_of_2(nb)))
 
 
-def backward(y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: float) -> tuple[Tensor, Tensor]:
-    """grad_x = h/t (v - c) (B, n) in the dtype of y and grad_k = c (B,) in float64."""
+def backward(
+    y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: float, x: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """grad_x = h/t (v - c) (B, n) in the dtype of y and grad_k = c (B,) in float64.
+
+    x, the forward's input rows, is required for the dense links (2, 3) and unread by the
+    sparse ones.
+    """
     _check_device(y)
     B, n = y.shape
+    if link >= LOGISTIC and x is None:
+        raise ValueError(f"the backward of link {link} needs the forward's input x")
     y = y.contiguous()
+    xs = x.contiguous() if link >= LOGISTIC else y
     v = grad_y.to(y.dtype).contiguous()
     tau = tau.to(torch.float64).contiguous()
     t = t.to(device=y.device, dtype=torch.float64).contiguous()
@@ -1111,19 +1213,20 @@ def backward(y: Tensor, tau: Tensor, t: Tensor, grad_y: Tensor, link: int, p: fl
     a_hi, a_lo = _exponent(link, p)
     if n > _onchip_max(y.dtype):
         nb, chunks = _tiles(n)
-        parts = torch.empty(B, nb, 2, dtype=torch.float64, device=y.device)
+        parts = torch.empty(B, nb, 3, dtype=torch.float64, device=y.device)
         opts = dict(
             LINK=link, DT=tl.float64, BLOCK=SPLIT_BLOCK, num_warps=_warps(SPLIT_BLOCK), enable_fp_fusion=False
         )
         with _on_device(y):
-            _split_backward_sums_kernel[(B * nb,)](y, v, parts, n, nb, chunks, a_hi, a_lo, **opts)
+            _split_backward_sums_kernel[(B * nb,)](y, xs, tau, t, v, parts, n, nb, chunks, a_hi, a_lo, **opts)
             _split_backward_kernel[(B * nb,)](
-                y, tau, t, v, parts, grad_x, grad_k, n, nb, chunks, a_hi, a_lo, RBLOCK=_rblock(nb), **opts
+                y, xs, tau, t, v, parts, grad_x, grad_k, n, nb, chunks, a_hi, a_lo, RBLOCK=_rblock(nb), **opts
             )
         return grad_x, grad_k
     with _on_device(y):
         _backward_kernel[(B,)](
             y,
+            xs,
             tau,
             t,
             v,
