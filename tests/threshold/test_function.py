@@ -345,3 +345,30 @@ def test_dense_derivatives_near_the_hard_mask(monkeypatch, route, method):
         y = f(x.detach(), make_dual(k.detach(), torch.ones(2, dtype=torch.float64)))
         tangent = unpack_dual(y).tangent
     torch.testing.assert_close((tangent * v).sum(-1), grad_k, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("code", [0, 2, 3], ids=["clip", "logistic", "laplace"])
+def test_threshold_bwd_op_checks_and_vmaps_with_the_dense_links_x(code):
+    """The backward op's schema, fake and autograd registration (opcheck) with x for the
+    dense links and None for the sparse ones, and its vmap rule against the loop."""
+    from softtopk.threshold import _ops
+
+    gen = torch.Generator().manual_seed(code)
+    x = torch.randn(3, 4, 9, dtype=torch.float64, generator=gen)
+    v = torch.randn(3, 4, 9, dtype=torch.float64, generator=gen)
+    k = torch.full((4,), 2.5, dtype=torch.float64)
+    t = torch.full((4,), 0.3, dtype=torch.float64)
+    outs = [_ops.forward_impl(x[i], k, t, code, 2.0, 0) for i in range(3)]
+    y = torch.stack([o[0] for o in outs])
+    tau = torch.stack([o[1] for o in outs])
+    xs = x if code >= 2 else None
+    op = torch.ops.softtopk.threshold_bwd
+    torch.library.opcheck(op, (y[0], tau[0], t, v[0], code, 2.0, None if xs is None else xs[0]))
+    vmapped = torch.func.vmap(
+        lambda a, b, c, d: op(a, b, t, c, code, 2.0, d), in_dims=(0, 0, 0, None if xs is None else 0)
+    )
+    gx, gk = vmapped(y, tau, v, xs)
+    for i in range(3):
+        ref_x, ref_k = op(y[i], tau[i], t, v[i], code, 2.0, None if xs is None else xs[i])
+        torch.testing.assert_close(gx[i], ref_x)
+        torch.testing.assert_close(gk[i], ref_k)
