@@ -477,3 +477,46 @@ def test_dense_backward_near_the_hard_mask_equals_the_cpu_route(rng, monkeypatch
     tiny = torch.finfo(dtype).tiny
     scale = gx_ref.abs().amax(-1, keepdim=True).clamp(min=tiny)
     torch.testing.assert_close(gx / scale, gx_ref / scale, rtol=0, atol=rtol)
+
+
+@interpreter
+@pytest.mark.parametrize("route", ["one program", "chunks", "split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("code", [2, 3], ids=["entropic", "lapsum"])
+def test_dense_forward_near_the_hard_mask_equals_the_cpu_route(rng, monkeypatch, code, dtype, route):
+    """The Triton forward's tau on rows whose entries saturate, and the gradient in k from it.
+
+    tau lies in a gap between two entries where sum G is within rounding of k; it is
+    solved from (count above - k) + fractions, scaled by e^(smallest |z|), as on the CPU
+    route, so it is exact there (a solve from sum G - k stops anywhere in the gap, and
+    grad_k = c, a ratio of slopes e^(-|z|), is then off by O(1)). The last two rows have
+    every |z| beyond 745 (every slope underflows in float64); whole and fractional k.
+    """
+    if route == "chunks":
+        monkeypatch.setattr(tri, "ONCHIP_MAX", 16)
+        monkeypatch.setattr(tri, "CHUNK", 16)
+        monkeypatch.setattr(tri, "SPLIT_STEPS", 1)  # (a row left unsolved by one step: the chunks)
+    elif route == "split":
+        _split(monkeypatch, 16, tiles=3)
+    n = 40
+    gaps = torch.from_numpy(rng.uniform(0.3, 3.0, size=(6, n)))
+    x = (gaps.cumsum(-1) - gaps.sum(-1, keepdim=True) / 2).to(dtype)
+    x = x[:, torch.from_numpy(rng.permutation(n))]
+    x[3, 5], x[3, 9] = math.inf, -math.inf
+    k = torch.tensor([2.0, 5.0, 3.0, 4.0, 7.0, 2.5], dtype=torch.float64)
+    t = torch.tensor([0.05, 0.02, 1e-3, 1e-4, 2e-4, 1e-3], dtype=torch.float64)
+    v = torch.from_numpy(rng.normal(size=x.shape)).to(dtype)
+    y_ref, tau_ref = _forward(monkeypatch, "cpu", x, k, t, code, 2.0)
+    gx_ref, gk_ref = _backward(monkeypatch, "cpu", y_ref, tau_ref, t, v, code, 2.0, x)
+    monkeypatch.setenv("SOFTTOPK_BACKEND", "triton")
+    y, tau = _ops.forward_impl(x, k, t, code, 2.0, 0)
+    gx, gk = _ops.backward_impl(y, tau, t, v, code, 2.0, x)
+    # tau to a few ulps of the row's entries, in units of t
+    ulp = torch.finfo(torch.float64).eps * 8 * x.abs().masked_fill(~x.isfinite(), 0).amax(-1).double()
+    assert ((tau - tau_ref).abs() <= ulp + 1e-12 * t).all(), ((tau - tau_ref) / t).tolist()
+    _close(y, y_ref, 1e-6 if dtype == torch.float32 else 1e-12)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-8
+    assert gk_ref.abs().min() > 1e-3
+    torch.testing.assert_close(gk, gk_ref, rtol=rtol, atol=1e-12)
+    scale = gx_ref.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(dtype).tiny)
+    torch.testing.assert_close(gx / scale, gx_ref / scale, rtol=0, atol=rtol)

@@ -135,10 +135,9 @@ def topk_mask(
             budgets with the batch shape of x (x.shape without dim; size 1 at dim is also
             accepted). A floating k tensor that requires grad receives dy/dk = g/sum(g),
             also on a row near the hard mask, where every g is tiny and g/sum(g) is not:
-            the dense links take g from (x - tau)/t, not from y, whose 1 - y rounds.
-            Known limitation of the Triton route (CUDA): its forward solves a dense row
-            from sum(y) - k, which cannot tell tau apart within the flat gap of a row near
-            the hard mask, so there tau, and this gradient, can be off by O(1).
+            the dense links take g from (x - tau)/t, not from y, whose 1 - y rounds,
+            and every route solves tau from (entries above tau - k) + fractions, exact
+            there, where sum(y) - k rounds to 0 all across the gap around tau.
         dim: the dimension to select along.
         method: ``"sparse"``, ``"entropic"``, ``"lapsum"``, ``"hard"``, ``"soft"``,
             ``"dftopk"``, ``"perturbed"``, or a registry mask name as above.

@@ -136,12 +136,60 @@ def _slope(y, LINK: tl.constexpr, a):
 
 
 @triton.jit
-def _terms(xc, center, scale, s, a, LINK: tl.constexpr, DT: tl.constexpr):
-    """G and G' at z = (x - center) scale - s on a tile (non-finite entries contribute 0)."""
+def _z(xc, center, scale, s, DT: tl.constexpr):
+    """z = (x - center) scale - s on a tile in DT (-inf at non-finite entries)."""
     xv = xc.to(DT)
     valid = (xv > float("-inf")) & (xv < float("inf"))
-    z = tl.where(valid, (xv - center) * scale - s, float("-inf"))
-    return _link(z, LINK, a)
+    return tl.where(valid, (xv - center) * scale - s, float("-inf"))
+
+
+@triton.jit
+def _terms(xc, center, scale, s, a, LINK: tl.constexpr, DT: tl.constexpr):
+    """G and G' at z = (x - center) scale - s on a tile (non-finite entries contribute 0)."""
+    return _link(_z(xc, center, scale, s, DT), LINK, a)
+
+
+@triton.jit
+def _dense_terms(z, m, LINK: tl.constexpr):
+    """A dense link's terms of f = sum G(z) - kk on a tile: (above, fraction, magnitude, G').
+
+    G is split as above + fraction: an entry above the threshold (z > 0) counts 1 in
+    ``above`` with the fraction -(1 - G) = -G(-z), an entry below it 0 with the fraction
+    G; the magnitude is min(G, 1 - G). So no 1 - G rounds away, and on a row near the
+    hard mask (every G within rounding of 0 or 1) f = (above - kk) + fractions keeps its
+    digits. The fraction, magnitude and G' are scaled by e^m (m at most the tile's
+    smallest |z|), so that they do not underflow where every |z| exceeds the exponent
+    range.
+    """
+    az = tl.abs(z)
+    es = tl.exp(m - az)  # e^(-|z|) e^m
+    if LINK == 2:
+        r = 1.0 / (1.0 + es * tl.exp(-m))
+        mag = es * r
+        gp = mag * r
+    else:
+        mag = 0.5 * es
+        gp = mag
+    high = z > 0.0
+    return high.to(z.dtype), tl.where(high, -mag, mag), mag, gp
+
+
+@triton.jit
+def _dense_scale(above, m, kk, LIM: tl.constexpr):
+    """The exponent M of a dense row's scaled sums from its count above and smallest |z| m.
+
+    M = m where the count equals kk (f is the fractions alone), else min(m, LIM), so that
+    (above - kk) e^M does not overflow; 0 where the row has no finite z.
+    """
+    m = tl.where(m < float("inf"), m, 0.0)
+    return tl.where(above == kk, m, tl.minimum(m, LIM))
+
+
+@triton.jit
+def _count_part(above, kk, M):
+    """(above - kk) e^M, the exact integer part of a dense row's scaled f."""
+    same = above == kk
+    return tl.where(same, 0.0, (above - kk) * tl.exp(tl.where(same, 0.0, M)))
 
 
 @triton.jit
@@ -152,30 +200,73 @@ def _row_sums(
     center,
     scale,
     s,
+    kk,
     a,
     LINK: tl.constexpr,
     DT: tl.constexpr,
     BLOCK: tl.constexpr,
     ONCHIP: tl.constexpr,
+    LIM: tl.constexpr,
 ):
-    """sum G(z) and sum G'(z) over the row, z = (x - center) scale - s, accumulated in DT."""
-    if ONCHIP:
-        g, gp = _terms(xt, center, scale, s, a, LINK, DT)
-        f = tl.sum(g, axis=0)
+    """f = sum G(z) - kk, d = sum G'(z) and f's size over the row, z = (x - center) scale - s.
+
+    In DT. A sparse link's f is the plain sum and its size, the rounding scale of f,
+    kk + 1. A dense link's f is (above - kk) + fractions and its size the sum of the
+    fractions' magnitudes (:func:`_dense_terms`), all three times e^M
+    (:func:`_dense_scale`, LIM its bound where the count differs from kk): the sign of
+    f, the Newton step f/d and the stop |f| <= 4 eps size do not depend on the scale.
+    """
+    offs = tl.arange(0, BLOCK)
+    if LINK <= 1:
+        if ONCHIP:
+            g, d = _terms(xt, center, scale, s, a, LINK, DT)
+            f = tl.sum(g, axis=0) - kk
+            d = tl.sum(d, axis=0)
+        else:
+            acc_g = tl.zeros([BLOCK], DT)
+            acc_d = tl.zeros([BLOCK], DT)
+            for start in range(0, n, BLOCK):
+                idx = start + offs
+                xc = tl.load(xrow + idx, mask=idx < n, other=float("-inf"))
+                g, gp = _terms(xc, center, scale, s, a, LINK, DT)
+                acc_g += g
+                acc_d += gp
+            f = tl.sum(acc_g, axis=0) - kk
+            d = tl.sum(acc_d, axis=0)
+        size = kk + 1.0
+    elif ONCHIP:
+        z = _z(xt, center, scale, s, DT)
+        above = tl.sum((z > 0.0).to(DT), axis=0)
+        M = _dense_scale(above, tl.min(tl.abs(z), axis=0), kk, LIM)
+        _, frac, mag, gp = _dense_terms(z, M, LINK)
+        f = _count_part(above, kk, M) + tl.sum(frac, axis=0)
         d = tl.sum(gp, axis=0)
+        size = tl.sum(mag, axis=0)
     else:
-        offs = tl.arange(0, BLOCK)
-        acc_g = tl.zeros([BLOCK], DT)
+        # a first pass for the count above and the smallest |z|, a second for the sums
+        acc_a = tl.zeros([BLOCK], DT)
+        acc_z = tl.full([BLOCK], float("inf"), DT)
+        for start in range(0, n, BLOCK):
+            idx = start + offs
+            z = _z(tl.load(xrow + idx, mask=idx < n, other=float("-inf")), center, scale, s, DT)
+            acc_a += (z > 0.0).to(DT)
+            acc_z = tl.minimum(acc_z, tl.abs(z))
+        above = tl.sum(acc_a, axis=0)
+        M = _dense_scale(above, tl.min(acc_z, axis=0), kk, LIM)
+        acc_f = tl.zeros([BLOCK], DT)
+        acc_m = tl.zeros([BLOCK], DT)
         acc_d = tl.zeros([BLOCK], DT)
         for start in range(0, n, BLOCK):
             idx = start + offs
-            xc = tl.load(xrow + idx, mask=idx < n, other=float("-inf"))
-            g, gp = _terms(xc, center, scale, s, a, LINK, DT)
-            acc_g += g
+            z = _z(tl.load(xrow + idx, mask=idx < n, other=float("-inf")), center, scale, s, DT)
+            _, frac, mag, gp = _dense_terms(z, M, LINK)
+            acc_f += frac
+            acc_m += mag
             acc_d += gp
-        f = tl.sum(acc_g, axis=0)
+        f = _count_part(above, kk, M) + tl.sum(acc_f, axis=0)
         d = tl.sum(acc_d, axis=0)
-    return f, d
+        size = tl.sum(acc_m, axis=0)
+    return f, d, size
 
 
 @triton.jit
@@ -217,37 +308,38 @@ def _solve(
     BLOCK: tl.constexpr,
     ONCHIP: tl.constexpr,
     FSTOP: tl.constexpr,
+    LIM: tl.constexpr,
 ):
     """Safeguarded Newton for sum G((x - center) scale - s) = kk in s on [lo, hi], from s.
 
     f(lo) >= 0 >= f(hi). At most ITER steps; stops when the bracket or the step is below
-    the precision EPS (with FSTOP also when |f| is), or at once when ``active`` is false.
-    FSTOP suits a rough solve, and the dense links, whose slope h = G'(G^{-1}(y)) is a
-    continuous function of y: for the sparse ones an entry y = 1e-15 left by a rough tau
-    instead of 0 would carry the whole gradient of a hard row.
+    the precision EPS (with FSTOP also when |f| is within its rounding), or at once when
+    ``active`` is false. FSTOP suits a rough solve, and the dense links, whose f keeps its
+    digits (:func:`_row_sums`); a sparse link iterates on, since an entry y = 1e-15 left
+    by a rough tau instead of 0 would carry the whole gradient of a hard row. LIM bounds
+    the exponent of a dense link's scaled sums in DT (:func:`_dense_scale`).
     """
     s = tl.where((s > lo) & (s < hi), s, 0.5 * (lo + hi))
     dx_old = hi - lo
     done = active == 0
     it = 0
     while (it < ITER) & (done == 0):
-        f, d = _row_sums(xrow, n, xt, center, scale, s, a, LINK, DT, BLOCK, ONCHIP)
-        lo, hi, s, dx_old, done = _newton_update(f, d, kk, lo, hi, s, dx_old, EPS, FSTOP)
+        f, d, size = _row_sums(xrow, n, xt, center, scale, s, kk, a, LINK, DT, BLOCK, ONCHIP, LIM)
+        lo, hi, s, dx_old, done = _newton_update(f, d, size, lo, hi, s, dx_old, EPS, FSTOP)
         it += 1
     return s
 
 
 @triton.jit
-def _newton_update(f, d, kk, lo, hi, s, dx_old, EPS: tl.constexpr, FSTOP: tl.constexpr):
-    """One step of the safeguarded Newton iteration from s, where the sums are f and d.
+def _newton_update(f, d, size, lo, hi, s, dx_old, EPS: tl.constexpr, FSTOP: tl.constexpr):
+    """One step of the safeguarded Newton iteration from s, where f = sum G - kk, d = sum G'.
 
     Returns the new (lo, hi, s, dx_old, done); the stops are :func:`_newton_step`'s.
     """
-    f = f - kk
     above = f > 0.0
     lo = tl.where(above, s, lo)
     hi = tl.where(above, hi, s)
-    stop, delta, tol = _newton_step(s, f, d, kk, lo, hi, EPS, FSTOP)
+    stop, delta, tol = _newton_step(s, f, d, size, lo, hi, EPS, FSTOP)
     cand = s + delta
     # a Newton step below the precision ends the iteration (s + delta may round to s)
     tiny = tl.abs(delta) <= tol
@@ -260,16 +352,17 @@ def _newton_update(f, d, kk, lo, hi, s, dx_old, EPS: tl.constexpr, FSTOP: tl.con
 
 
 @triton.jit
-def _newton_step(s, f, d, kk, lo, hi, EPS: tl.constexpr, FSTOP: tl.constexpr):
+def _newton_step(s, f, d, size, lo, hi, EPS: tl.constexpr, FSTOP: tl.constexpr):
     """At s, where f = sum G - kk and d = sum G': (stop, Newton step, step tolerance).
 
     Stop when f = 0 or the bracket [lo, hi] is below the precision EPS, with FSTOP also
-    when |f| is within the rounding of the sum: where the row is nearly hard (sum G'
-    tiny) the iterates would otherwise wander in the noise.
+    when |f| is within the rounding of its sum, 4 EPS ``size`` (see :func:`_row_sums`):
+    there no evaluation tells s from its neighbours, and the iterates would wander in
+    the noise.
     """
     stop = (f == 0.0) | (hi - lo <= 2.0 * EPS * (tl.abs(lo) + tl.abs(hi)))
     if FSTOP:
-        stop = stop | (tl.abs(f) <= 4.0 * EPS * (kk + 1.0))
+        stop = stop | (tl.abs(f) <= 4.0 * EPS * size)
     has_d = d > 0.0
     delta = tl.where(has_d, f / tl.where(has_d, d, 1.0), float("inf"))
     return stop, delta, 4.0 * EPS * (tl.abs(s) + 1.0)
@@ -435,6 +528,7 @@ def _forward_kernel(
         BLOCK,
         ONCHIP,
         True,
+        60.0,
     )
     # Recentre on c, the float32 (float64) value nearest the rough threshold: x - c is
     # exact near the threshold, so z = (x - c)/t - s keeps its digits however large |x|/t.
@@ -461,6 +555,7 @@ def _forward_kernel(
         BLOCK,
         ONCHIP,
         LINK >= 2,
+        600.0,
     )
     if LINK == 1:
         # A root on a breakpoint x_b (an entry leaving the support), where G = z^a is flat:
@@ -469,9 +564,9 @@ def _forward_kernel(
         # x_b itself when it solves the equation at least as well.
         xb = _next_above(xrow, n, xt, c, inv_t, s, BLOCK, ONCHIP)
         s_b = (xb - c) * inv_t
-        f_s, _ = _row_sums(xrow, n, xt, c, inv_t, s, a, LINK, tl.float64, BLOCK, ONCHIP)
-        f_b, _ = _row_sums(xrow, n, xt, c, inv_t, s_b, a, LINK, tl.float64, BLOCK, ONCHIP)
-        take = regular & (xb < float("inf")) & (tl.abs(f_b - kk) <= tl.abs(f_s - kk))
+        f_s, _, _ = _row_sums(xrow, n, xt, c, inv_t, s, kk, a, LINK, tl.float64, BLOCK, ONCHIP, 600.0)
+        f_b, _, _ = _row_sums(xrow, n, xt, c, inv_t, s_b, kk, a, LINK, tl.float64, BLOCK, ONCHIP, 600.0)
+        take = regular & (xb < float("inf")) & (tl.abs(f_b) <= tl.abs(f_s))
         s = tl.where(take, s_b, s)
     tau = c + t * s
     # 5. the mask and the threshold
@@ -705,24 +800,62 @@ def _split_point_totals(ptr, nb, W, RBLOCK: tl.constexpr, NPOINT: tl.constexpr):
 
 
 @triton.jit
-def _multipoint_update(at, f, d, kk, lo, hi, EPS: tl.constexpr, FSTOP: tl.constexpr, NPOINT: tl.constexpr):
-    """One step of the split route's solve from the sums f, d at the points ``at``.
+def _split_point_min(ptr, nb, W, RBLOCK: tl.constexpr, NPOINT: tl.constexpr):
+    """Per evaluation point, the min over a row's tiles of one field of the partials."""
+    tiles = tl.arange(0, RBLOCK)[:, None]
+    points = tl.arange(0, NPOINT)[None, :]
+    acc = tl.full([RBLOCK, NPOINT], float("inf"), tl.float64)
+    for start in range(0, nb, RBLOCK):
+        i = start + tiles
+        mask = (i < nb) & (points < NPOINT)
+        acc = tl.minimum(acc, tl.load(ptr + i * W + points, mask=mask, other=float("inf")))
+    return tl.min(acc, axis=0)
 
-    Each point moves an end of the bracket [lo, hi] (f(lo) >= kk >= f(hi)). The stops are
-    :func:`_newton_step`'s at the point with the smallest |f - kk|; otherwise the Newton
-    step from the point with the smallest |f - kk| among those with a slope (d > 0) is
-    taken when it stays in the bracket, else the bracket's middle. Returns (lo, hi, s,
-    done).
+
+@triton.jit
+def _split_point_scaled(ptr, mptr, M, nb, W, RBLOCK: tl.constexpr, NPOINT: tl.constexpr):
+    """Per evaluation point, sum_j S_j e^(M - m_j) over a row's tiles j.
+
+    S_j is a tile's sum scaled by e^(m_j) (field ``ptr``, m_j field ``mptr``; a tile
+    with no finite z has m_j = inf and S_j = 0); M (per point) is at most every m_j.
     """
-    f = f - kk
+    tiles = tl.arange(0, RBLOCK)[:, None]
+    points = tl.arange(0, NPOINT)[None, :]
+    acc = tl.zeros([RBLOCK, NPOINT], tl.float64)
+    for start in range(0, nb, RBLOCK):
+        i = start + tiles
+        mask = (i < nb) & (points < NPOINT)
+        part = tl.load(ptr + i * W + points, mask=mask, other=0.0)
+        mj = tl.load(mptr + i * W + points, mask=mask, other=float("inf"))
+        acc += tl.where(mj < float("inf"), part * tl.exp(M[None, :] - mj), 0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _multipoint_update(
+    at, f, d, size, M, lo, hi, EPS: tl.constexpr, FSTOP: tl.constexpr, NPOINT: tl.constexpr
+):
+    """One step of the split route's solve from f = sum G - kk, d = sum G' at the points ``at``.
+
+    f, d and ``size`` (f's rounding scale) are each point's sums times e^M (per point).
+    Each point moves an end of the bracket [lo, hi] (f(lo) >= 0 >= f(hi)). The stops are
+    :func:`_newton_step`'s at the point with the smallest |f| (compared as
+    log|f| - M); otherwise the Newton step from the point with the smallest |f| among
+    those with a slope (d > 0) is taken when it stays in the bracket, else the bracket's
+    middle. Returns (lo, hi, s, done).
+    """
     lo = tl.maximum(lo, tl.max(tl.where(f > 0.0, at, float("-inf")), axis=0))
     hi = tl.minimum(hi, tl.min(tl.where(f > 0.0, float("inf"), at), axis=0))
     # (a row that is done still takes the step, on stale sums, and its state is kept)
-    err = tl.where(f == f, tl.abs(f), float("inf"))
+    af = tl.abs(f)
+    err = tl.where(
+        f == f, tl.where(af > 0.0, tl.log(tl.where(af > 0.0, af, 1.0)) - M, float("-inf")), float("inf")
+    )
     ar = tl.arange(0, NPOINT)
     best = ar == tl.argmin(err, axis=0)
     s = tl.sum(tl.where(best, at, 0.0), axis=0)
-    stop, _, _ = _newton_step(s, tl.sum(tl.where(best, f, 0.0), axis=0), 1.0, kk, lo, hi, EPS, FSTOP)
+    size_best = tl.sum(tl.where(best, size, 0.0), axis=0)
+    stop, _, _ = _newton_step(s, tl.sum(tl.where(best, f, 0.0), axis=0), 1.0, size_best, lo, hi, EPS, FSTOP)
     # the Newton step from the best point with a slope (a saturated point has none)
     sloped = tl.where(d > 0.0, err, float("inf"))
     base = ar == tl.argmin(sloped, axis=0)
@@ -732,7 +865,7 @@ def _multipoint_update(at, f, d, kk, lo, hi, EPS: tl.constexpr, FSTOP: tl.conste
         sn,
         tl.sum(tl.where(base, f, 0.0), axis=0),
         tl.sum(tl.where(base, d, 0.0), axis=0),
-        kk,
+        size_best,
         lo,
         hi,
         EPS,
@@ -796,7 +929,7 @@ def _split_step_kernel(
     t = tl.load(t_ptr + row).to(tl.float64)
     inv_t = 1.0 / t
     a = tl.cast(a_hi, tl.float64) + tl.cast(a_lo, tl.float64)
-    W: tl.constexpr = 2 * NPOINT + 1
+    W: tl.constexpr = 5 * NPOINT + 1
     rcp = rc_ptr + row * 6
     if FIRST:
         # the row's counts and extremes, then its rules and bracket as _forward_kernel has them
@@ -833,14 +966,27 @@ def _split_step_kernel(
         s_b = tl.load(old + 6)
         parts = part_ptr + (src * B + row) * nb * W
         at = _points(s, lo, hi, NPOINT)
-        f = _split_point_totals(parts, nb, W, RBLOCK, NPOINT)
-        d = _split_point_totals(parts + NPOINT, nb, W, RBLOCK, NPOINT)
+        # f = sum G - kk, d = sum G' and f's size at each point, as _row_sums has them
+        if LINK <= 1:
+            f = _split_point_totals(parts + NPOINT, nb, W, RBLOCK, NPOINT) - kk
+            d = _split_point_totals(parts + 2 * NPOINT, nb, W, RBLOCK, NPOINT)
+            size = d * 0.0 + (kk + 1.0)
+            M = d * 0.0
+        else:
+            above = _split_point_totals(parts, nb, W, RBLOCK, NPOINT)
+            mz = parts + 4 * NPOINT
+            M = _dense_scale(above, _split_point_min(mz, nb, W, RBLOCK, NPOINT), kk, 600.0)
+            f = _count_part(above, kk, M) + _split_point_scaled(parts + NPOINT, mz, M, nb, W, RBLOCK, NPOINT)
+            d = _split_point_scaled(parts + 2 * NPOINT, mz, M, nb, W, RBLOCK, NPOINT)
+            size = _split_point_scaled(parts + 3 * NPOINT, mz, M, nb, W, RBLOCK, NPOINT)
         f_first = tl.sum(tl.where(tl.arange(0, NPOINT) == 0, f, 0.0), axis=0)
-        xb = _split_extreme(parts + 2 * NPOINT, nb, W, RBLOCK, False)
+        xb = _split_extreme(parts + 5 * NPOINT, nb, W, RBLOCK, False)
         # phases 0 and 1: a step of the rough and of the float64 solve
-        lo0, hi0, s0, done0 = _multipoint_update(at, f, d, kk, lo, hi, 1.1920928955078125e-07, True, NPOINT)
+        lo0, hi0, s0, done0 = _multipoint_update(
+            at, f, d, size, M, lo, hi, 1.1920928955078125e-07, True, NPOINT
+        )
         lo1, hi1, s1, done1 = _multipoint_update(
-            at, f, d, kk, lo, hi, 2.220446049250313e-16, LINK >= 2, NPOINT
+            at, f, d, size, M, lo, hi, 2.220446049250313e-16, LINK >= 2, NPOINT
         )
         # the rough solve done: recentre on c, so that x - c is exact near the threshold
         tau_low = m + t * s0
@@ -858,7 +1004,7 @@ def _split_step_kernel(
         hi = tl.where(moved, hi_c, tl.where(in0, hi0, tl.where(in1, hi1, hi)))
         center = tl.where(moved, c, center)
         # phase 3: the breakpoint x_b (its sum was taken) when it solves the equation as well
-        take = (phase == 3.0) & (tl.abs(f_first - kk) <= tl.abs(f_s - kk))
+        take = (phase == 3.0) & (tl.abs(f_first) <= tl.abs(f_s))
         s = tl.where(moved, s_c, tl.where(in0, s0, tl.where(in1, s1, tl.where(take, s_b, s))))
         # phase 2 (power link): the sum at s and the next entry above s, x_b, were taken
         in2 = phase == 2.0
@@ -885,26 +1031,46 @@ def _split_step_kernel(
         # evaluates the breakpoint in place of the iterate
         at = _points(tl.where(phase == 3.0, s_b, s), lo, hi, NPOINT)
         ar = tl.arange(0, NPOINT)
+        acc_c = tl.zeros([NPOINT], tl.float64)
         acc_f = tl.zeros([NPOINT], tl.float64)
         acc_d = tl.zeros([NPOINT], tl.float64)
+        acc_m = tl.zeros([NPOINT], tl.float64)
+        acc_z = tl.full([NPOINT], float("inf"), tl.float64)
         acc_b = tl.full([BLOCK], float("inf"), tl.float64)
         for ch in range(0, chunks):
             idx = _chunk(j, ch, chunks, BLOCK)
             xc = tl.load(x_ptr + row * n + idx, mask=idx < n, other=float("-inf"))
             for i in tl.static_range(NPOINT):
-                g, gp = _terms(
-                    xc, center, inv_t, tl.sum(tl.where(ar == i, at, 0.0), axis=0), a, LINK, tl.float64
-                )
-                acc_f += tl.where(ar == i, tl.sum(g, axis=0), 0.0)
-                acc_d += tl.where(ar == i, tl.sum(gp, axis=0), 0.0)
+                at_i = tl.sum(tl.where(ar == i, at, 0.0), axis=0)
+                point = ar == i
+                if LINK <= 1:
+                    g, gp = _terms(xc, center, inv_t, at_i, a, LINK, tl.float64)
+                    acc_f += tl.where(point, tl.sum(g, axis=0), 0.0)
+                    acc_d += tl.where(point, tl.sum(gp, axis=0), 0.0)
+                else:
+                    # the tile's sums scaled by e^(its smallest |z| so far), rescaled as it falls
+                    z = _z(xc, center, inv_t, at_i, tl.float64)
+                    m_old = tl.min(tl.where(point, acc_z, float("inf")), axis=0)
+                    m_new = tl.minimum(m_old, tl.min(tl.abs(z), axis=0))
+                    m_use = tl.where(m_new < float("inf"), m_new, 0.0)
+                    keep = tl.where(m_old < float("inf"), tl.exp(m_use - m_old), 0.0)
+                    high, frac, mag, gp = _dense_terms(z, m_use, LINK)
+                    acc_c += tl.where(point, tl.sum(high, axis=0), 0.0)
+                    acc_f = tl.where(point, acc_f * keep + tl.sum(frac, axis=0), acc_f)
+                    acc_d = tl.where(point, acc_d * keep + tl.sum(gp, axis=0), acc_d)
+                    acc_m = tl.where(point, acc_m * keep + tl.sum(mag, axis=0), acc_m)
+                    acc_z = tl.where(point, m_new, acc_z)
             if LINK == 1:
                 xv = xc.to(tl.float64)
                 above = (xv < float("inf")) & ((xv - center) * inv_t - s > 0.0)
                 acc_b = tl.minimum(acc_b, tl.where(above, xv, float("inf")))
         out = part_ptr + ((dst * B + row) * nb + j) * W
-        tl.store(out + ar, acc_f)
-        tl.store(out + NPOINT + ar, acc_d)
-        tl.store(out + 2 * NPOINT, tl.min(acc_b, axis=0))
+        tl.store(out + ar, acc_c)
+        tl.store(out + NPOINT + ar, acc_f)
+        tl.store(out + 2 * NPOINT + ar, acc_d)
+        tl.store(out + 3 * NPOINT + ar, acc_m)
+        tl.store(out + 4 * NPOINT + ar, acc_z)
+        tl.store(out + 5 * NPOINT, tl.min(acc_b, axis=0))
 
 
 @triton.jit(do_not_specialize=["n", "nb", "chunks", "B", "src"])
@@ -1141,7 +1307,7 @@ def _split_forward(
     rows = torch.empty(B, 6, dtype=torch.float64, device=x.device)
     state = torch.empty(2, B, 7, dtype=torch.float64, device=x.device)
     # zeros: a row done reads its tiles' sums at every step without using them
-    parts = torch.zeros(2, B, nb, 2 * SPLIT_POINTS + 1, dtype=torch.float64, device=x.device)
+    parts = torch.zeros(2, B, nb, 5 * SPLIT_POINTS + 1, dtype=torch.float64, device=x.device)
     grid = (B * nb,)
     opts = dict(BLOCK=SPLIT_BLOCK, num_warps=_warps(SPLIT_BLOCK), enable_fp_fusion=False)
     _split_scan_kernel[grid](x, scan, n, nb, chunks, LOW=low, **opts)
