@@ -34,6 +34,35 @@ def is_tracing() -> bool:
     return level is not None and level() is not None
 
 
+def forward_levels() -> int:
+    """How many torch.func forward-mode transforms (``jvp``, ``jacfwd``) are active.
+
+    torch.func does not differentiate an autograd.Function's ``jvp`` rule by an outer
+    forward-mode transform (pytorch/pytorch#197867: every second derivative comes out
+    0), so the operators built on one take a tensor-op route where this is 2 or more.
+    """
+    if not is_tracing():
+        return 0
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+
+
+def refuse_forward_mode(name: str) -> None:
+    """Raises NotImplementedError under a torch.func forward-mode transform.
+
+    For the operators whose autograd.Function has no jvp: torch raises for a single
+    ``jvp``, but under ``jacfwd(jacfwd(f))`` it fails on an internal assertion instead.
+    """
+    if forward_levels() >= 1:
+        raise NotImplementedError(
+            f"{name} has no forward mode: its autograd.Function defines no jvp, which "
+            "torch.func.jvp, jacfwd and hessian need; use reverse mode (torch.func.jacrev, "
+            "torch.autograd.grad)"
+        )
+
+
 def in_dual_level() -> bool:
     """True inside ``torch.autograd.forward_ad.dual_level()``.
 

@@ -321,6 +321,29 @@ def test_double_backward_and_forward_mode(monkeypatch, loss, backend):
     torch.testing.assert_close(tangent, expected)
 
 
+@pytest.mark.parametrize("loss", ["l2", "kl"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_forward_over_forward_equals_reverse_over_reverse(monkeypatch, loss, backend):
+    """jacfwd(jacfwd) in y and in the weights: the block values in tensor ops on the
+    solver's partition (torch.func does not run an outer jvp through the jvp rule)."""
+    monkeypatch.setenv("SOFTTOPK_BACKEND", backend)
+    g = torch.Generator().manual_seed(12)
+    y = torch.randn(2, 7, dtype=torch.float64, generator=g)
+    w = torch.rand(2, 7, dtype=torch.float64, generator=g) + 0.5
+    c = torch.randn(2, 7, dtype=torch.float64, generator=g)
+
+    def fn(y, w):
+        return (softtopk.isotonic_regression(y, w, loss=loss) * c).sum()
+
+    fwd, rev = torch.func.jacfwd, torch.func.jacrev
+    for arg in (0, 1):
+        expected = rev(rev(fn, argnums=arg), argnums=arg)(y, w)
+        assert expected.abs().max() > 1e-3 or (loss, arg) == ("l2", 0)  # (L2 is linear in y)
+        torch.testing.assert_close(fwd(fwd(fn, argnums=arg), argnums=arg)(y, w), expected)
+    mixed = rev(rev(fn, argnums=0), argnums=1)(y, w)
+    torch.testing.assert_close(fwd(fwd(fn, argnums=0), argnums=1)(y, w), mixed)
+
+
 def test_dykstra_does_not_certify_a_non_monotone_float32_fit():
     y = torch.tensor([[1, 1.0000002, 1.0000002, 0.9999995, 1.0000002]])
     v, info = softtopk.isotonic_regression(y, solver="dykstra", return_info=True)

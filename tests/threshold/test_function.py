@@ -189,6 +189,48 @@ def test_eager_forward_mode_with_dual_tensors(method, p):
         torch.testing.assert_close(f(x), y, rtol=0.0, atol=0.0)
 
 
+@pytest.mark.parametrize("route", ["cpu", "torch"])
+@pytest.mark.parametrize("method,p", [*EXACT, ("sparse", 1.7)])
+def test_forward_over_forward_equals_reverse_over_reverse(monkeypatch, route, method, p):
+    """jacfwd(jacfwd) and the third forward derivative against reverse mode, in x and k.
+
+    torch.func does not differentiate an autograd.Function's jvp by an outer jvp (it
+    returned 0 for every second derivative); nested forward mode takes the mask with
+    tau from two Newton steps, whose derivatives are exact to the third order. Rows of
+    a batch with a -inf entry, a +inf entry (k shared by the rest) and a row set by a
+    rule (k = 0) are among them.
+    """
+    monkeypatch.setenv("SOFTTOPK_BACKEND", route)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 7, dtype=torch.float64, generator=gen)
+    x[1, 2], x[2, 5] = -math.inf, math.inf
+    w = torch.randn(4, 7, dtype=torch.float64, generator=gen)
+    k = torch.tensor([2.5, 3.0, 1.5, 0.0], dtype=torch.float64)
+    loss = lambda a, kk: (softtopk.topk_mask(a, kk, method=method, p=p, temperature=0.7) * w).sum()  # noqa: E731
+    fwd, rev = torch.func.jacfwd, torch.func.jacrev
+    H = rev(rev(loss))(x, k)
+    assert H.abs().max() > 1e-3 or (method, p) == ("sparse", 2.0)
+    torch.testing.assert_close(fwd(fwd(loss))(x, k), H, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(torch.func.hessian(loss)(x, k), H, rtol=1e-9, atol=1e-12)
+    H_k = rev(rev(loss, argnums=1), argnums=1)(x, k)
+    torch.testing.assert_close(fwd(fwd(loss, argnums=1), argnums=1)(x, k), H_k, rtol=1e-9, atol=1e-12)
+    x1, w1 = x[:1], w[:1]
+    third = lambda a: (softtopk.topk_mask(a, 2.5, method=method, p=p, temperature=0.7) * w1).sum()  # noqa: E731
+    torch.testing.assert_close(fwd(fwd(fwd(third)))(x1), rev(rev(rev(third)))(x1), rtol=1e-8, atol=1e-11)
+
+
+def test_forward_over_forward_keeps_the_values_and_nan_rows():
+    """Nested forward mode returns the solved mask itself, and NaN rows a NaN derivative."""
+    x = torch.tensor([[0.3, -1.2, 2.0, 0.7], [0.1, math.nan, 0.4, 0.2]], dtype=torch.float64)
+    u = torch.ones_like(x)
+    f = lambda a: softtopk.topk_mask(a, 2.0, method="entropic", temperature=0.5)  # noqa: E731
+    inner = lambda a: torch.func.jvp(f, (a,), (u,))  # noqa: E731
+    (y, dy), (_, ddy) = torch.func.jvp(inner, (x,), (u,))
+    torch.testing.assert_close(y, f(x), rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(dy[1]).all() and torch.isnan(ddy[1]).all()
+    assert torch.isfinite(dy[0]).all() and torch.isfinite(ddy[0]).all()
+
+
 @pytest.mark.parametrize("method,p,link", CASES)
 def test_gradients_are_finite_at_degenerate_inputs(method, p, link):
     rows = torch.tensor(

@@ -28,6 +28,7 @@ from .._checks import (
     check_int,
     check_tensor,
     compute_dtype,
+    forward_levels,
     may_sync,
 )
 from .._rows import empty_result, to_rows
@@ -249,6 +250,33 @@ class IsotonicRows(CompiledIsotonicRows):
         return dv, None, None, None
 
 
+def _nested_forward_rows(
+    y: Tensor, w: Tensor | None, loss: str, route: str, max_iter: int, tol: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:class:`IsotonicRows` under nested forward mode (``jacfwd(jacfwd(f))``).
+
+    torch.func does not run an outer forward-mode transform through an autograd.Function's
+    jvp (see :func:`softtopk._checks.forward_levels`), so the block values are written in
+    tensor ops on the solver's partition: v_B = sum_B w y / sum_B w (L2, computed on
+    rows scaled into range) or LSE_B(y + lw) - LSE_B(lw) (KL). The partition is locally
+    constant, so their derivatives are exact to every order; the values are the solver's.
+    """
+    wd = None if w is None else w.detach()
+    v0, bid, _, converged, iterations = torch.ops.softtopk.isotonic_fwd(
+        y.detach(), wd, loss == "kl", ROUTES[route], max_iter, tol
+    )
+    if loss == "l2":
+        scale = _overflow_scale(y.detach())
+        ys = y / scale
+        weight = torch.ones_like(y) if w is None else w
+        blocks = segment_sum(weight * ys, bid) / segment_sum(weight, bid)
+        values = blocks.gather(-1, bid) * scale
+    else:
+        lw = torch.zeros_like(y) if w is None else w
+        values = (segment_logsumexp(y + lw, bid) - segment_logsumexp(lw, bid)).gather(-1, bid)
+    return v0 + (values - values.detach()).to(v0.dtype), bid, converged, iterations
+
+
 def isotonic_rows(
     y: Tensor,
     w: Tensor | None,
@@ -264,8 +292,11 @@ def isotonic_rows(
     not certify some rows and ``warn`` is set.
     """
     route = resolve_solver(solver, loss)
-    fn = CompiledIsotonicRows if torch.compiler.is_compiling() else IsotonicRows
-    v, bid, converged, iterations = fn.apply(y, w, loss, route, max_iter, tol)
+    if not torch.compiler.is_compiling() and forward_levels() >= 2:
+        v, bid, converged, iterations = _nested_forward_rows(y, w, loss, route, max_iter, tol)
+    else:
+        fn = CompiledIsotonicRows if torch.compiler.is_compiling() else IsotonicRows
+        v, bid, converged, iterations = fn.apply(y, w, loss, route, max_iter, tol)
     if warn and route == "dykstra" and may_sync(converged) and not bool(converged.all()):
         missing = int((~converged).sum())
         warnings.warn(

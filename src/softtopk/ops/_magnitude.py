@@ -16,6 +16,7 @@ from .._checks import (
     check_positive,
     has_values,
     may_sync,
+    refuse_forward_mode,
     scatter_rows,
 )
 from .._roots import newton
@@ -461,6 +462,7 @@ def topk_mag(
                 f"topk_mag needs max |x| (2 (1 + temperature))^3 within the float64 range; got "
                 f"max |x| = {top:g} with temperature={l:g} (rescale x and the temperature together)"
             )
+    refuse_forward_mode("topk_mag")
     if may_sync(rows.x) and _backend.route(rows.x) == "cpu":
         y = _TopKMagCPU.apply(rows.x, kvec.to(torch.float64), l, r, debias)
     else:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_choice, check_tensor, may_sync
+from .._checks import check_choice, check_tensor, may_sync, refuse_forward_mode
 from .._checks import check_generator as check_generator_type
 from .._rows import apply_rules, classify, regular_rows
 
@@ -389,6 +389,7 @@ def perturbed(
     """
     w = x.shape[-1] if width is None else width
     b = None if budget is None else budget.detach()
+    refuse_forward_mode("the perturbed estimator")
     y, value, _, _ = _Perturbed.apply(x, b, target, select, w, temperature, pert)
     return y, value
 

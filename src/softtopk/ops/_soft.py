@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_dim, check_positive, check_tensor, may_sync
+from .._checks import check_dim, check_positive, check_tensor, may_sync, refuse_forward_mode
 from .._rows import apply_rules, classify, empty_result, regular_rows, rowwise
 from ..threshold import LOGISTIC, threshold_mask
 
@@ -293,6 +293,7 @@ def soft_sinkhorn_mask(
     k_solve = rows.k - rules.n_pos.to(rows.k.dtype)
     # Ruled rows are solved with k = n/2 (0 < k < n also for n = 1); their result is discarded.
     k_solve = torch.where(rules.regular, k_solve, rows.x.shape[-1] / 2.0)
+    refuse_forward_mode("soft_sinkhorn_mask")
     y = _SoftSinkhorn.apply(v, k_solve, eps, max_iter)[0]
     y = torch.where(pinf, 1.0, y)
     return rows.restore(apply_rules(rows.x, rows.k, y.to(rows.x.dtype), rules))
@@ -600,6 +601,7 @@ def sorted_soft_indicators(
     """
     kb = x.new_full((x.shape[0],), float(k)) if budget is None else budget
     if backward == "implicit":
+        refuse_forward_mode("topk_indicators")
         return _SortedSoft.apply(x, kb.detach(), k, epsilon, max_iter, tol)[0]
     prob = sorted_soft_problem(x, k, kb)
     plan = _sorted_plan(prob, k, epsilon, max_iter, tol)

@@ -17,8 +17,11 @@ they hold where every g underflows. The plain backward is one fused op; when the
 backward is itself differentiated (``create_graph=True``, ``torch.func``), it is written
 in tensor ops, whose g has the value above and the derivatives in the saved y (whose own
 gradient is this function again), so the second derivative is exact:
-d g_i/dx_j = G''(z_i)/t dz_i/dx_j. Rows with sum(g) = 0 (hard rows) and rows set by a
-rule get zero gradients; NaN rows NaN.
+d g_i/dx_j = G''(z_i)/t dz_i/dx_j. Forward mode is the custom ``jvp``; under nested
+forward mode (``jacfwd(jacfwd(f))``), which torch.func does not run through an
+autograd.Function's jvp, the mask is written in tensor ops with tau from two Newton
+steps (:func:`_newton_composed_mask`). Rows with sum(g) = 0 (hard rows) and rows set by
+a rule get zero gradients; NaN rows NaN.
 """
 
 from __future__ import annotations
@@ -29,29 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import has_values, in_dual_level, is_real, is_tracing
+from .._checks import forward_levels, has_values, in_dual_level, is_real, is_tracing
 from . import _ops
 from ._links import Link
-from ._ops import reference_backward
+from ._ops import implicit_slopes, reference_backward, slope_shares
 from ._reference import SOLVERS
-
-
-def _slopes(saved: tuple[Tensor, ...], link: Link) -> tuple[Tensor, Tensor]:
-    """g = G'(z)/t and w, proportional to g with the largest about 1 (float64 for a dense link).
-
-    Both are zero on rows set by a rule (g NaN on NaN rows); see the module docstring.
-    """
-    y, tau, t = saved[:3]
-    ruled = ~torch.isfinite(tau).unsqueeze(-1)
-    nan_fill = torch.where(torch.isnan(tau).unsqueeze(-1), float("nan"), 0.0)
-    if link.sparse:
-        h = link.slope_from_value(y)
-        w = h
-    else:
-        h, w = link.dense_slopes(saved[3], tau, t)
-    h = torch.where(ruled, nan_fill, h)
-    w = torch.where(ruled, 0.0, w)
-    return h / t.unsqueeze(-1).to(h.dtype), w
 
 
 def _saved(ctx: Any, x: Tensor, y: Tensor, tau: Tensor, t: Tensor, link: Link) -> None:
@@ -110,14 +95,13 @@ class ThresholdMask(CompiledThresholdMask):
     @staticmethod
     def jvp(ctx: Any, dx: Tensor | None, dk: Tensor | None, *unused: Any) -> tuple[Tensor, None]:  # type: ignore[override]
         saved = ctx.saved_tensors
-        y = saved[0]
-        g, w = _slopes(saved, ctx.link)
-        # dy = g (u - <w, u>/sum w) + dk w/sum w: dtau = (<g, u> - dk)/sum g, in ratios of w
+        y, tau, t = saved[:3]
+        h, w = implicit_slopes(y, tau, t, ctx.link, saved[3] if len(saved) > 3 else None)
+        g = h / t.unsqueeze(-1).to(h.dtype)
+        # dy = g (u - <share, u>) + share dk with share = g / sum g: dtau = (<g, u> - dk)/sum g
+        share = slope_shares(h, w)
         u = torch.zeros_like(y) if dx is None else dx.to(y.dtype)
         u = u.to(g.dtype)
-        total = w.sum(-1, keepdim=True)
-        nonzero = total != 0
-        share = torch.where(nonzero, w / torch.where(nonzero, total, 1.0), 0.0)
         dy = g * (u - (torch.where(w != 0, share * u, 0.0)).sum(-1, keepdim=True))
         if dk is not None:
             dy = dy + share * dk.to(share.dtype).unsqueeze(-1)
@@ -188,6 +172,8 @@ def threshold_mask(x: Tensor, k: Tensor, t: Tensor | float, link: Link, solver: 
     if torch.compiler.is_compiling():
         fn = CompiledThresholdMask
     elif not has_values(x):  # torch.func transforms, fake and meta tensors
+        if forward_levels() >= 2:
+            return _newton_composed_mask(x, k, tt, link, solver)
         fn = ThresholdMask
     elif _differentiated(x, k):
         fn = EagerThresholdMask
@@ -201,3 +187,45 @@ def _differentiated(x: Tensor, k: Tensor) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or k.requires_grad):
         return True
     return in_dual_level()
+
+
+def _newton_composed_mask(x: Tensor, k: Tensor, t: Tensor, link: Link, solver: str) -> Tensor:
+    """The mask under nested forward mode, with tau's derivatives from two Newton steps.
+
+    torch.func does not differentiate an autograd.Function's ``jvp`` rule by an outer
+    forward-mode transform (``jacfwd(jacfwd(f))`` would get 0 for every second
+    derivative, pytorch/pytorch#197867), so there the mask is written in tensor ops: with
+    tau0 the solved threshold (held constant) and the Newton map
+
+        T(x, k, tau) = tau + t (sum G((x - tau)/t) - k) / sum G'((x - tau)/t),
+
+    tau1 = T(x, k, tau0) and tau2 = T(x, k, tau1). T's derivative in tau is 0 at the
+    root, so tau1 agrees with the implicit tau(x, k) to first order in a perturbation of
+    (x, k) and tau2 to third order: the derivatives of tau2, and of y = G((x - tau2)/t),
+    are exact up to the third. Their values are kept at tau0 and the solved y. Rows set
+    by a rule keep their constant y (NaN rows a NaN derivative); a row without a slope
+    (sum G' = 0, a hard row) takes no step.
+    """
+    x0 = x.detach()
+    y0, tau0 = torch.ops.softtopk.threshold_fwd(x0, k.detach(), t, link.code, link.p, SOLVERS[solver])
+    regular = torch.isfinite(tau0).unsqueeze(-1)
+    xs = torch.where(regular, x, 0.0).to(torch.float64)
+    tau_c = torch.where(regular.squeeze(-1), tau0, 0.0)
+    t64 = t.unsqueeze(-1)
+
+    def newton(tau: Tensor) -> Tensor:
+        g, gp = link((xs - tau.unsqueeze(-1)) / t64)
+        total = gp.sum(-1)
+        nonzero = total > 0
+        step = torch.where(nonzero, t * (g.sum(-1) - k) / torch.where(nonzero, total, 1.0), 0.0)
+        return tau + step
+
+    tau = tau_c
+    for _ in range(2):
+        new = newton(tau)
+        tau = tau_c + (new - new.detach())  # the value tau0, the derivatives of T
+    y, _ = link((xs - tau.unsqueeze(-1)) / t64)
+    y = y0 + (y - y.detach()).to(y0.dtype)
+    nan_row = torch.isnan(tau0).unsqueeze(-1)
+    ruled = torch.where(nan_row, y0 + math.nan * (x - x0), y0)
+    return torch.where(regular, y, ruled)

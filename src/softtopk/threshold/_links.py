@@ -104,14 +104,15 @@ class Link:
         raise ValueError(f"link {self.name!r} is not dense")
 
     def __call__(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns ``G(z)`` and ``G'(z)``."""
+        """Returns ``G(z)`` and ``G'(z)``, differentiable to any order (NaN-free at the ends)."""
         if self.name == "sparse":
             inside = (z > 0) & (z < 1)
             if self.p == 2.0:
                 return z.clamp(0.0, 1.0), inside.to(z.dtype)
             a = 1.0 / (self.p - 1.0)
-            zc = z.clamp(0.0, 1.0)
-            return zc.pow(a), torch.where(inside, a * zc.pow(a - 1.0), 0.0)
+            zs = torch.where(inside, z, 0.5)  # (z^(a - 2) is infinite at 0 for a < 2)
+            g = torch.where(inside, zs.pow(a), (z >= 1).to(z.dtype))
+            return g, torch.where(inside, a * zs.pow(a - 1.0), 0.0)
         if self.name == "logistic":
             y = torch.sigmoid(z)
             return y, y * (1.0 - y)

@@ -92,36 +92,56 @@ def _(info, in_dims, x, k, t, link, p, solver):  # noqa: ANN001
     return (y.reshape(size, -1, y.shape[-1]), tau.reshape(size, -1)), (0, 0)
 
 
+def implicit_slopes(y: Tensor, tau: Tensor, t: Tensor, link: Link, x: Tensor | None) -> tuple[Tensor, Tensor]:
+    """h = G'(z) on rows (B, n) and w, proportional to h with the largest about 1.
+
+    Differentiable to any order, in reverse and forward mode. A sparse link's h is read
+    off y (G'(G^{-1}(y))) and w = h. A dense link's (float64) has its value from
+    z = (x - tau)/t (:meth:`Link.dense_slopes`; x, the forward's input rows, is required)
+    and its derivatives through y (:meth:`Link.smooth_slope_from_value`), since tau
+    carries none. Rows set by a rule (tau not finite) get h = w = 0, NaN rows h = NaN.
+    """
+    ruled = ~torch.isfinite(tau).unsqueeze(-1)
+    fill = torch.where(torch.isnan(tau).unsqueeze(-1), math.nan, 0.0)
+    if link.sparse:
+        h = torch.where(ruled, fill, link.slope_from_value(y))
+        return h, h
+    if x is None:
+        raise ValueError(f"the backward of the {link.name} link needs the forward's input x")
+    value, w = link.dense_slopes(x.detach(), tau, t)
+    smooth = link.smooth_slope_from_value(y).to(torch.float64)
+    h = smooth + (value - smooth).detach()
+    return torch.where(ruled, fill, h), torch.where(ruled, 0.0, w)
+
+
+def slope_shares(h: Tensor, w: Tensor) -> Tensor:
+    """h / sum h along the rows, its value taken as w / sum w (0 on a row without a slope).
+
+    w / sum w holds where every h underflows; the derivatives are those of h / sum h.
+    """
+    share_w = _ratio(w, w.sum(-1, keepdim=True))
+    if w is h:
+        return share_w
+    share_h = _ratio(h, h.sum(-1, keepdim=True))
+    return share_h + (share_w - share_h).detach()
+
+
 def reference_backward(
     y: Tensor, tau: Tensor, t: Tensor, v: Tensor, link: Link, x: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """The implicit vjp in tensor ops (differentiable: the backward of the backward).
 
     grad_x = h/t (v - c), grad_k = c with h = G'(z) and c = <h, v>/sum h; rows with a
-    non-finite tau (set by a rule) get zero gradients, NaN rows NaN. A sparse link's h is
-    taken from y (G'(G^{-1}(y))); a dense link's from z = (x - tau)/t, so x, the
-    forward's input rows, is required for it (see :meth:`Link.dense_slopes`), and c
-    from the scaled slopes w. Differentiated again, a dense h has the derivatives in y of
-    :meth:`Link.smooth_slope_from_value` and c those of <h, v>/sum h, which are 0 on a
-    row whose every |z| exceeds about 745 (float64), where sum h underflows.
+    non-finite tau (set by a rule) get zero gradients, NaN rows NaN. h and the scaled
+    slopes w are :func:`implicit_slopes`'s; a dense link's c is taken from w, with the
+    derivatives of <h, v>/sum h, which are 0 on a row whose every |z| exceeds about 745
+    (float64), where sum h underflows.
     """
-    ruled = ~torch.isfinite(tau).unsqueeze(-1)
     nan_row = torch.isnan(tau)
+    h, w = implicit_slopes(y, tau, t, link, x)
     if link.sparse:
-        h = link.slope_from_value(y)
-        h = torch.where(ruled, torch.where(nan_row.unsqueeze(-1), math.nan, 0.0), h)
-        total = h.sum(-1)
-        nonzero = total != 0
-        c = torch.where(nonzero, (h * v).sum(-1) / torch.where(nonzero, total, 1.0), 0.0)
+        c = _ratio((h * v).sum(-1), h.sum(-1))
     else:
-        if x is None:
-            raise ValueError(f"the backward of the {link.name} link needs the forward's input x")
-        # values from z, derivatives (reverse and forward mode) through y
-        h, w = link.dense_slopes(x.detach(), tau, t)
-        smooth = link.smooth_slope_from_value(y).to(torch.float64)
-        h = smooth + (h - smooth).detach()
-        h = torch.where(ruled, torch.where(nan_row.unsqueeze(-1), math.nan, 0.0), h)
-        w = torch.where(ruled, 0.0, w)
         v64 = v.to(torch.float64)
         c_w = _ratio(torch.where(w != 0, w * v64, 0.0).sum(-1), w.sum(-1))
         c_h = _ratio(torch.where(h != 0, h * v64, 0.0).sum(-1), h.sum(-1))
