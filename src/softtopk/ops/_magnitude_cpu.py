@@ -465,11 +465,19 @@ def _backward_row(x, info, l, r, debias, gy, gx, si):  # pragma: no cover - comp
     lr = l**r
     # the entries above tau (and the infinite ones) in one pass; the gradient is 0 elsewhere
     c = 0
-    for i in range(n):
-        s = abs(x[i])
-        if (s - b) + w > 0.0 or s == math.inf:
+    if n <= SMALL:
+        # a short row keeps a good share of its entries: each index is written and kept by
+        # counting it, with no branch to mispredict
+        for i in range(n):
+            s = abs(x[i])
             si[c] = i
-            c += 1
+            c += ((s - b) + w > 0.0) | (s == math.inf)
+    else:  # (a long row keeps few: the branch is predicted, and the stores are saved)
+        for i in range(n):
+            s = abs(x[i])
+            if (s - b) + w > 0.0 or s == math.inf:
+                si[c] = i
+                c += 1
     # grad_s = d v - right (sum_block d v) / W. On the block d = right / l^r (+ 1 debiased)
     # and W = sum_block right + l^r n_pooled, so for ties with equal cotangents the two
     # terms agree to a relative n l^r / W, far below rounding at a small l or a large s.
