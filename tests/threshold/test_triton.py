@@ -447,6 +447,25 @@ def test_cuda_half_precision_and_rules_without_sync(monkeypatch, method, p, code
     _check_tau(tau.cpu(), tau_ref, y_ref, code <= 1, 1e-6)
 
 
+def _near_hard_rows(rng, rows, dtype):  # noqa: ANN001
+    """Rows of 40 entries with gaps of 0.3 to 3 between neighbours, shuffled; row 3 has
+    a +inf and a -inf entry. At t = 0.05 to 1e-4 their entries saturate."""
+    n = 40
+    gaps = torch.from_numpy(rng.uniform(0.3, 3.0, size=(rows, n)))
+    x = (gaps.cumsum(-1) - gaps.sum(-1, keepdim=True) / 2).to(dtype)
+    x = x[:, torch.from_numpy(rng.permutation(n))]
+    x[3, 5], x[3, 9] = math.inf, -math.inf
+    return x
+
+
+def _dense_gradients_close(gx, gk, gx_ref, gk_ref, rtol):  # noqa: ANN001
+    """grad_k to rtol (O(1) on every row), grad_x to rtol of each row's largest."""
+    assert gk_ref.abs().min() > 1e-3
+    torch.testing.assert_close(gk, gk_ref, rtol=rtol, atol=1e-12)
+    scale = gx_ref.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(gx_ref.dtype).tiny)
+    torch.testing.assert_close(gx / scale, gx_ref / scale, rtol=0, atol=rtol)
+
+
 @interpreter
 @pytest.mark.parametrize("route", ["one program", "chunks", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -459,11 +478,7 @@ def test_dense_backward_near_the_hard_mask_equals_the_cpu_route(rng, monkeypatch
         monkeypatch.setattr(tri, "CHUNK", 16)
     elif route == "split":
         _split(monkeypatch, 16, tiles=3)
-    n = 40
-    gaps = torch.from_numpy(rng.uniform(0.3, 3.0, size=(4, n)))
-    x = (gaps.cumsum(-1) - gaps.sum(-1, keepdim=True) / 2).to(dtype)
-    x = x[:, torch.from_numpy(rng.permutation(n))]
-    x[3, 5], x[3, 9] = math.inf, -math.inf
+    x = _near_hard_rows(rng, 4, dtype)
     k = torch.tensor([2.0, 5.0, 3.0, 4.0], dtype=torch.float64)
     t = torch.tensor([0.05, 0.02, 1e-3, 1e-4], dtype=torch.float64)
     v = torch.from_numpy(rng.normal(size=x.shape)).to(dtype)
@@ -471,12 +486,7 @@ def test_dense_backward_near_the_hard_mask_equals_the_cpu_route(rng, monkeypatch
     gx_ref, gk_ref = _backward(monkeypatch, "cpu", y, tau, t, v, code, 2.0, x)
     monkeypatch.setenv("SOFTTOPK_BACKEND", "triton")
     gx, gk = _ops.backward_impl(y, tau, t, v, code, 2.0, x)
-    rtol = 1e-6 if dtype == torch.float32 else 1e-9
-    assert gk_ref.abs().min() > 1e-3  # O(1) on every row
-    torch.testing.assert_close(gk, gk_ref, rtol=rtol, atol=1e-12)
-    tiny = torch.finfo(dtype).tiny
-    scale = gx_ref.abs().amax(-1, keepdim=True).clamp(min=tiny)
-    torch.testing.assert_close(gx / scale, gx_ref / scale, rtol=0, atol=rtol)
+    _dense_gradients_close(gx, gk, gx_ref, gk_ref, 1e-6 if dtype == torch.float32 else 1e-9)
 
 
 @interpreter
@@ -498,11 +508,7 @@ def test_dense_forward_near_the_hard_mask_equals_the_cpu_route(rng, monkeypatch,
         monkeypatch.setattr(tri, "SPLIT_STEPS", 1)  # (a row left unsolved by one step: the chunks)
     elif route == "split":
         _split(monkeypatch, 16, tiles=3)
-    n = 40
-    gaps = torch.from_numpy(rng.uniform(0.3, 3.0, size=(6, n)))
-    x = (gaps.cumsum(-1) - gaps.sum(-1, keepdim=True) / 2).to(dtype)
-    x = x[:, torch.from_numpy(rng.permutation(n))]
-    x[3, 5], x[3, 9] = math.inf, -math.inf
+    x = _near_hard_rows(rng, 6, dtype)
     k = torch.tensor([2.0, 5.0, 3.0, 4.0, 7.0, 2.5], dtype=torch.float64)
     t = torch.tensor([0.05, 0.02, 1e-3, 1e-4, 2e-4, 1e-3], dtype=torch.float64)
     v = torch.from_numpy(rng.normal(size=x.shape)).to(dtype)
@@ -511,12 +517,8 @@ def test_dense_forward_near_the_hard_mask_equals_the_cpu_route(rng, monkeypatch,
     monkeypatch.setenv("SOFTTOPK_BACKEND", "triton")
     y, tau = _ops.forward_impl(x, k, t, code, 2.0, 0)
     gx, gk = _ops.backward_impl(y, tau, t, v, code, 2.0, x)
-    # tau to a few ulps of the row's entries, in units of t
+    # tau within 8 ulps of the row's largest finite magnitude (and 1e-12 t)
     ulp = torch.finfo(torch.float64).eps * 8 * x.abs().masked_fill(~x.isfinite(), 0).amax(-1).double()
     assert ((tau - tau_ref).abs() <= ulp + 1e-12 * t).all(), ((tau - tau_ref) / t).tolist()
     _close(y, y_ref, 1e-6 if dtype == torch.float32 else 1e-12)
-    rtol = 1e-5 if dtype == torch.float32 else 1e-8
-    assert gk_ref.abs().min() > 1e-3
-    torch.testing.assert_close(gk, gk_ref, rtol=rtol, atol=1e-12)
-    scale = gx_ref.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(dtype).tiny)
-    torch.testing.assert_close(gx / scale, gx_ref / scale, rtol=0, atol=rtol)
+    _dense_gradients_close(gx, gk, gx_ref, gk_ref, 1e-5 if dtype == torch.float32 else 1e-8)
