@@ -203,8 +203,10 @@ def _newton_composed_mask(x: Tensor, k: Tensor, t: Tensor, link: Link, solver: s
     root, so tau1 agrees with the implicit tau(x, k) to first order in a perturbation of
     (x, k) and tau2 to third order: the derivatives of tau2, and of y = G((x - tau2)/t),
     are exact up to the third. Their values are kept at tau0 and the solved y. Rows set
-    by a rule keep their constant y (NaN rows a NaN derivative); a row without a slope
-    (sum G' = 0, a hard row) takes no step.
+    by a rule keep their constant y (NaN rows a NaN derivative). A row without a slope
+    (sum G' = 0: a hard sparse row, or a dense row whose every |z| exceeds about 745 in
+    float64) takes no step, so its derivatives are 0 there: on such a dense row this
+    also makes dy/dk 0, where the first-order routes give w / sum w.
     """
     x0 = x.detach()
     y0, tau0 = torch.ops.softtopk.threshold_fwd(x0, k.detach(), t, link.code, link.p, SOLVERS[solver])
