@@ -29,6 +29,11 @@ from device tensors):
 5. write y = G((x - tau)/t) (sparse links: zero within rounding of the threshold) and
    tau.
 
+A dense link's sums in steps 3 and 4 split sum G - k as (entries above tau - k) plus
+fractions (G below tau, -G(-z) above it), scaled by e^M with M the row's smallest |z|
+(:func:`_dense_terms`, :func:`_row_sums`): on a row near the hard mask, sum G - k rounds
+to 0 all across the gap around tau, and these sums still tell tau apart there.
+
 No step reads a value on the host: k, t and every decision stay on the device.
 
 Rows of at most :data:`ONCHIP_MAX` entries are held on chip for the whole solve, one
