@@ -41,8 +41,8 @@ def forward_levels() -> int:
     forward-mode transform (pytorch/pytorch#197867: every second derivative comes out
     0), so the operators built on one take a tensor-op route where this is 2 or more.
     """
-    if not is_tracing():
-        return 0
+    if torch.compiler.is_compiling() or not is_tracing():
+        return 0  # (Dynamo refuses to trace torch.func's interpreter stack)
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
