@@ -209,6 +209,15 @@ def _route_outputs(monkeypatch, fused, logits, k, **options):
     return (out.gates, out.probs, out.mask, out.aux_loss, out.z_loss, *grads)
 
 
+def _fused_equals_composite(monkeypatch, logits, k, tol, equal_nan=False, **options):  # noqa: ANN001
+    """The fused and the composite route's outputs and gradients agree; returns the fused ones."""
+    fused = _route_outputs(monkeypatch, True, logits, k, **options)
+    composite = _route_outputs(monkeypatch, False, logits, k, **options)
+    for a, b in zip(fused, composite, strict=True):
+        torch.testing.assert_close(a, b, equal_nan=equal_nan, **tol)
+    return fused
+
+
 @pytest.mark.parametrize("method", ["sparse", "sparse-p4/3", "entropic", "lapsum"])
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("experts", [8, 40])
@@ -227,10 +236,7 @@ def test_fused_gates_equal_the_composite(monkeypatch, method, score, experts, dt
     tol = {"rtol": 2e-6, "atol": 2e-6} if dtype == torch.float32 else {"rtol": 1e-11, "atol": 1e-11}
     for options in ({}, {"expert_bias": bias}):
         options = {"method": method, "temperature": 0.4, "score": score, **options}
-        fused = _route_outputs(monkeypatch, True, logits, k, **options)
-        composite = _route_outputs(monkeypatch, False, logits, k, **options)
-        for a, b in zip(fused, composite, strict=True):
-            torch.testing.assert_close(a, b, equal_nan=True, **tol)
+        fused = _fused_equals_composite(monkeypatch, logits, k, tol, equal_nan=True, **options)
         assert torch.isnan(fused[0][1]).all() and torch.isfinite(fused[0][2:]).all() == (score == "sigmoid")
     # parallel chunks (a batch this large runs on two threads)
     threads = torch.get_num_threads()
@@ -266,10 +272,7 @@ def test_fused_dense_gates_near_the_hard_mask_equal_the_composite(monkeypatch, m
     tol = {"rtol": 2e-5, "atol": 2e-6} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-11}
     for options in ({}, {"expert_bias": bias}):
         options = {"method": method, "temperature": 0.005, "score": score, **options}
-        fused = _route_outputs(monkeypatch, True, logits, k, **options)
-        composite = _route_outputs(monkeypatch, False, logits, k, **options)
-        for a, b in zip(fused, composite, strict=True):
-            torch.testing.assert_close(a, b, **tol)
+        fused = _fused_equals_composite(monkeypatch, logits, k, tol, **options)
         grad_k = fused[-1]
         assert grad_k.abs().max() > 0.1  # not vacuous: the budgets' gradient is O(1)
 

@@ -79,8 +79,7 @@ class Link:
         """
         z = (x.to(torch.float64) - tau.unsqueeze(-1)) / t.to(torch.float64).unsqueeze(-1)
         a = z.abs()
-        m = torch.where(torch.isfinite(a), a, torch.inf).amin(-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, 0.0)
+        m = _smallest_finite(a)
         e = torch.exp(-a)
         s = torch.exp(m - a)
         if self.name == "logistic":
@@ -183,8 +182,7 @@ class Link:
             above = (z > 0).to(z.dtype) if logistic else None
             sign = None if logistic else torch.sign(z)
             a = z.abs_()
-            m = torch.where(torch.isfinite(a), a, torch.inf).amin(-1, keepdim=True)
-            m = torch.where(torch.isfinite(m), m, 0.0)
+            m = _smallest_finite(a)
             e = a.sub_(m).neg_().exp_()  # e^(m - |z|)
             m = m.squeeze(-1).to(f64)
             if logistic:
@@ -214,6 +212,12 @@ class Link:
         if self.name == "laplace":
             return torch.where(q <= 0.5, torch.log(2.0 * q), -torch.log(2.0 * (1.0 - q)))
         raise ValueError(f"link {self.name!r} has a bounded support and needs no inverse")
+
+
+def _smallest_finite(a: Tensor) -> Tensor:
+    """The smallest finite entry of each row of a >= 0 (keepdim), 0 where a row has none."""
+    m = torch.where(torch.isfinite(a), a, torch.inf).amin(-1, keepdim=True)
+    return torch.where(torch.isfinite(m), m, 0.0)
 
 
 #: The largest m by which :meth:`Link.sums` scales a dense link's sums (e^m times the

@@ -75,6 +75,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._links import SCALE_LIMIT
+
 CLIP, POWER, LOGISTIC, LAPLACE = 0, 1, 2, 3
 #: Phase of a row of the split route once it is solved (0 rough Newton, 1 float64 Newton,
 #: 2 and 3 the power link's breakpoint check).
@@ -99,6 +101,11 @@ SPLIT_POINTS = 8
 #: converged; a rejected Newton step halves the bracket).
 ITER_LOW = 64
 ITER_F64 = 100
+#: A dense link's scaled sums are taken times e^M with M at most this where the count
+#: above tau differs from k (:func:`_dense_scale`): the bound of :meth:`Link.sums` in
+#: float64, and one that keeps n e^M far from overflow in the float32 rough phase.
+SCALE_F64 = tl.constexpr(SCALE_LIMIT)
+SCALE_F32 = tl.constexpr(60.0)
 
 
 @triton.jit
@@ -533,7 +540,7 @@ def _forward_kernel(
         BLOCK,
         ONCHIP,
         True,
-        60.0,
+        SCALE_F32,
     )
     # Recentre on c, the float32 (float64) value nearest the rough threshold: x - c is
     # exact near the threshold, so z = (x - c)/t - s keeps its digits however large |x|/t.
@@ -560,7 +567,7 @@ def _forward_kernel(
         BLOCK,
         ONCHIP,
         LINK >= 2,
-        600.0,
+        SCALE_F64,
     )
     if LINK == 1:
         # A root on a breakpoint x_b (an entry leaving the support), where G = z^a is flat:
@@ -569,8 +576,8 @@ def _forward_kernel(
         # x_b itself when it solves the equation at least as well.
         xb = _next_above(xrow, n, xt, c, inv_t, s, BLOCK, ONCHIP)
         s_b = (xb - c) * inv_t
-        f_s, _, _ = _row_sums(xrow, n, xt, c, inv_t, s, kk, a, LINK, tl.float64, BLOCK, ONCHIP, 600.0)
-        f_b, _, _ = _row_sums(xrow, n, xt, c, inv_t, s_b, kk, a, LINK, tl.float64, BLOCK, ONCHIP, 600.0)
+        f_s, _, _ = _row_sums(xrow, n, xt, c, inv_t, s, kk, a, LINK, tl.float64, BLOCK, ONCHIP, SCALE_F64)
+        f_b, _, _ = _row_sums(xrow, n, xt, c, inv_t, s_b, kk, a, LINK, tl.float64, BLOCK, ONCHIP, SCALE_F64)
         take = regular & (xb < float("inf")) & (tl.abs(f_b) <= tl.abs(f_s))
         s = tl.where(take, s_b, s)
     tau = c + t * s
@@ -980,7 +987,7 @@ def _split_step_kernel(
         else:
             above = _split_point_totals(parts, nb, W, RBLOCK, NPOINT)
             mz = parts + 4 * NPOINT
-            M = _dense_scale(above, _split_point_min(mz, nb, W, RBLOCK, NPOINT), kk, 600.0)
+            M = _dense_scale(above, _split_point_min(mz, nb, W, RBLOCK, NPOINT), kk, SCALE_F64)
             f = _count_part(above, kk, M) + _split_point_scaled(parts + NPOINT, mz, M, nb, W, RBLOCK, NPOINT)
             d = _split_point_scaled(parts + 2 * NPOINT, mz, M, nb, W, RBLOCK, NPOINT)
             size = _split_point_scaled(parts + 3 * NPOINT, mz, M, nb, W, RBLOCK, NPOINT)
