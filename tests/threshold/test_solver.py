@@ -433,6 +433,59 @@ def test_short_rows_near_the_hard_gap_equal_the_row_path(n, k, rel, t, scale, se
         assert abs(taus[0] - taus[1]) <= 1e-9 * (t + scale)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 16),
+    extra=st.integers(0, 40),
+    t_rel=st.sampled_from([1e-4, 1e-2, 0.3, 1.0, 30.0]),
+    scale=st.sampled_from([1e-3, 1.0, 1e6]),
+    whole_k=st.booleans(),
+    ties=st.booleans(),
+    specials=st.integers(0, 5),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    code=st.sampled_from([2, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_short_dense_rows_in_lanes_equal_the_row_path(
+    n, extra, t_rel, scale, whole_k, ties, specials, dtype, code, seed
+):
+    """Batches of short rows of the dense links (LANES rows at a time, one per vector lane,
+    with the rows past the last full block and the lanes that are not plain on the row
+    path) give the mask and threshold of each row solved alone, which takes the row path:
+    y to 1e-12 (1e-6 in float32), tau to 1e-12 of the row's scale, the same rules' rows.
+    The batches hold NaN, +-inf and huge entries, k = 0, k = n, k beyond n and NaN k."""
+    from softtopk.threshold import _cpu
+
+    rng = np.random.default_rng(seed)
+    rows = _cpu.LANES + extra
+    x = rng.standard_normal((rows, n)) * scale
+    if ties:
+        x = np.round(2.0 * x / scale) / 2.0 * scale
+    big = 1e305 if dtype == np.float64 else 3e38
+    for _ in range(specials):
+        x[rng.integers(rows), rng.integers(n)] = rng.choice([math.inf, -math.inf, math.nan, big, -big])
+    k = rng.uniform(0.0, n, size=rows)
+    k = np.floor(k) if whole_k else k
+    k[rng.integers(rows, size=3)] = [0.0, float(n), n + 0.5]
+    if specials:
+        k[rng.integers(rows)] = math.nan
+    t = np.full(rows, t_rel * scale)
+    x = x.astype(dtype)
+    y = np.empty_like(x)
+    tau = np.empty(rows)
+    _cpu.forward_serial(x, k, t, code, 2.0, y, tau)
+    for b in range(rows):
+        yb = np.empty_like(x[b : b + 1])
+        taub = np.empty(1)
+        _cpu.forward_serial(x[b : b + 1], k[b : b + 1], t[b : b + 1], code, 2.0, yb, taub)
+        np.testing.assert_allclose(y[b], yb[0], rtol=0, atol=1e-6 if dtype == np.float32 else 1e-12)
+        if math.isfinite(taub[0]):
+            size = max(t[b], float(np.abs(x[b].astype(np.float64)).max()))
+            assert abs(tau[b] - taub[0]) <= 1e-12 * size, (b, tau[b], taub[0])
+        else:
+            assert tau[b] == taub[0] or (math.isnan(tau[b]) and math.isnan(taub[0]))
+
+
 def test_kernel_rows_whose_spread_overflows_end():
     """x_(1) - x_(n) overflows float64 (the closed form's breakpoints reach -inf): the walk
     over them ends (it used to loop forever) with the hard mask. (``topk_mask`` refuses

@@ -36,9 +36,13 @@ only, and the output pass turns each stored u into G without another exponential
 band comes from a strided sample with margins (and, when the sample holds less than
 one entry above tau, from the row's largest entry); tau must end at least Z0 t inside it
 (so the series' error is below e^(-(M+1) Z0), under float64 rounding), or the row is
-solved again on every entry. Newton's steps take no exponential per entry: each entry's
-e^((x - anchor)/t) is stored for an anchor within 30 t of tau (computed again when tau
-moves further) and divided by e^((tau - anchor)/t). The passes over a row's entries
+solved again on every entry. The dense links' steps are Halley's (cubic convergence,
+from the sums of G'' alongside G'), safeguarded by the bracket as Newton's, and the
+last one is not checked by evaluating f where its bound puts tau within the tolerance.
+They take no exponential per entry: each entry's e^((x - anchor)/t) is stored for an
+anchor within 30 t of tau (computed again when tau moves further) and divided by
+e^((tau - anchor)/t). Rows of at most SHORT entries are solved LANES at a time, one row
+per vector lane, in lockstep (:func:`_short_dense_rows`). The passes over a row's entries
 (the tails' exponentials and power sums, Newton's sums, the output, the backward) are
 leaf loops without branches or libm calls, which LLVM vectorises; e^x there is
 :func:`_exp`.
@@ -96,6 +100,15 @@ MAX_ITER = 200
 #: A dense link's Newton evaluates e^((x - tau)/t) as e^((x - anchor)/t) / e^((tau - anchor)/t)
 #: while tau stays within this many t of the anchor (the quotient's rounding grows with it).
 ANCHOR = 30.0
+#: Short rows of the dense links are solved LANES at a time, one per vector lane, with at
+#: most LANE_STEPS Newton (Halley) steps in lockstep before a lane goes to the row path.
+LANES = 32
+LANE_STEPS = 8
+#: The rows of a block's lane state V (:func:`_lane_step`): k, t, tau, the bracket, the
+#: anchor of the exponentials, the last step, the flags stopped and plain (1.0 or 0.0),
+#: u = e^((tau - anchor)/t) and 1/t; and of its sums S (:func:`_lane_sums`).
+_K, _T, _TAU, _LO, _HI, _AT, _STEP, _STOPPED, _PLAIN, _U, _INV_T = range(11)
+_ABOVE, _M, _M_ABOVE, _SLOPE, _CURV, _CURV_ABOVE = range(6)
 
 _jit = numba.njit(cache=True, nogil=True, fastmath=False)
 #: Small helpers of the row loops are inlined into them: a call between compiled functions
@@ -235,9 +248,11 @@ def _newton_inline(
     """Safeguarded Newton for sum_j G((vals_j - tau)/t) + tails(tau) = kk on [lo, hi].
 
     Starts at ``tau`` (the bracket's middle when tau is outside it); f(lo) >= 0 >= f(hi).
-    Stops when the bracket closes, when a dense link's f is at the rounding level of its
-    sum, or when a step is below ``tol`` (at least eps abs(tau) + 4 eps t: about one ulp
-    of tau); that last step is returned without evaluating f there. With ``terms`` > 0
+    The dense links take Halley's step (Newton's corrected by f''), the sparse ones
+    Newton's. Stops when the bracket closes, when a dense link's f is at the rounding
+    level of its sum, or when a step is below ``tol`` (at least eps abs(tau) + 4 eps t:
+    about one ulp of tau), or, for a dense link, when the step's error bound delta^2 / t
+    is below half that; that last step is returned without evaluating f there. With ``terms`` > 0
     the entries below L and above H enter through their power sums P[:terms] and
     Q[:terms] (and n_high entries above H).
 
@@ -268,6 +283,7 @@ def _newton_inline(
         # f = (n_high + entries above tau - kk) + fractions + tails: see _dense_sums
         f = n_high - kk if terms > 0 else -kk
         d = 0.0
+        g2 = 0.0  # sum G''(z): Halley's correction (dense links)
         size = 0.0  # the sum of the magnitudes of f's fractions and tails
         anchored = False
         if dense and abs(tau) < math.inf:  # (a bracket can be infinite: k far below 1 ulp of n)
@@ -277,7 +293,7 @@ def _newton_inline(
             u = math.exp((tau - anchor) / t)
             anchored = u > 0.0 and u < math.inf  # not so when t overflows
         if anchored:
-            above, fr, size, gp = _dense_sums(ev, c, u, code)
+            above, fr, size, gp, g2 = _dense_sums(ev, c, u, code)
             f += above  # (exact: an integer less kk)
             f += fr
             d += gp
@@ -292,6 +308,8 @@ def _newton_inline(
                 fr += -q if z > 0.0 else g
                 size += q
                 d += gp
+                side = -1.0 if z > 0.0 else 1.0
+                g2 += side * gp * (1.0 - 2.0 * q) if code == LOGISTIC else side * gp
             f += above
             f += fr
         else:
@@ -300,8 +318,9 @@ def _newton_inline(
                 f += g
                 d += gp
         before = f
-        f, d = _add_tails(f, d, tau, t, code, L, H, P, Q, terms, 0.0)
+        f, d, g2 = _add_tails(f, d, g2, tau, t, code, L, H, P, Q, terms, 0.0)
         size += abs(f - before)
+        slope = d  # sum G'(z)
         d /= t
         if f > 0.0:
             lo = tau
@@ -318,12 +337,27 @@ def _newton_inline(
             # inside (0, 1), where it would take a share of a hard row's gradient.)
             return tau
         delta = f / d if d > 0.0 else math.inf
+        if dense:
+            # Halley's step, delta / (1 - f f'' / (2 f'^2)): cubic convergence, where Newton's
+            # is quadratic. The ratio sum G'' / sum G' lies in [-1, 1], so the correction
+            # is below 1/2 while |delta| < t; beyond, Newton's step is taken.
+            r = 0.5 * (delta / t) * (g2 / slope) if slope > 0.0 else 0.0
+            if abs(r) < 0.5:
+                delta = delta / (1.0 - r)
         cand = tau + delta
-        if abs(delta) <= max(tol, eps * abs(tau) + 4.0 * eps * t):
+        step_tol = max(tol, eps * abs(tau) + 4.0 * eps * t)
+        if abs(delta) <= step_tol:
             # A step below one ulp of tau: tau is the root up to rounding. The step may
             # round back onto tau, the end of the bracket just moved there, so it is not
             # tested against the bracket (a bisection from there would take ~50 steps).
             return cand if cand >= lo and cand <= hi else tau
+        q = abs(delta) / t
+        if dense and cand > lo and cand < hi and 16.0 * q <= 1.0 and abs(delta) * q <= 0.5 * step_tol:
+            # The step lands within delta^2 / t of the root (|f''| <= f' e^(|delta|/t) / t
+            # for both dense links, and Halley's correction is below delta^2 / (2 t)): within
+            # half the tolerance, so f is not evaluated there. (delta^2 and t step_tol
+            # overflow on rows near the float64 limit: the test is on |delta| / t <= 1/16.)
+            return cand
         if cand > lo and cand < hi and 2.0 * abs(delta) < abs(dx_old):
             new = cand
         else:
@@ -344,38 +378,45 @@ def _newton(vals, c, kk, t, code, a, lo, hi, tau, tol, L, H, P, Q, terms, n_high
 
 @_simd
 def _dense_sums(ev, c, u, code):  # pragma: no cover - compiled
-    """sum_j G(z_j) split as (above, fractions), sum_j |fraction_j| and sum_j G'(z_j), e^(z_j) = ev[j] / u.
+    """sum G(z_j) as (above, fractions), sum |fraction_j|, sum G'(z_j), sum G''(z_j); e^(z_j) = ev[j] / u.
 
     An entry above tau (e > u) counts 1 in ``above`` and -(1 - G) in ``fractions``, an
     entry below it G: the sum is above + fractions with no 1 - G rounded away, so on a
     row near the hard mask (every G within rounding of 0 or 1) f = (above - k) +
     fractions still has its digits. Each entry's fraction is m = min(G, 1 - G) (G's
     digits are lost only where it is near 1), so the sums are of m and of m over the
-    entries above. ev[:c] in [0, inf], u > 0 finite; one division per entry and no
-    branch, so the loop vectorises.
+    entries above; G'' is G'(1 - 2G) (logistic) or +-G' (Laplace), signed by the side
+    of tau, so it is summed likewise. ev[:c] in [0, inf], u > 0 finite; one division
+    per entry and no branch, so the loop vectorises.
     """
     above = 0.0
     s = 0.0
     s_above = 0.0
     d = 0.0
+    s2 = 0.0
+    s2_above = 0.0
     if code == LOGISTIC:
         for j in range(c):
             e = ev[j]
             m = min(e, u) / (e + u)  # min(G, 1 - G), G = e / (e + u); 0 at e = inf
             high = 1.0 if e > u else 0.0
+            gp = m * (1.0 - m)  # G' = G (1 - G)
+            q = gp * (1.0 - 2.0 * m)  # |G''| = G' |1 - 2G|, positive below tau
             above += high
             s += m
             s_above += high * m
-            d += m * (1.0 - m)  # G' = G (1 - G)
-        return above, s - 2.0 * s_above, s, d
+            d += gp
+            s2 += q
+            s2_above += high * q
+        return above, s - 2.0 * s_above, s, d, s2 - 2.0 * s2_above
     for j in range(c):
         e = ev[j]
-        m = 0.5 * (min(e, u) / max(e, u))  # e^(-|z|) / 2: G below tau, 1 - G above, and G'
+        m = 0.5 * (min(e, u) / max(e, u))  # e^(-|z|) / 2: G below tau, 1 - G above, G' and |G''|
         high = 1.0 if e > u else 0.0
         above += high
         s += m
         s_above += high * m
-    return above, s - 2.0 * s_above, s, s
+    return above, s - 2.0 * s_above, s, s, s - 2.0 * s_above
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy", inline="always")
@@ -402,10 +443,10 @@ def _dense_write(ev, c, u, code, si, y):  # pragma: no cover - compiled
 
 
 @_jit
-def _add_tails(f, d, tau, t, code, L, H, P, Q, terms, n_high):  # pragma: no cover - compiled
-    """Adds the series of the entries below L and above H to f and to d = -t f'."""
+def _add_tails(f, d, g2, tau, t, code, L, H, P, Q, terms, n_high):  # pragma: no cover - compiled
+    """Adds the series of the entries below L and above H to f, to d = -t f' and to g2 = t^2 f''."""
     if terms == 0:
-        return f, d
+        return f, d, g2
     a = math.exp((L - tau) / t) if L > -math.inf else 0.0
     b = math.exp((tau - H) / t) if H < math.inf else 0.0
     if code == LOGISTIC:
@@ -415,13 +456,16 @@ def _add_tails(f, d, tau, t, code, L, H, P, Q, terms, n_high):  # pragma: no cov
         for j in range(terms):
             aj *= a
             bj *= b
-            f += sign * (aj * P[j] - bj * Q[j])
-            d += sign * (j + 1) * (aj * P[j] + bj * Q[j])
+            low = aj * P[j]
+            high = bj * Q[j]
+            f += sign * (low - high)
+            d += sign * (j + 1) * (low + high)
+            g2 += sign * (j + 1) * (j + 1) * (low - high)
             sign = -sign
-        return f + n_high, d
-    f += 0.5 * (a * P[0] - b * Q[0]) + n_high
-    d += 0.5 * (a * P[0] + b * Q[0])
-    return f, d
+        return f + n_high, d, g2
+    low = 0.5 * a * P[0]
+    high = 0.5 * b * Q[0]
+    return f + ((low - high) + n_high), d + (low + high), g2 + (low - high)
 
 
 @_inline
@@ -992,8 +1036,8 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - c
                 for j in range(c):
                     f_lo += _link((sv[j] - lo) / t, code, 1.0)[0]
                     f_hi += _link((sv[j] - hi) / t, code, 1.0)[0]
-            f_lo = _add_tails(f_lo, 0.0, lo, t, code, L, H, P, Q, terms, 0.0)[0]
-            f_hi = _add_tails(f_hi, 0.0, hi, t, code, L, H, P, Q, terms, 0.0)[0]
+            f_lo = _add_tails(f_lo, 0.0, 0.0, lo, t, code, L, H, P, Q, terms, 0.0)[0]
+            f_hi = _add_tails(f_hi, 0.0, 0.0, hi, t, code, L, H, P, Q, terms, 0.0)[0]
             if f_lo >= 0.0 and f_hi <= 0.0:
                 tau = _newton(sv, c, kk, t, code, 1.0, lo, hi, guess, 0.0, L, H, P, Q, terms, n_high, ev)
                 _write_tails(x, L, H, math.exp((L - tau) / t), math.exp((tau - H) / t), logistic, y)
@@ -1035,6 +1079,235 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - c
     return tau
 
 
+@_vec
+def _lane_exps(X, anc, tt, n, lanes, EV):  # pragma: no cover - compiled
+    """EV[j, r] = e^((X[j, r] - anc[r]) / tt[r]) on a block of lanes (:func:`_short_dense_rows`)."""
+    for j in range(n):
+        for r in range(lanes):
+            EV[j, r] = _exp((X[j, r] - anc[r]) / tt[r])
+
+
+@_vec
+def _lane_sums(EV, V, n, lanes, code, S):  # pragma: no cover - compiled
+    """:func:`_dense_sums` on each lane of a block at its tau, e^(z_j) = EV[j, r] / u[r].
+
+    u = e^((tau - anchor)/t) goes to V[_U] (the state of :func:`_lane_step`); S[:, r] gets
+    the count above tau, sum m, sum m above, sum G', sum |G''| and sum |G''| above
+    (m = min(G, 1 - G)), each lane summed left to right.
+    """
+    for r in range(lanes):
+        V[_U, r] = _exp((V[_TAU, r] - V[_AT, r]) / V[_T, r])
+    U = V[_U]
+    for q in range(6):
+        for r in range(lanes):
+            S[q, r] = 0.0
+    if code == LOGISTIC:
+        for j in range(n):
+            for r in range(lanes):
+                e = EV[j, r]
+                u = U[r]
+                m = min(e, u) / (e + u)
+                high = 1.0 if e > u else 0.0
+                gp = m * (1.0 - m)
+                q = gp * (1.0 - 2.0 * m)
+                S[_ABOVE, r] += high
+                S[_M, r] += m
+                S[_M_ABOVE, r] += high * m
+                S[_SLOPE, r] += gp
+                S[_CURV, r] += q
+                S[_CURV_ABOVE, r] += high * q
+    else:
+        for j in range(n):
+            for r in range(lanes):
+                e = EV[j, r]
+                u = U[r]
+                m = 0.5 * (min(e, u) / max(e, u))
+                high = 1.0 if e > u else 0.0
+                S[_ABOVE, r] += high
+                S[_M, r] += m
+                S[_M_ABOVE, r] += high * m
+        for r in range(lanes):
+            S[_SLOPE, r] = S[_M, r]
+            S[_CURV, r] = S[_M, r]
+            S[_CURV_ABOVE, r] = S[_M_ABOVE, r]
+
+
+@_vec
+def _lane_step(S, V, lanes):  # pragma: no cover - compiled
+    """One safeguarded Halley step of :func:`_newton_inline` on each live lane.
+
+    V[:, r] is lane r's state, its rows named by _K ... _INV_T (1.0 and 0.0 for the flags
+    _STOPPED and _PLAIN), S[:, r] its sums from :func:`_lane_sums`.
+    """
+    eps = 2.220446049250313e-16
+    for r in range(lanes):
+        tr = V[_T, r]
+        tv = V[_TAU, r]
+        lo = V[_LO, r]
+        hi = V[_HI, r]
+        u = V[_U, r]
+        anchored = (abs(tv - V[_AT, r]) <= ANCHOR * tr) & (u > 0.0) & (u < math.inf)
+        f = (S[_ABOVE, r] - V[_K, r]) + (S[_M, r] - 2.0 * S[_M_ABOVE, r])
+        slope = S[_SLOPE, r]
+        g2 = S[_CURV, r] - 2.0 * S[_CURV_ABOVE, r]
+        new_lo = tv if f > 0.0 else lo
+        new_hi = hi if f > 0.0 else tv
+        # (two divisions where the row path takes six: a lane's steps are a chain of them)
+        w = f / slope  # Newton's step over t
+        delta = w * tr if slope > 0.0 else math.inf
+        ratio = 0.5 * w * (g2 / slope) if slope > 0.0 else 0.0
+        delta = delta / (1.0 - ratio) if abs(ratio) < 0.5 else delta
+        cand = tv + delta
+        step_tol = eps * abs(tv) + 4.0 * eps * tr
+        at_root = (f == 0.0) | (new_hi - new_lo <= 0.5 * eps * (abs(new_lo) + abs(new_hi)))
+        at_root = at_root | (abs(f) <= 4.0 * eps * S[_M, r])
+        tiny = abs(delta) <= step_tol
+        inside = (cand > new_lo) & (cand < new_hi)
+        q = abs(delta) * V[_INV_T, r]  # |delta| / t
+        predicted = inside & (16.0 * q <= 1.0) & (abs(delta) * q <= 0.5 * step_tol)
+        nxt = cand if inside & (2.0 * abs(delta) < abs(V[_STEP, r])) else 0.5 * (new_lo + new_hi)
+        settled = abs(nxt - tv) <= step_tol
+        closed = (cand >= new_lo) & (cand <= new_hi)
+        result = nxt
+        result = cand if predicted else result
+        result = (cand if closed else tv) if tiny else result
+        result = tv if at_root else result
+        live = V[_STOPPED, r] == 0.0
+        V[_PLAIN, r] = V[_PLAIN, r] if anchored | (not live) else 0.0
+        V[_TAU, r] = result if live else tv
+        V[_LO, r] = new_lo if live else lo
+        V[_HI, r] = new_hi if live else hi
+        V[_STEP, r] = (nxt - tv) if live else V[_STEP, r]
+        stop = at_root | tiny | predicted | settled | (not anchored)
+        V[_STOPPED, r] = 1.0 if stop | (not live) else 0.0
+
+
+@_vec
+def _lane_order_stats(X, kk, n, lanes, rank, above_k, below_k):  # pragma: no cover - compiled
+    """x_(need - 1) (the largest when need = 1) and x_(need) of each lane, need = floor(kk) + 1.
+
+    Each entry's rank is the count of entries above it and of equal ones before it (ties
+    by position, so the ranks are 0..n-1); the two entries are picked by rank.
+    """
+    for r in range(lanes):
+        above_k[r] = 0.0
+        below_k[r] = 0.0
+    for i in range(n):
+        for r in range(lanes):
+            rank[r] = 0.0
+        for j in range(n):
+            for r in range(lanes):
+                v = X[i, r]
+                w = X[j, r]
+                rank[r] += 1.0 if (w > v) | ((w == v) & (j < i)) else 0.0
+        for r in range(lanes):
+            v = X[i, r]
+            need = math.floor(kk[r]) + 1.0
+            above_k[r] += v if rank[r] == max(need - 2.0, 0.0) else 0.0
+            below_k[r] += v if rank[r] == need - 1.0 else 0.0
+
+
+@_jit
+def _short_dense_rows(x, k, t, code, y, tau, start, stop, lanes):  # pragma: no cover - compiled
+    """:func:`_dense_row` on rows start..stop-1 of at most SHORT entries, ``lanes`` rows at a time.
+
+    A short row's solve is a chain of dependent steps (the exponentials, Newton's sums
+    and tests), each waiting for the one before: one row at a time leaves the core idle.
+    Here each row of a block takes one lane: the block is transposed to (n, lanes), and
+    every step (the exponentials, :func:`_dense_sums`, Halley's safeguarded step and its
+    stopping tests, as in :func:`_newton_inline`) runs on all lanes in loops over the
+    lanes without branches, which vectorise, until every lane has stopped. A lane whose
+    row is not plain (a non-finite entry or temperature, k at or beyond the rules'
+    bounds, an entry beyond 1e300 in size, tau moving more than ANCHOR t from its
+    anchor, or no stop within LANE_STEPS steps) is solved by :func:`_dense_row`, and so
+    are the rows after the last full block.
+    """
+    n = x.shape[1]
+    logistic = code == LOGISTIC
+    X = np.empty((n, lanes), dtype=np.float64)
+    EV = np.empty((n, lanes), dtype=np.float64)
+    S = np.empty((6, lanes), dtype=np.float64)
+    V = np.empty((11, lanes), dtype=np.float64)
+    near = np.empty(lanes, dtype=np.bool_)
+    above_k = np.empty(lanes, dtype=np.float64)
+    below_k = np.empty(lanes, dtype=np.float64)
+    rank = np.empty(lanes, dtype=np.float64)
+    sv = np.empty(n, dtype=np.float64)
+    si = np.empty(n, dtype=np.int64)
+    P = np.empty(SERIES, dtype=np.float64)
+    Q = np.empty(SERIES, dtype=np.float64)
+    top = np.empty(FEW, dtype=np.float64)
+    ev = np.empty(n + 1, dtype=np.float64)
+    b = start
+    while b + lanes <= stop:
+        any_near = False
+        for r in range(lanes):
+            kk = k[b + r]
+            tr = t[b + r]
+            plain = (kk > 0.0) & (kk < n) & (tr > 0.0) & (tr < math.inf)
+            lo_v = math.inf
+            hi_v = -math.inf
+            for j in range(n):
+                v = np.float64(x[b + r, j])
+                X[j, r] = v
+                lo_v = min(lo_v, v)
+                hi_v = max(hi_v, v)
+                plain &= abs(v) <= 1e300  # (False at NaN)
+            q = kk / n
+            if not plain:
+                shift = 0.0
+            elif logistic:
+                shift = tr * (math.log(q) - math.log1p(-q))
+            elif q <= 0.5:
+                shift = tr * math.log(2.0 * q)
+            else:
+                shift = -tr * math.log(2.0 * (1.0 - q))
+            V[_K, r] = kk
+            V[_T, r] = tr
+            V[_INV_T, r] = 1.0 / tr if plain else 0.0
+            V[_LO, r] = lo_v - shift - tr
+            V[_HI, r] = hi_v - shift + tr
+            V[_STOPPED, r] = 0.0 if plain else 1.0
+            V[_PLAIN, r] = 1.0 if plain else 0.0
+            near[r] = plain & (tr * n < hi_v - lo_v)
+            any_near |= near[r]
+        if any_near:
+            _lane_order_stats(X, V[_K], n, lanes, rank, above_k, below_k)
+        for r in range(lanes):
+            lo = V[_LO, r]
+            hi = V[_HI, r]
+            s = math.nan
+            if near[r]:
+                s = 0.5 * (above_k[r] + below_k[r]) if V[_K, r] >= 1.0 else above_k[r]
+            s = s if (s > lo) & (s < hi) else 0.5 * (lo + hi)
+            V[_TAU, r] = s
+            V[_AT, r] = s
+            V[_STEP, r] = hi - lo
+        _lane_exps(X, V[_AT], V[_T], n, lanes, EV)
+        for _ in range(LANE_STEPS):
+            _lane_sums(EV, V, n, lanes, code, S)
+            _lane_step(S, V, lanes)
+            if V[_STOPPED].min() > 0.0:
+                break
+        for r in range(lanes):
+            tv = V[_TAU, r]
+            u = _exp((tv - V[_AT, r]) / V[_T, r])
+            V[_U, r] = u
+            anchored = (abs(tv - V[_AT, r]) <= ANCHOR * V[_T, r]) & (u > 0.0) & (u < math.inf)
+            V[_PLAIN, r] = V[_PLAIN, r] if anchored & (V[_STOPPED, r] > 0.0) else 0.0
+        for r in range(lanes):
+            if V[_PLAIN, r] > 0.0:
+                tau[b + r] = V[_TAU, r]
+                u = V[_U, r]
+                for j in range(n):
+                    y[b + r, j] = _dense_value(EV[j, r], u, code)
+            else:
+                tau[b + r] = _dense_row(x[b + r], k[b + r], t[b + r], code, y[b + r], sv, si, P, Q, top, ev)
+        b += lanes
+    for i in range(b, stop):
+        tau[i] = _dense_row(x[i], k[i], t[i], code, y[i], sv, si, P, Q, top, ev)
+
+
 @_jit
 def _forward_rows(x, k, t, code, p, y, tau, start, stop):  # pragma: no cover - compiled
     """Rows start..stop-1 of :func:`forward`, with their own scratch."""
@@ -1050,6 +1323,9 @@ def _forward_rows(x, k, t, code, p, y, tau, start, stop):  # pragma: no cover - 
     if sparse and n <= SHORT:
         for b in range(start, stop):
             tau[b] = _short_sparse_row(x[b], k[b], t[b], code, a, y[b], sv, si)
+        return
+    if n <= SHORT:
+        _short_dense_rows(x, k, t, code, y, tau, start, stop, LANES)
         return
     for b in range(start, stop):
         if sparse:
