@@ -451,8 +451,9 @@ def test_short_dense_rows_in_lanes_equal_the_row_path(
 ):
     """Batches of short rows of the dense links (LANES rows at a time, one per vector lane,
     with the rows past the last full block and the lanes that are not plain on the row
-    path) give the mask and threshold of each row solved alone, which takes the row path:
-    y to 1e-12 (1e-6 in float32), tau to 1e-12 of the row's scale, the same rules' rows.
+    path) give the mask, threshold and gradients of each row solved alone, which takes
+    the row path: y to 1e-12 (1e-6 in float32), tau to 1e-12 of the row's scale, the
+    gradients to 1e-12 (1e-6) of max |v| / t, the same rules' rows.
     The batches hold NaN, +-inf and huge entries, k = 0, k = n, k beyond n and NaN k."""
     from softtopk.threshold import _cpu
 
@@ -471,19 +472,33 @@ def test_short_dense_rows_in_lanes_equal_the_row_path(
         k[rng.integers(rows)] = math.nan
     t = np.full(rows, t_rel * scale)
     x = x.astype(dtype)
+    v = rng.standard_normal((rows, n)).astype(dtype)
     y = np.empty_like(x)
     tau = np.empty(rows)
     _cpu.forward_serial(x, k, t, code, 2.0, y, tau)
+    grad_x = np.empty_like(x)
+    grad_k = np.empty(rows)
+    _cpu.backward_serial(y, x, tau, t, v, code, 2.0, grad_x, grad_k)
+    atol = 1e-6 if dtype == np.float32 else 1e-12
     for b in range(rows):
-        yb = np.empty_like(x[b : b + 1])
+        one = slice(b, b + 1)
+        yb = np.empty_like(x[one])
         taub = np.empty(1)
-        _cpu.forward_serial(x[b : b + 1], k[b : b + 1], t[b : b + 1], code, 2.0, yb, taub)
-        np.testing.assert_allclose(y[b], yb[0], rtol=0, atol=1e-6 if dtype == np.float32 else 1e-12)
+        _cpu.forward_serial(x[one], k[one], t[one], code, 2.0, yb, taub)
+        np.testing.assert_allclose(y[b], yb[0], rtol=0, atol=atol)
         if math.isfinite(taub[0]):
             size = max(t[b], float(np.abs(x[b].astype(np.float64)).max()))
             assert abs(tau[b] - taub[0]) <= 1e-12 * size, (b, tau[b], taub[0])
         else:
             assert tau[b] == taub[0] or (math.isnan(tau[b]) and math.isnan(taub[0]))
+        # the backward of the same row alone (from the batch's y and tau, so that it
+        # compares the two backward paths only)
+        gxb = np.empty_like(x[one])
+        gkb = np.empty(1)
+        _cpu.backward_serial(y[one], x[one], tau[one], t[one], v[one], code, 2.0, gxb, gkb)
+        g_size = float(np.abs(v[b]).max()) / t[b]
+        np.testing.assert_allclose(grad_x[b], gxb[0], rtol=0, atol=atol * g_size, equal_nan=True)
+        np.testing.assert_allclose(grad_k[b], gkb[0], rtol=0, atol=atol * g_size * t[b], equal_nan=True)
 
 
 def test_kernel_rows_whose_spread_overflows_end():
