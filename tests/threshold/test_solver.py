@@ -437,7 +437,7 @@ def test_short_rows_near_the_hard_gap_equal_the_row_path(n, k, rel, t, scale, se
 @given(
     n=st.integers(1, 16),
     extra=st.integers(0, 40),
-    t_rel=st.sampled_from([1e-4, 1e-2, 0.3, 1.0, 30.0]),
+    t_rel=st.sampled_from([1e-4, 1e-2, 0.3, 1.0, 30.0, 1e3]),
     scale=st.sampled_from([1e-3, 1.0, 1e6]),
     whole_k=st.booleans(),
     ties=st.booleans(),
@@ -464,7 +464,7 @@ def test_short_dense_rows_in_lanes_equal_the_row_path(
         x = np.round(2.0 * x / scale) / 2.0 * scale
     big = 1e305 if dtype == np.float64 else 3e38
     for _ in range(specials):
-        x[rng.integers(rows), rng.integers(n)] = rng.choice([math.inf, -math.inf, math.nan, big, -big])
+        x[rng.integers(rows), rng.integers(n)] = rng.choice([math.inf, -math.inf, math.nan, big, -big, 1e30])
     k = rng.uniform(0.0, n, size=rows)
     k = np.floor(k) if whole_k else k
     k[rng.integers(rows, size=3)] = [0.0, float(n), n + 0.5]
@@ -473,6 +473,9 @@ def test_short_dense_rows_in_lanes_equal_the_row_path(
     t = np.full(rows, t_rel * scale)
     x = x.astype(dtype)
     v = rng.standard_normal((rows, n)).astype(dtype)
+    if specials:
+        # an infinite cotangent: its entry's slope decides whether the row's c is finite
+        v[rng.integers(rows), rng.integers(n)] = math.inf
     y = np.empty_like(x)
     tau = np.empty(rows)
     _cpu.forward_serial(x, k, t, code, 2.0, y, tau)
@@ -496,9 +499,37 @@ def test_short_dense_rows_in_lanes_equal_the_row_path(
         gxb = np.empty_like(x[one])
         gkb = np.empty(1)
         _cpu.backward_serial(y[one], x[one], tau[one], t[one], v[one], code, 2.0, gxb, gkb)
-        g_size = float(np.abs(v[b]).max()) / t[b]
+        finite_v = np.abs(v[b][np.isfinite(v[b])])
+        g_size = (float(finite_v.max()) if finite_v.size else 1.0) / t[b]
         np.testing.assert_allclose(grad_x[b], gxb[0], rtol=0, atol=atol * g_size, equal_nan=True)
         np.testing.assert_allclose(grad_k[b], gkb[0], rtol=0, atol=atol * g_size * t[b], equal_nan=True)
+
+
+@pytest.mark.parametrize("code", [2, 3])
+def test_short_dense_backward_in_lanes_gives_no_slope_where_y_underflowed(code):
+    """A float32 entry at z = -200 has y = 0 but a float64 slope e^-200 from z: the row path
+    gives it no slope, so an infinite cotangent there leaves the row's gradient finite;
+    the lanes (the same row 32 times) must agree."""
+    from softtopk.threshold import _cpu
+
+    rows = _cpu.LANES
+    x = np.tile(np.array([0.0, -0.5, -1.0, -200.0], dtype=np.float32), (rows, 1))
+    k = np.full(rows, 1.5)
+    t = np.ones(rows)
+    v = np.tile(np.array([1.0, -2.0, 0.5, math.inf], dtype=np.float32), (rows, 1))
+    y = np.empty_like(x)
+    tau = np.empty(rows)
+    _cpu.forward_serial(x, k, t, code, 2.0, y, tau)
+    assert (y[:, 3] == 0).all()
+    grad_x = np.empty_like(x)
+    grad_k = np.empty(rows)
+    _cpu.backward_serial(y, x, tau, t, v, code, 2.0, grad_x, grad_k)
+    one_x = np.empty_like(x[:1])
+    one_k = np.empty(1)
+    _cpu.backward_serial(y[:1], x[:1], tau[:1], t[:1], v[:1], code, 2.0, one_x, one_k)
+    assert np.isfinite(one_x).all() and np.isfinite(one_k).all()
+    np.testing.assert_allclose(grad_x, np.tile(one_x, (rows, 1)), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(grad_k, np.full(rows, one_k[0]), rtol=0, atol=1e-6)
 
 
 def test_kernel_rows_whose_spread_overflows_end():

@@ -54,7 +54,7 @@ links read it off y only where y <= 1/2, and take it from z = (x - tau)/t, one
 exponential each, on the entries above 1/2 (about k of a row, collected first), whose
 1 - y has rounded; a row whose slopes all but underflow has c summed again relative to
 its largest slope. Short rows of the dense links are done LANES at a time, one per
-vector lane, with every slope from z (:func:`_short_dense_backward_lanes`).
+vector lane, with every slope from z where y > 0 (:func:`_short_dense_backward_lanes`).
 The dense links' Newton sums a row as (the count of entries above tau - k) plus the
 fractions, G below tau and -(1 - G) above it, so that no 1 - G is rounded away and
 tau is exact also where every entry saturates.
@@ -1203,7 +1203,7 @@ def _lane_order_stats(X, kk, n, lanes, rank, above_k, below_k):  # pragma: no co
                 rank[r] += 1.0 if (w > v) | ((w == v) & (j < i)) else 0.0
         for r in range(lanes):
             v = X[i, r]
-            need = math.floor(kk[r]) + 1.0
+            need = np.floor(kk[r]) + 1.0  # (a float: k is NaN on lanes that are not plain)
             above_k[r] += v if rank[r] == max(need - 2.0, 0.0) else 0.0
             below_k[r] += v if rank[r] == need - 1.0 else 0.0
 
@@ -1254,7 +1254,7 @@ def _short_dense_rows(x, k, t, code, y, tau, start, stop, lanes):  # pragma: no 
                 lo_v = min(lo_v, v)
                 hi_v = max(hi_v, v)
                 plain &= abs(v) <= 1e300  # (False at NaN)
-            q = kk / n
+            q = kk / n if plain else 0.0  # (n = 0 is not plain)
             if not plain:
                 shift = 0.0
             elif logistic:
@@ -1620,11 +1620,14 @@ def _short_dense_backward(y, x, tau, t, v, code, grad_x, grad_k, start, stop):  
 
 
 @_vec
-def _lane_backward(X, Vg, tau_l, t_l, n, lanes, code, H, sh, shv):  # pragma: no cover - compiled
+def _lane_backward(X, Y, Vg, tau_l, t_l, n, lanes, code, H, sh, shv):  # pragma: no cover - compiled
     """The slopes H[j, r] = G'((X[j, r] - tau_l[r]) / t_l[r]) of a block and their sums per lane.
 
-    sh[r] = sum_j H[j, r] and shv[r] = sum_j H[j, r] Vg[j, r] over the entries with a
-    slope, each lane summed left to right (:func:`_short_dense_backward_lanes`).
+    An entry whose mask value Y[j, r] is 0 has no slope (H = 0), as on the row path: its
+    slope from z can be positive where y has underflowed (z below about -104 in
+    float32). sh[r] = sum_j H[j, r] and shv[r] = sum_j H[j, r] Vg[j, r] over the
+    entries with a slope, each lane summed left to right
+    (:func:`_short_dense_backward_lanes`).
     """
     for r in range(lanes):
         sh[r] = 0.0
@@ -1633,6 +1636,7 @@ def _lane_backward(X, Vg, tau_l, t_l, n, lanes, code, H, sh, shv):  # pragma: no
         for r in range(lanes):
             e = _exp(-abs(X[j, r] - tau_l[r]) / t_l[r])
             h = e / ((1.0 + e) * (1.0 + e)) if code == LOGISTIC else 0.5 * e
+            h = h if Y[j, r] > 0.0 else 0.0
             H[j, r] = h
             sh[r] += h
             shv[r] += h * Vg[j, r] if h > 0.0 else 0.0
@@ -1646,13 +1650,15 @@ def _short_dense_backward_lanes(
 
     As in the forward (:func:`_short_dense_rows`), a block of rows is transposed so that
     the exponentials and sums of its rows' slopes run in loops over the lanes, which
-    vectorise. Every slope is taken from z = (x - tau)/t. Rows set by a rule, rows whose
+    vectorise. Every slope is taken from z = (x - tau)/t, on the entries with y > 0 (as
+    on the row path, an entry whose y is 0 has none). Rows set by a rule, rows whose
     slopes all but underflow (sum h < TINY_SLOPES) and the rows after the last full
     block go to :func:`_short_dense_backward`.
     """
     n = y.shape[1]
     lanes = LANES
     X = np.empty((n, lanes), dtype=np.float64)
+    Y = np.empty((n, lanes), dtype=np.float64)
     Vg = np.empty((n, lanes), dtype=np.float64)
     H = np.empty((n, lanes), dtype=np.float64)
     tau_l = np.empty(lanes, dtype=np.float64)
@@ -1667,11 +1673,12 @@ def _short_dense_backward_lanes(
             t_l[r] = t[b + r]
             for j in range(n):
                 X[j, r] = x[b + r, j]
+                Y[j, r] = y[b + r, j]
                 Vg[j, r] = v[b + r, j]
-        _lane_backward(X, Vg, tau_l, t_l, n, lanes, code, H, sh, shv)
+        _lane_backward(X, Y, Vg, tau_l, t_l, n, lanes, code, H, sh, shv)
         for r in range(lanes):
             tb = tau[b + r]
-            if not (abs(tb) < math.inf and sh[r] >= TINY_SLOPES):
+            if not (abs(tb) < math.inf and sh[r] >= TINY_SLOPES and t_l[r] > 0.0):
                 _short_dense_backward(y, x, tau, t, v, code, grad_x, grad_k, b + r, b + r + 1)
                 continue
             c = shv[r] / sh[r]
