@@ -1224,7 +1224,6 @@ def _short_dense_rows(x, k, t, code, y, tau, start, stop, lanes):  # pragma: no 
     are the rows after the last full block.
     """
     n = x.shape[1]
-    logistic = code == LOGISTIC
     X = np.empty((n, lanes), dtype=np.float64)
     EV = np.empty((n, lanes), dtype=np.float64)
     S = np.empty((6, lanes), dtype=np.float64)
@@ -1254,15 +1253,8 @@ def _short_dense_rows(x, k, t, code, y, tau, start, stop, lanes):  # pragma: no 
                 lo_v = min(lo_v, v)
                 hi_v = max(hi_v, v)
                 plain &= abs(v) <= 1e300  # (False at NaN)
-            q = kk / n if plain else 0.0  # (n = 0 is not plain)
-            if not plain:
-                shift = 0.0
-            elif logistic:
-                shift = tr * (math.log(q) - math.log1p(-q))
-            elif q <= 0.5:
-                shift = tr * math.log(2.0 * q)
-            else:
-                shift = -tr * math.log(2.0 * (1.0 - q))
+            # the bracket of _solve_values (n = 0 is not plain)
+            shift = tr * _inverse(kk / n, code) if plain else 0.0
             V[_K, r] = kk
             V[_T, r] = tr
             V[_INV_T, r] = 1.0 / tr if plain else 0.0
