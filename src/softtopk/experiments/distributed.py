@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -185,12 +186,15 @@ def _worker(rank: int, cfg: Config, port: int, split: dict[str, Tensor], seed: i
         results = {scheme: _train(rank, cfg, split, scheme, seed) for scheme in SCHEMES}
         if rank == 0:
             torch.save(results, os.path.join(folder, "results.pt"))
-        # Both ranks tear gloo down together: a rank that exited while the other still
-        # held its connections aborted now and then ("terminate called without an active
-        # exception"), about one run in ten.
-        dist.barrier()
+        dist.barrier()  # no rank tears gloo down while the other still holds its connections
     finally:
         dist.destroy_process_group()
+    # The work is done and saved. Interpreter finalisation can abort a gloo process ("terminate
+    # called without an active exception": a worker thread destroyed while joinable), about one
+    # run in ten without the barrier, so the rank leaves without it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_seed(cfg: Config, split: dict[str, Tensor], seed: int) -> dict[str, dict[str, object]]:
