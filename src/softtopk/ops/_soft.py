@@ -314,20 +314,20 @@ def soft_cost_scale(x: Tensor) -> Tensor:
     max((x - 0)^2, (x - 1)^2) >= 1/4 for every real x, so C_max >= 1/4; it is finite for
     every finite float64 score up to about 1e154 and capped at the float64 maximum.
 
-    max((x - 0)^2, (x - 1)^2) falls up to x = 1/2 and rises after it (in floating point
-    too, as rounding is monotone), so its largest value over a row is at the row's
-    smallest or largest finite score: only those two are squared.
+    max((x - 0)^2, (x - 1)^2) = (|x - 1/2| + 1/2)^2 falls up to x = 1/2 and rises after
+    it, so its largest value over a row is max(top, 1 - bottom)^2, with top and bottom
+    the row's largest and smallest finite scores. Non-finite entries are set to 1/2
+    first, where the cost is 1/4, the floor: they change nothing.
     """
-    xd = x.detach()
-    # the largest and smallest finite scores (nan_to_num is one fused pass; isfinite is four)
-    top = torch.nan_to_num(xd, nan=-math.inf, posinf=-math.inf).amax(-1).to(torch.float64)
-    bottom = torch.nan_to_num(xd, nan=math.inf, neginf=math.inf).amin(-1).to(torch.float64)
-    far = torch.maximum(
-        torch.maximum(top * top, (top - 1.0) * (top - 1.0)),
-        torch.maximum(bottom * bottom, (bottom - 1.0) * (bottom - 1.0)),
-    )
-    far = torch.where(top >= bottom, far, 0.0)  # (no finite score: the floor below)
-    return 0.5 * far.clamp(min=0.25, max=torch.finfo(torch.float64).max)
+    xd = torch.nan_to_num(x.detach(), nan=0.5, posinf=0.5, neginf=0.5)
+    # one fused pass for both ends on rows of at most 8; beyond, torch's aminmax is slower
+    # than amax and amin apart (one thread, rows of 8192 x 32: 0.49 ms against 0.08 ms)
+    if x.shape[-1] <= 8:
+        bottom, top = torch.aminmax(xd, dim=-1)
+    else:
+        bottom, top = xd.amin(-1), xd.amax(-1)
+    r = torch.maximum(top.to(torch.float64), 1.0 - bottom.to(torch.float64))
+    return 0.5 * (r * r).clamp(min=0.25, max=torch.finfo(torch.float64).max)
 
 
 def soft_mask(x: Tensor, k: Tensor, *, temperature: float, solver: str = "auto") -> Tensor:
