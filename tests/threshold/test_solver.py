@@ -347,6 +347,44 @@ def test_short_rows_are_sorted_as_a_stable_sort_of_their_finite_entries(row):
     np.testing.assert_array_equal(sv[:m], x[order])
 
 
+_SCAN_VALUE = st.sampled_from(
+    [0.0, -0.0, 1.0, -1.0, 5e-324, -5e-324, 1e-40, 3.4e38, -3.4e38, 1.7e308, -1.7e308]
+    + [math.inf, -math.inf, math.nan]
+) | st.floats(-3, 3)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    row=st.integers(0, 200).flatmap(lambda n: st.lists(_SCAN_VALUE, min_size=n, max_size=n)),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    lower=_SCAN_VALUE,
+    upper=st.sampled_from([math.inf, 3.0, 1.0, 0.0, -0.0, 1e-40]) | st.floats(-3, 3),
+    zero=st.booleans(),
+)
+def test_row_scans_equal_numpy(row, dtype, lower, upper, zero):
+    """The scans that compare floats as integer keys (the finite maximum, the values'
+    range) and the block-wise collection of candidates equal NumPy's, with signed zeros,
+    subnormals, the largest floats, infinities and NaN, across the blocks' boundaries."""
+    from softtopk.threshold import _cpu
+
+    with np.errstate(over="ignore"):
+        x = np.asarray(row, dtype=np.float64).astype(dtype)
+    finite = x[np.isfinite(x)].astype(np.float64)
+    top = _cpu._finite_max(x)
+    assert top == (finite.max() if finite.size else -math.inf)
+    lo, hi = _cpu._value_range(finite, finite.size)
+    assert (lo, hi) == ((finite.min(), finite.max()) if finite.size else (math.inf, -math.inf))
+    y = np.full_like(x, 7.0)
+    sv = np.full(x.size, np.nan)
+    si = np.full(x.size, -1, dtype=np.int64)
+    c = _cpu._collect(x, y, lower, upper, sv, si, zero)
+    xd = x.astype(np.float64)  # (the kernel compares in float64)
+    want = np.flatnonzero((xd > lower) & (xd < upper))
+    np.testing.assert_array_equal(si[:c], want)
+    np.testing.assert_array_equal(sv[:c], xd[want])
+    np.testing.assert_array_equal(y, np.zeros_like(x) if zero else np.full_like(x, 7.0))
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     n=st.integers(2, 48),

@@ -80,6 +80,8 @@ SMALL = 2048
 SORTED = 64
 #: Rows of at most this many entries are sorted whole (each entry placed at its rank), not selected in.
 SHORT = 16
+#: Rows are scanned for candidates in blocks of this many entries (:func:`_collect`).
+COLLECT_BLOCK = 64
 #: x_(r) for r up to this is found in one pass that keeps the r largest entries seen;
 #: larger r by quickselect.
 FEW = 16
@@ -135,6 +137,61 @@ def _pow2(typingctx, m):  # pragma: no cover - compiled
         return builder.bitcast(bits, ir.DoubleType())
 
     return types.float64(types.int64), codegen
+
+
+@intrinsic
+def _order_key(typingctx, v):  # pragma: no cover - compiled
+    """An int64 that orders as the float v (float32 or float64) does: -0 just below +0.
+
+    The float's bits as a signed integer, with the 31 (or 63) bits below the sign flipped
+    on negative floats: integer min and max over keys vectorise, where a float min or max
+    with its NaN rules stays scalar. The key of -v is the complement of v's; NaN keys lie
+    beyond those of +-inf.
+    """
+    width = 32 if v == types.float32 else 64
+
+    def codegen(context, builder, signature, args):
+        iw = ir.IntType(width)
+        bits = builder.bitcast(args[0], iw)
+        low = ir.Constant(iw, (1 << (width - 1)) - 1)
+        key = builder.xor(bits, builder.and_(builder.ashr(bits, ir.Constant(iw, width - 1)), low))
+        return builder.sext(key, ir.IntType(64)) if width == 32 else key
+
+    return types.int64(v), codegen
+
+
+@intrinsic
+def _of_order_key(typingctx, key, like):  # pragma: no cover - compiled
+    """The float of ``like``'s dtype whose :func:`_order_key` is ``key``, as a float64."""
+    width = 32 if like == types.float32 else 64
+
+    def codegen(context, builder, signature, args):
+        iw = ir.IntType(width)
+        k = builder.trunc(args[0], iw) if width == 32 else args[0]
+        low = ir.Constant(iw, (1 << (width - 1)) - 1)
+        bits = builder.xor(k, builder.and_(builder.ashr(k, ir.Constant(iw, width - 1)), low))
+        if width == 32:
+            return builder.fpext(builder.bitcast(bits, ir.FloatType()), ir.DoubleType())
+        return builder.bitcast(bits, ir.DoubleType())
+
+    return types.float64(key, like), codegen
+
+
+@intrinsic
+def _inf_key(typingctx, like):  # pragma: no cover - compiled
+    """:func:`_order_key` of +inf in ``like``'s dtype (that of -inf is its complement)."""
+    value = 0x7F800000 if like == types.float32 else 0x7FF0000000000000
+
+    def codegen(context, builder, signature, args):
+        return ir.Constant(ir.IntType(64), value)
+
+    return types.int64(like), codegen
+
+
+#: The smallest int64, below every :func:`_order_key` of a float.
+_LOWEST_KEY = np.int64(-(2**63))
+#: The largest int64, above every :func:`_order_key` of a float.
+_HIGHEST_KEY = np.int64(2**63 - 1)
 
 
 _LOG2E = 1.4426950408889634
@@ -588,14 +645,36 @@ def _rth_largest_few(x, r, buf):  # pragma: no cover - compiled
 
 
 @_jit
-def _collect(x, y, lower, sv, si, zero):  # pragma: no cover - compiled
-    """Finite entries above ``lower`` into (sv, si); with ``zero`` writes y = 0 on the way."""
-    c = 0
-    for i in range(x.shape[0]):
-        v = x[i]
-        if zero:
+def _collect(x, y, lower, upper, sv, si, zero):  # pragma: no cover - compiled
+    """The entries in (lower, upper) into (sv, si), in the row's order; returns their count.
+
+    ``upper`` is at most inf, so the entries taken are finite. With ``zero`` writes y = 0
+    first. The row is taken in blocks of COLLECT_BLOCK entries: a branch-free test of the
+    block, which vectorises, then the copy only in blocks that hold an entry (a band or
+    the top candidates hold few): 0.2-0.25 ns an entry on rows of 32768, against 1.1 ns
+    for one loop with the test in its branch.
+    """
+    n = x.shape[0]
+    if zero:
+        for i in range(n):
             y[i] = 0.0
-        if v > lower and v < math.inf:
+    full = n - n % COLLECT_BLOCK
+    c = 0
+    for j in range(0, full, COLLECT_BLOCK):
+        hits = False
+        for i in range(j, j + COLLECT_BLOCK):
+            v = x[i]
+            hits |= (v > lower) & (v < upper)
+        if hits:
+            for i in range(j, j + COLLECT_BLOCK):
+                v = x[i]
+                if v > lower and v < upper:
+                    sv[c] = v
+                    si[c] = i
+                    c += 1
+    for i in range(full, n):
+        v = x[i]
+        if v > lower and v < upper:
             sv[c] = v
             si[c] = i
             c += 1
@@ -711,15 +790,15 @@ def _sparse_row(x, k, t, code, a, y, sv, si):  # pragma: no cover - compiled
     elif need <= FEW:
         lower = _rth_largest_few(x, need, sv) - t
     else:
-        m = _collect(x, y, -math.inf, sv, si, False)
+        m = _collect(x, y, -math.inf, math.inf, sv, si, False)
         lower = _kth_largest(sv, m, need) - t
     tau = 0.0
     c = 0
     for _ in range(4):
-        c = _collect(x, y, lower, sv, si, True)
+        c = _collect(x, y, lower, math.inf, sv, si, True)
         if c < need:
             lower = -math.inf
-            c = _collect(x, y, lower, sv, si, True)
+            c = _collect(x, y, lower, math.inf, sv, si, True)
         start = lower + t
         if code == CLIP and c <= SORTED:
             _sort_desc(sv, si, c)
@@ -825,13 +904,20 @@ def _inverse(q, code):  # pragma: no cover - compiled
 
 @_jit
 def _value_range(sv, m):  # pragma: no cover - compiled
-    """min(sv[:m]) and max(sv[:m])."""
-    lo = math.inf
-    hi = -math.inf
+    """min(sv[:m]) and max(sv[:m]) of finite values (inf and -inf when m = 0).
+
+    Found on :func:`_order_key`, which vectorises: 0.11 ns an entry on long rows, where
+    float min and max take 0.55.
+    """
+    if m == 0:
+        return math.inf, -math.inf
+    lo = _HIGHEST_KEY
+    hi = _LOWEST_KEY
     for j in range(m):
-        lo = min(lo, sv[j])
-        hi = max(hi, sv[j])
-    return lo, hi
+        key = _order_key(sv[j])
+        lo = min(lo, key)
+        hi = max(hi, key)
+    return _of_order_key(lo, sv[0]), _of_order_key(hi, sv[0])
 
 
 @_jit
@@ -851,16 +937,20 @@ def _solve_values(sv, m, lo, hi, kk, t, code, tol, ev, start=math.nan):  # pragm
 
 @_jit
 def _finite_max(x):  # pragma: no cover - compiled
-    """The largest finite entry of x (-inf when there is none).
+    """The largest finite entry of x (-inf when there is none), as a float64.
 
-    (This loop stays scalar, about 1 ns an entry: LLVM does not vectorise a conditional
-    max here, with or without fast-math flags.)
+    Found on :func:`_order_key` with an integer test for finiteness, which vectorises:
+    0.15 ns an entry, where a conditional float max stays scalar (1.1 ns).
     """
-    top = -math.inf
+    if x.shape[0] == 0:
+        return -math.inf
+    inf = _inf_key(x[0])
+    top = _LOWEST_KEY
     for i in range(x.shape[0]):
-        v = x[i]
-        top = v if (v > top) & (v < math.inf) else top
-    return top
+        key = _order_key(x[i])
+        finite = (key ^ (key >> 63)) < inf  # below +inf's key, and its complement below too
+        top = max(top, key if finite else _LOWEST_KEY)
+    return _of_order_key(top, x[0]) if top != _LOWEST_KEY else -math.inf
 
 
 @_vec
@@ -1013,13 +1103,7 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - c
         if 2 * inside <= m:  # most entries are tails (else Newton on every entry costs less)
             _tail_exps(x, L, H, t, y, ev)
             n_high = _tail_sums(x, L, H, ev, P, Q, terms)
-            c = 0
-            for i in range(n):
-                v = x[i]
-                if v > L and v < H:
-                    sv[c] = v
-                    si[c] = i
-                    c += 1
+            c = _collect(x, y, L, H, sv, si, False)
             lo = L + Z0 * t
             hi = H - Z0 * t
             # The band's values relative to Newton's start, which f(lo) and f(hi) use too.
@@ -1063,7 +1147,7 @@ def _dense_row(x, k, t, code, y, sv, si, P, Q, top, ev):  # pragma: no cover - c
             _copy_row(x, sv, si)
             c = n
         else:
-            c = _collect(x, y, -math.inf, sv, si, False)
+            c = _collect(x, y, -math.inf, math.inf, sv, si, False)
         v_lo, v_hi = _value_range(sv, c)
         if start != start and need <= FEW and need <= c and t * c < v_hi - v_lo:
             below = _rth_largest_few(sv[:c], need, top)
@@ -1405,16 +1489,13 @@ def _dense_backward_row(y, x, tb, tt, v, code, grad_x, si, hs):  # pragma: no co
     there. Where y > 1/2, 1 - y has rounded (to a few ulps, or to 0 where an entry
     saturates), so h is taken from z = (x - tau)/t: e/(1 + e)^2 or e/2 with
     e = exp(-|z|). The passes over the row are branch-free and vectorise; the entries
-    above 1/2 (about k of the row) are collected into si and given their h (into hs)
-    apart, so that the exponential is taken on them only.
+    above 1/2 (about k of the row) are collected into si (:func:`_collect`) and given
+    their h (into hs) apart, so that the exponential is taken on them only.
     """
     sh, shv, high = _dense_low_sums(y, v, code)
     m = 0
     if high > 0:
-        for i in range(y.shape[0]):
-            if y[i] > 0.5:
-                si[m] = i
-                m += 1
+        m = _collect(y, y, 0.5, math.inf, hs, si, False)  # (their y into hs, replaced by h below)
         for j in range(m):
             i = si[j]
             e = math.exp(-abs(x[i] - tb) / tt)
