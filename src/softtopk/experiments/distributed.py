@@ -190,8 +190,8 @@ def _worker(rank: int, cfg: Config, port: int, split: dict[str, Tensor], seed: i
     finally:
         dist.destroy_process_group()
     # The work is done and saved. Interpreter finalisation can abort a gloo process ("terminate
-    # called without an active exception": a worker thread destroyed while joinable), about one
-    # run in ten without the barrier, so the rank leaves without it.
+    # called without an active exception": a worker thread destroyed while joinable; about one
+    # run in ten without the barrier), so the rank exits without finalising.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

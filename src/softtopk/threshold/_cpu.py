@@ -139,6 +139,13 @@ def _pow2(typingctx, m):  # pragma: no cover - compiled
     return types.float64(types.int64), codegen
 
 
+def _flip_negatives(builder, bits, width):
+    """LLVM IR: the integer ``bits`` (of ``width``) with its bits below the sign flipped when negative."""
+    low = ir.Constant(ir.IntType(width), (1 << (width - 1)) - 1)
+    sign = builder.ashr(bits, ir.Constant(ir.IntType(width), width - 1))  # all ones when negative
+    return builder.xor(bits, builder.and_(sign, low))
+
+
 @intrinsic
 def _order_key(typingctx, v):  # pragma: no cover - compiled
     """An int64 that orders as the float v (float32 or float64) does: -0 just below +0.
@@ -151,10 +158,7 @@ def _order_key(typingctx, v):  # pragma: no cover - compiled
     width = 32 if v == types.float32 else 64
 
     def codegen(context, builder, signature, args):
-        iw = ir.IntType(width)
-        bits = builder.bitcast(args[0], iw)
-        low = ir.Constant(iw, (1 << (width - 1)) - 1)
-        key = builder.xor(bits, builder.and_(builder.ashr(bits, ir.Constant(iw, width - 1)), low))
+        key = _flip_negatives(builder, builder.bitcast(args[0], ir.IntType(width)), width)
         return builder.sext(key, ir.IntType(64)) if width == 32 else key
 
     return types.int64(v), codegen
@@ -166,10 +170,8 @@ def _of_order_key(typingctx, key, like):  # pragma: no cover - compiled
     width = 32 if like == types.float32 else 64
 
     def codegen(context, builder, signature, args):
-        iw = ir.IntType(width)
-        k = builder.trunc(args[0], iw) if width == 32 else args[0]
-        low = ir.Constant(iw, (1 << (width - 1)) - 1)
-        bits = builder.xor(k, builder.and_(builder.ashr(k, ir.Constant(iw, width - 1)), low))
+        key = builder.trunc(args[0], ir.IntType(32)) if width == 32 else args[0]
+        bits = _flip_negatives(builder, key, width)  # (its own inverse)
         if width == 32:
             return builder.fpext(builder.bitcast(bits, ir.FloatType()), ir.DoubleType())
         return builder.bitcast(bits, ir.DoubleType())
