@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, _buffers
 from .._checks import (
     check_bool,
     check_p,
@@ -280,8 +280,8 @@ class _TopKMagCPU(torch.autograd.Function):
         cpu = _backend.kernels("ops._magnitude_cpu")
         xc = x.detach().contiguous().numpy()
         # outputs made in NumPy and shared with torch: a fresh torch allocation of a large
-        # output pays its page faults on every call, NumPy's heap reuses freed blocks
-        y = np.empty(xc.shape, dtype=xc.dtype)
+        # output pays its page faults on every call (see softtopk._buffers)
+        y = _buffers.output(xc.shape, xc.dtype)
         info = np.empty((xc.shape[0], 4), dtype=np.float64)
         args = (xc, k.detach().contiguous().numpy(), float(l), int(r), bool(debias), y, info)
         if _backend.serial(xc.size):
@@ -301,8 +301,8 @@ class _TopKMagCPU(torch.autograd.Function):
             return _mag_backward_tensors(x.detach(), info, grad_y, l, debias), None, None, None, None
         cpu = _backend.kernels("ops._magnitude_cpu")
         xc = x.detach().contiguous().numpy()
-        gy = np.ascontiguousarray(grad_y.detach().to(x.dtype).numpy())
-        grad = np.empty(xc.shape, dtype=xc.dtype)  # in NumPy: see forward
+        gy = _buffers.contiguous(grad_y.detach().to(x.dtype).numpy())
+        grad = _buffers.output(xc.shape, xc.dtype)  # in NumPy: see forward
         args = (xc, info.numpy(), l, r, debias, gy, grad)
         if _backend.serial(xc.size):
             cpu.backward_serial(*args)

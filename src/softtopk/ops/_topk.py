@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, _buffers
 from .._checks import FLOAT_DTYPES, check_bool, check_dim, check_int, has_values, in_dual_level, is_tracing
 
 #: Bit layout per dtype: (integer view, magnitude mask, bits of +inf).
@@ -115,7 +115,7 @@ def hard_mask_rows_impl(x: Tensor, K: int, k: Tensor) -> Tensor:
     cpu = _backend.kernels("ops._topk_cpu")
     view, magmask, infbits = _BITS[x.dtype]
     x = x.contiguous()
-    y = np.empty(tuple(x.shape), dtype=x.numpy().dtype)  # NumPy's heap reuses freed blocks
+    y = _buffers.output(tuple(x.shape), x.numpy().dtype)  # large blocks reused: see softtopk._buffers
     kv = np.ascontiguousarray(k.detach().numpy(), dtype=np.float64)
     args = (x.numpy(), x.view(view).numpy(), K, kv, magmask, infbits, y)
     if _backend.serial(x.numel()):

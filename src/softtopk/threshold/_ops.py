@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, _buffers
 from ._links import Link, link_of_code
 from ._reference import reference_forward
 
@@ -60,7 +60,7 @@ def forward_impl(x: Tensor, k: Tensor, t: Tensor, link: int, p: float, solver: i
         cpu = _backend.kernels("threshold._cpu")
         # outputs made in NumPy and shared with torch: one allocation each, no conversion
         xn = x.numpy()
-        y = np.empty((B, n), dtype=xn.dtype)
+        y = _buffers.output((B, n), xn.dtype)
         tau = np.empty(B, dtype=np.float64)
         args = (xn, k.contiguous().numpy(), t.contiguous().numpy(), link, float(p), y, tau)
         if _backend.serial(x.numel()):
@@ -176,11 +176,11 @@ def backward_impl(
         ys = y.contiguous().numpy()
         # the sparse links' kernels read y only; x's place takes y, of the same type
         xs = x.detach().to(y.dtype).contiguous().numpy() if dense else ys
-        grad_x = np.empty((B, n), dtype=ys.dtype)
+        grad_x = _buffers.output((B, n), ys.dtype)
         grad_k = np.empty(B, dtype=np.float64)
         # grad_y is often expanded (the gradient of a sum has stride 0): NumPy copies it
         # to a contiguous array for less than a torch copy costs
-        v = np.ascontiguousarray(grad_y.detach().numpy())
+        v = _buffers.contiguous(grad_y.detach().numpy())
         args = (ys, xs, tau.contiguous().numpy(), t.contiguous().numpy(), v, link, float(p), grad_x, grad_k)
         if _backend.serial(y.numel()):
             cpu.backward_serial(*args)
