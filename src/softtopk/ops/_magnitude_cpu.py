@@ -36,7 +36,7 @@ import math
 import numba
 import numpy as np
 
-from ..threshold._cpu import FEW, SHORT, _kth_largest, _rank_sort, _rth_largest_few
+from ..threshold._cpu import COLLECT_BLOCK, FEW, SHORT, _kth_largest, _rank_sort, _rth_largest_few
 
 #: Newton iterations at most (the bracket at least halves on every rejected step).
 MAX_ITER = 200
@@ -141,17 +141,57 @@ def _is_top(s, a, m, seen):  # pragma: no cover - compiled
     return False, seen
 
 
-@_inline
+@_jit
 def _collect(x, lower, sv, si):  # pragma: no cover - compiled
-    """Finite magnitudes above ``lower`` into (sv, si), in index order; returns their count."""
+    """Finite magnitudes above ``lower`` into (sv, si), in index order; returns their count.
+
+    As the threshold kernels' ``_collect``: blocks of COLLECT_BLOCK entries get a
+    branch-free test (it vectorises), and only the blocks holding a candidate are copied.
+    """
+    n = x.shape[0]
+    full = n - n % COLLECT_BLOCK
     c = 0
-    for i in range(x.shape[0]):
+    for j in range(0, full, COLLECT_BLOCK):
+        hits = False
+        for i in range(j, j + COLLECT_BLOCK):
+            s = abs(x[i])
+            hits |= (s > lower) & (s < math.inf)
+        if hits:
+            for i in range(j, j + COLLECT_BLOCK):
+                s = abs(x[i])
+                if s > lower and s < math.inf:
+                    sv[c] = s
+                    si[c] = i
+                    c += 1
+    for i in range(full, n):
         s = abs(x[i])
         if s > lower and s < math.inf:
             sv[c] = s
             si[c] = i
             c += 1
     return c
+
+
+@_jit
+def _scan(x, y):  # pragma: no cover - compiled
+    """Writes y = 0 and returns the row's number of infinite magnitudes and whether it has a NaN.
+
+    Branch-free passes (they vectorise); the infinite entries are then copied to y.
+    """
+    n = x.shape[0]
+    for i in range(n):
+        y[i] = 0.0
+    n_inf = 0
+    nan = False
+    for i in range(n):
+        s = abs(x[i])
+        n_inf += s == math.inf
+        nan |= s != s
+    if n_inf > 0:
+        for i in range(n):
+            if abs(x[i]) == math.inf:
+                y[i] = x[i]
+    return n_inf, nan
 
 
 @_inline
@@ -217,22 +257,8 @@ def _forward_row(x, k, l, r, debias, y, buf, sv, si, st, info):  # pragma: no co
             # below the own value of an entry under s_(k+1): below the pooled block's reach
             v = _kth_largest(buf, m, j)
             lower = v - _own_gap(v, l, r)
-    n_inf = 0
-    nan = False
-    c = 0
-    for i in range(n):
-        v = x[i]
-        s = abs(v)
-        y[i] = 0.0
-        if s > lower and s < math.inf:
-            sv[c] = s
-            si[c] = i
-            c += 1
-        elif s == math.inf:
-            n_inf += 1
-            y[i] = v
-        elif s != s:
-            nan = True
+    n_inf, nan = _scan(x, y)
+    c = _collect(x, lower, sv, si)
     nf = n - n_inf
     if nan or n_inf > k:
         _nan_row(y, info)
