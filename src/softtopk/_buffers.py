@@ -29,7 +29,8 @@ POOL_MIN_BYTES = 32 << 20
 #: The default bound on the freed bytes kept (``SOFTTOPK_POOL_BYTES`` overrides it).
 POOL_BYTES = 1 << 30
 
-_lock = threading.Lock()
+# reentrant: a garbage collection inside a locked section may run a finaliser (_keep)
+_lock = threading.RLock()
 _free: dict[int, list[np.ndarray]] = {}
 _free_bytes = 0
 
