@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import _backend
+from .. import _backend, _buffers
 from .._checks import (
     check_bool,
     check_choice,
@@ -202,8 +202,9 @@ class _FusedGates(torch.autograd.Function):
             scores = torch.sigmoid(xs) if sigmoid else torch.softmax(xs, -1)
             probs = scores.numpy()
         else:
-            probs = np.empty_like(ln)
-        gates, mask = np.empty_like(ln), np.empty_like(ln)
+            probs = _buffers.output(ln.shape, ln.dtype)
+        # outputs of 512 KiB and more come from a pool of freed blocks (softtopk._buffers)
+        gates, mask = _buffers.output(ln.shape, ln.dtype), _buffers.output(ln.shape, ln.dtype)
         tau = np.empty(T, dtype=np.float64)
         tt = np.full(T, t, dtype=np.float64)
         score = cpu.SIGMOID if sigmoid else cpu.SOFTMAX
@@ -247,10 +248,10 @@ class _FusedGates(torch.autograd.Function):
         def array(v: Tensor | None) -> np.ndarray:
             if v is None:
                 return np.empty((0, E), dtype=dtype)
-            return np.ascontiguousarray(v.detach().to(probs.dtype).numpy())
+            return _buffers.contiguous(v.detach().to(probs.dtype).numpy())
 
         vg = array(v_gates) if v_gates is not None else np.zeros((T, E), dtype=dtype)
-        grad_logits = np.empty((T, E), dtype=dtype)
+        grad_logits = _buffers.output((T, E), dtype)
         grad_k = np.empty(T, dtype=np.float64)
         score = cpu.SIGMOID if ctx.sigmoid else cpu.SOFTMAX
         args = (
