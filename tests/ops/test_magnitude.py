@@ -256,6 +256,38 @@ def test_short_rows_equal_the_longer_rows_path(n, data, p, debias, t, ties, n_in
     np.testing.assert_allclose(g0, g1, rtol=1e-9, atol=1e-9)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    extra=st.integers(0, 130),
+    places=st.lists(st.integers(0, 10**6), min_size=1, max_size=12),
+    n_inf=st.integers(0, 2),
+    p=st.sampled_from([2.0, 4.0 / 3.0]),
+    t=st.sampled_from([1e-3, 0.3]),
+    seed=st.integers(0, 2**16),
+)
+def test_long_rows_find_their_entries_above_tau_in_any_block(extra, places, n_inf, p, t, seed):
+    """Rows beyond BLOCK_SCAN, scanned in blocks of COLLECT_BLOCK in both directions: the
+    large entries (and the infinite ones) anywhere, in the last full block or in the partial
+    one after it. Output and gradient against the tensor route."""
+    from softtopk.ops import _magnitude_cpu as mc
+
+    n = mc.BLOCK_SCAN + mc.COLLECT_BLOCK + extra
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=n) * 1e-3
+    full = n - n % mc.COLLECT_BLOCK  # the last full block's end: both of its sides get a spot
+    spots = sorted({q % n for q in places} | {full - 1, min(full, n - 1)})
+    x[spots] = rng.choice([-1.0, 1.0], size=len(spots)) * rng.uniform(1.0, 2.0, size=len(spots))
+    x[spots[:n_inf]] = math.inf
+    k = max(n_inf, len(spots) - 1)
+    xt = torch.from_numpy(x)[None]
+    w = torch.from_numpy(rng.normal(size=(1, n)))
+    kwargs = dict(k=k, temperature=t, p=p)
+    y_cpu, g_cpu = _route("cpu", _value_and_grad, xt, w, **kwargs)
+    y_ref, g_ref = _route("torch", _value_and_grad, xt, w, **kwargs)
+    torch.testing.assert_close(y_cpu, y_ref, rtol=1e-10, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(g_cpu, g_ref, rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
 def test_cpu_kernel_float32_and_ties():
     x = torch.tensor([[3.0, -3.0, 3.0, 1.0, 0.5], [2.0, 2.0, 2.0, 2.0, 2.0]])
     y = _route("cpu", softtopk.topk_mag, x, 2, temperature=0.01)

@@ -45,6 +45,9 @@ EPS = 2.220446049250313e-16
 #: bound it from below by a strided sample (every 8th entry, at most about SAMPLE).
 SMALL = 64
 SAMPLE = 1024
+#: The backward of rows longer than this finds the entries above tau in blocks (:func:`_above`);
+#: on shorter rows most blocks hold one (k = 10 of 1000: 7 % slower in blocks; 4096: 27 % faster).
+BLOCK_SCAN = 2048
 
 _jit = numba.njit(cache=True, nogil=True, fastmath=False)
 #: The per-row functions are inlined into the row loops: a call between compiled functions
@@ -476,6 +479,35 @@ def _coupling(x, si, c, a, m, b, w, l, lr, r, debias, gy, scale):  # pragma: no 
     return weight, coupled, n_pooled, n_block, ref
 
 
+@_jit
+def _above(x, b, w, si):  # pragma: no cover - compiled
+    """The indices of the entries above tau = b - w ((s - b) + w > 0) or infinite, in order.
+
+    In blocks of COLLECT_BLOCK entries, as :func:`_collect`: a branch-free test of each
+    block, then the copy of the blocks that hold such an entry.
+    """
+    n = x.shape[0]
+    full = n - n % COLLECT_BLOCK
+    c = 0
+    for j in range(0, full, COLLECT_BLOCK):
+        hits = False
+        for i in range(j, j + COLLECT_BLOCK):
+            s = abs(x[i])
+            hits |= ((s - b) + w > 0.0) | (s == math.inf)
+        if hits:
+            for i in range(j, j + COLLECT_BLOCK):
+                s = abs(x[i])
+                if (s - b) + w > 0.0 or s == math.inf:
+                    si[c] = i
+                    c += 1
+    for i in range(full, n):
+        s = abs(x[i])
+        if (s - b) + w > 0.0 or s == math.inf:
+            si[c] = i
+            c += 1
+    return c
+
+
 @_inline
 def _backward_row(x, info, l, r, debias, gy, gx, si):  # pragma: no cover - compiled
     """One row's gradient; si: scratch for the indices of the entries above tau."""
@@ -498,12 +530,14 @@ def _backward_row(x, info, l, r, debias, gy, gx, si):  # pragma: no cover - comp
             s = abs(x[i])
             si[c] = i
             c += ((s - b) + w > 0.0) | (s == math.inf)
-    else:  # (a long row keeps few: the branch is predicted, and the stores are saved)
+    elif n <= BLOCK_SCAN:  # (a long row keeps few: the branch is predicted, and the stores are saved)
         for i in range(n):
             s = abs(x[i])
             if (s - b) + w > 0.0 or s == math.inf:
                 si[c] = i
                 c += 1
+    else:  # only the blocks that hold one are copied
+        c = _above(x, b, w, si)
     # grad_s = d v - right (sum_block d v) / W. On the block d = right / l^r (+ 1 debiased)
     # and W = sum_block right + l^r n_pooled, so for ties with equal cotangents the two
     # terms agree to a relative n l^r / W, far below rounding at a small l or a large s.
