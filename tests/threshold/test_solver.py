@@ -611,6 +611,36 @@ def test_dense_links_on_rows_spanning_many_temperatures_equal_the_torch_route(
     )
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    extra=st.integers(0, 130),
+    places=st.lists(st.integers(0, 10**6), min_size=1, max_size=12),
+    t=st.sampled_from([1e-3, 0.3, 3.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_power_link_backward_on_long_rows_equals_the_torch_route(extra, places, t, seed):
+    """Rows beyond BLOCK_SCAN find their support (0 < y < 1) in blocks: large entries
+    anywhere, on both sides of the last full block; the gradient against the tensor route."""
+    from softtopk.threshold import _cpu
+
+    n = _cpu.BLOCK_SCAN + _cpu.COLLECT_BLOCK + extra
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=n) * 1e-3
+    full = n - n % _cpu.COLLECT_BLOCK
+    spots = sorted({q % n for q in places} | {full - 1, min(full, n - 1)})
+    x[spots] = rng.uniform(1.0, 2.0, size=len(spots))
+    xt = torch.from_numpy(x)[None]
+    v = torch.from_numpy(rng.normal(size=(1, n)))
+    grads = []
+    for route in ("cpu", "torch"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("SOFTTOPK_BACKEND", route)
+            xr = xt.clone().requires_grad_()
+            y = softtopk.topk_mask(xr, len(spots) - 0.5, p=4.0 / 3.0, temperature=t)
+            grads.append(torch.autograd.grad(y, xr, v)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-9)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     n=st.sampled_from([6000, 20000]),

@@ -36,7 +36,7 @@ import math
 import numba
 import numpy as np
 
-from ..threshold._cpu import COLLECT_BLOCK, FEW, SHORT, _kth_largest, _rank_sort, _rth_largest_few
+from ..threshold._cpu import BLOCK_SCAN, COLLECT_BLOCK, FEW, SHORT, _kth_largest, _rank_sort, _rth_largest_few
 
 #: Newton iterations at most (the bracket at least halves on every rejected step).
 MAX_ITER = 200
@@ -45,9 +45,6 @@ EPS = 2.220446049250313e-16
 #: bound it from below by a strided sample (every 8th entry, at most about SAMPLE).
 SMALL = 64
 SAMPLE = 1024
-#: The backward of rows longer than this finds the entries above tau in blocks (:func:`_above`);
-#: on shorter rows most blocks hold one (k = 10 of 1000: 7 % slower in blocks; 4096: 27 % faster).
-BLOCK_SCAN = 2048
 
 _jit = numba.njit(cache=True, nogil=True, fastmath=False)
 #: The per-row functions are inlined into the row loops: a call between compiled functions

@@ -82,6 +82,10 @@ SORTED = 64
 SHORT = 16
 #: Rows are scanned for candidates in blocks of this many entries (:func:`_collect`).
 COLLECT_BLOCK = 64
+#: The sparse links' backward (the power link's, topk_mag's) finds the entries with a
+#: slope in blocks on rows longer than this; on shorter rows most blocks hold one (k = 10
+#: of 1000: 7 % slower in blocks, of 4096: 27 % faster).
+BLOCK_SCAN = 2048
 #: x_(r) for r up to this is found in one pass that keeps the r largest entries seen;
 #: larger r by quickselect.
 FEW = 16
@@ -1454,12 +1458,15 @@ def _backward_row(y, x, tb, tt, v, code, a, p, grad_x, si, hs):  # pragma: no co
         return c
     if code == POWER:
         # the power link: one pass over y collects the support (0 < y < 1, where h > 0),
-        # and the gradient is zero elsewhere
+        # and the gradient is zero elsewhere; on long rows in blocks (hs takes the values)
         m = 0
-        for i in range(n):
-            if y[i] > 0.0 and y[i] < 1.0:
-                si[m] = i
-                m += 1
+        if n > BLOCK_SCAN:
+            m = _collect(y, y, 0.0, 1.0, hs, si, False)
+        else:
+            for i in range(n):
+                if y[i] > 0.0 and y[i] < 1.0:
+                    si[m] = i
+                    m += 1
         sh = 0.0
         shv = 0.0
         for j in range(m):
@@ -1820,6 +1827,7 @@ def _backward_rows(y, x, tau, t, v, code, p, grad_x, grad_k, start, stop):  # pr
             _short_backward(y, x, tau, t, v, code, grad_x, grad_k, start, stop)
         return
     si = np.empty(y.shape[1], dtype=np.int64)
-    hs = np.empty(0 if code == CLIP or code == POWER else y.shape[1], dtype=np.float64)
+    blocks = code == POWER and y.shape[1] > BLOCK_SCAN
+    hs = np.empty(0 if code == CLIP or (code == POWER and not blocks) else y.shape[1], dtype=np.float64)
     for b in range(start, stop):
         grad_k[b] = _backward_row(y[b], x[b], tau[b], t[b], v[b], code, a, p, grad_x[b], si, hs)
