@@ -117,3 +117,15 @@ def test_operators_on_reused_blocks_equal_fresh_results(op):
     y3 = fn(x, 5)
     (g3,) = torch.autograd.grad(y3, x, v)
     assert torch.equal(y3, y1_copy) and torch.equal(g3, g1_copy)
+
+
+def test_an_output_freed_while_the_pool_is_locked_waits_in_the_queue():
+    """A weak reference's callback inside the pool's own locked section (a garbage collection
+    there, a signal handler) queues its block instead of changing the pool under its holder."""
+    array = _buffers.output(LARGE, np.float32)
+    with _buffers._lock:
+        del array
+        gc.collect()
+        assert len(_buffers._returned) == 1 and not _buffers._free
+    assert _buffers.kept_bytes() == _buffers.POOL_MIN_BYTES
+    assert not _buffers._returned

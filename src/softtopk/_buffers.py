@@ -22,7 +22,7 @@ import math
 import os
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import numpy as np
 
@@ -32,8 +32,11 @@ POOL_MIN_BYTES = 1 << 19
 #: The default bound on the freed bytes kept (``SOFTTOPK_POOL_BYTES`` overrides it).
 POOL_BYTES = 1 << 30
 
-# reentrant: a garbage collection inside a locked section may free an output (_keep)
-_lock = threading.RLock()
+# _lock guards _free and _free_bytes. A weak reference's callback may run inside a locked
+# section (a garbage collection, a signal handler), so it never waits for the lock: it
+# queues its block in _returned, and whoever holds the lock moves the queue into the pool.
+_lock = threading.Lock()
+_returned: deque[np.ndarray] = deque()
 # the blocks of the arrays handed out and alive, by a weak reference to the array
 _live: dict[int, tuple[weakref.ref, np.ndarray]] = {}
 # kept blocks by size, the sizes used least recently first
@@ -56,7 +59,12 @@ def pool_bytes() -> int:
 
 
 def output(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
-    """An uninitialised C-contiguous array, from a freed block of the same size when one is kept."""
+    """An uninitialised C-contiguous array, from a freed block of the same size when one is kept.
+
+    The caller wraps the array itself (``torch.from_numpy(array)``, which holds it while
+    the tensor's storage lives): the pool watches that array object, and a NumPy view of
+    it (``array[1:]``) does not keep its block out of the pool.
+    """
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < POOL_MIN_BYTES:
@@ -64,6 +72,7 @@ def output(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
     pool_bytes()  # a bad SOFTTOPK_POOL_BYTES raises here, not in a weak reference's callback
     global _free_bytes
     with _lock:
+        _settle()
         blocks = _free.get(nbytes)
         block = blocks.pop() if blocks else None
         if block is not None:
@@ -72,6 +81,7 @@ def output(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
                 _free.move_to_end(nbytes)
             else:
                 del _free[nbytes]
+        _settle()  # blocks returned while the lock was held
     if block is None:
         block = np.empty(nbytes, dtype=np.uint8)
     array = block.view(dtype).reshape(shape)
@@ -92,18 +102,28 @@ def contiguous(array: np.ndarray) -> np.ndarray:
 def _gone(ref: weakref.ref) -> None:
     """The callback of an output's weak reference: its block goes back to the pool."""
     entry = _live.pop(id(ref), None)
-    if entry is not None:
-        _keep(entry[1])
-
-
-def _keep(block: np.ndarray) -> None:
-    """Puts a block whose array is gone back in the pool; drops the least recent beyond the bound."""
-    global _free_bytes
-    limit = pool_bytes()
-    size = block.nbytes
-    if size > limit:
+    if entry is None:
         return
-    with _lock:
+    _returned.append(entry[1])
+    if _lock.acquire(blocking=False):  # else its holder settles the queue
+        try:
+            _settle()
+        finally:
+            _lock.release()
+
+
+def _settle() -> None:
+    """With the lock held: the returned blocks into the pool, the least recent dropped beyond the bound."""
+    global _free_bytes
+    try:
+        limit = pool_bytes()
+    except ValueError:  # output() raises it; the returned blocks are dropped
+        limit = 0
+    while _returned:
+        block = _returned.popleft()
+        size = block.nbytes
+        if size > limit:
+            continue
         _free.setdefault(size, []).append(block)
         _free.move_to_end(size)
         _free_bytes += size
@@ -119,6 +139,7 @@ def release() -> int:
     """Drops every freed block kept (the system gets the memory back); returns their bytes."""
     global _free_bytes
     with _lock:
+        _settle()
         dropped = _free_bytes
         _free.clear()
         _free_bytes = 0
@@ -127,4 +148,6 @@ def release() -> int:
 
 def kept_bytes() -> int:
     """The freed bytes the pool holds now."""
-    return _free_bytes
+    with _lock:
+        _settle()
+        return _free_bytes
