@@ -253,6 +253,19 @@ def test_fused_gates_equal_the_composite(monkeypatch, method, score, experts, dt
         torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize("method", ["sparse", "sparse-p4/3", "entropic"])
+def test_fused_gates_of_more_experts_than_the_block_scan_equal_the_composite(monkeypatch, method):
+    """Rows beyond BLOCK_SCAN entries take the backward's block scan, which needs the power
+    link's scratch for its support (a router once passed an empty one there)."""
+    from softtopk.threshold._cpu import BLOCK_SCAN
+
+    g = torch.Generator().manual_seed(7)
+    for experts in (BLOCK_SCAN + 1, 2 * BLOCK_SCAN + 37):
+        logits = torch.randn(3, experts, generator=g, dtype=torch.float64) * 3
+        tol = {"rtol": 1e-11, "atol": 1e-11}
+        _fused_equals_composite(monkeypatch, logits, 8, tol, method=method, temperature=0.5)
+
+
 @pytest.mark.parametrize("method", ["entropic", "lapsum"])
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("experts", [8, 40])

@@ -277,7 +277,7 @@ def _gate_grad_rows(
     a = 1.0 / (p - 1.0) if code == POWER else 1.0
     si = np.empty(E, dtype=np.int64)
     dense = not (code == CLIP or code == POWER)
-    hs = np.empty(E if dense else 0, dtype=np.float64)
+    hs = _cpu._slope_scratch(E, code)
     rows = _block_rows(E)
     short = E <= SHORT  # (as the threshold kernel's backward)
     w = np.empty((rows, E), dtype=np.float64)

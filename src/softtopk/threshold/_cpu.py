@@ -1439,7 +1439,10 @@ def forward_serial(x, k, t, code, p, y, tau):  # pragma: no cover - compiled
 
 @_inline
 def _backward_row(y, x, tb, tt, v, code, a, p, grad_x, si, hs):  # pragma: no cover - compiled
-    """One row of :func:`backward`; returns grad_k. si, hs: scratch for a row's indices and slopes."""
+    """One row of :func:`backward`; returns grad_k.
+
+    si, hs: scratch for a row's indices and slopes (hs from :func:`_slope_scratch`).
+    """
     n = y.shape[0]
     if tb != tb:
         for i in range(n):
@@ -1817,6 +1820,17 @@ def _short_power_backward(y, tau, t, v, a, p, grad_x, grad_k, start, stop):  # p
 
 
 @_jit
+def _slope_scratch(n, code):  # pragma: no cover - compiled
+    """The scratch ``hs`` of :func:`_backward_row` for rows of n entries.
+
+    The dense links' slopes, or the power link's support values on rows beyond BLOCK_SCAN;
+    empty otherwise.
+    """
+    dense = not (code == CLIP or code == POWER)
+    return np.empty(n if dense or (code == POWER and n > BLOCK_SCAN) else 0, dtype=np.float64)
+
+
+@_jit
 def _backward_rows(y, x, tau, t, v, code, p, grad_x, grad_k, start, stop):  # pragma: no cover - compiled
     """Rows start..stop-1 of :func:`backward`, with their own scratch."""
     a = 1.0 / (p - 1.0) if code == POWER else 1.0
@@ -1827,7 +1841,6 @@ def _backward_rows(y, x, tau, t, v, code, p, grad_x, grad_k, start, stop):  # pr
             _short_backward(y, x, tau, t, v, code, grad_x, grad_k, start, stop)
         return
     si = np.empty(y.shape[1], dtype=np.int64)
-    blocks = code == POWER and y.shape[1] > BLOCK_SCAN
-    hs = np.empty(0 if code == CLIP or (code == POWER and not blocks) else y.shape[1], dtype=np.float64)
+    hs = _slope_scratch(y.shape[1], code)
     for b in range(start, stop):
         grad_k[b] = _backward_row(y[b], x[b], tau[b], t[b], v[b], code, a, p, grad_x[b], si, hs)
