@@ -115,6 +115,8 @@ def _gone(ref: weakref.ref) -> None:
 def _settle() -> None:
     """With the lock held: the returned blocks into the pool, the least recent dropped beyond the bound."""
     global _free_bytes
+    if not _returned:  # (the common case: no environment read on every output)
+        return
     try:
         limit = pool_bytes()
     except ValueError:  # output() raises it; the returned blocks are dropped
